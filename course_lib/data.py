@@ -1,0 +1,504 @@
+"""The data registry: every file the course uses, and one way to get it.
+
+Cross-cutting (imports nothing from the steps). Each :class:`DataFile` names a
+file, where it comes from (upstream URLs, a backup where one exists), its
+sha256, size and license. :func:`fetch` turns a name into a local path:
+
+1. the **cache** (``data/`` in a course checkout, or ``$COURSE_DATA_DIR``):
+   a file already there and verified is returned at once;
+2. a **mirror** folder (``$COURSE_DATA_MIRROR`` or ``mirror=``), laid out like
+   the cache: a classroom share, a USB stick, CI's staged copy. A verified file
+   there is copied into the cache;
+3. a **download** from each URL in turn, with a progress bar, checked against
+   the sha256 before it is moved into place.
+
+Every write goes to a temporary file in the destination folder and is renamed
+over the target only once it has been verified, so an interrupted or corrupt
+download never replaces a good file and never leaves a half-written one behind.
+
+Decisions:
+
+* Files whose sha256 is not known are verified by size only, and ``fetch``
+  says so; we never invent a checksum.
+* ``course data fetch --all`` skips entries marked ``optional`` (GPT-2 large and
+  XL, 3.3 GB and 6.4 GB); fetch them by name.
+* The Gutenberg books are registered at the exact bytes of a pinned Git commit
+  (the copies the course was built with); gutenberg.org's own copies carry a
+  BOM and CRLF endings and so a different checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import socket
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from .paths import find_course_root
+
+__all__ = [
+    "DataFile",
+    "DataFetchError",
+    "REGISTRY",
+    "register",
+    "get_entry",
+    "fetch",
+    "status",
+    "default_cache_dir",
+    "default_mirror",
+    "sha256_of",
+    "read_text",
+    "entries",
+]
+
+_CHUNK = 1 << 20  # 1 MiB
+
+
+class DataFetchError(RuntimeError):
+    """A registered file could not be obtained from the cache, the mirror or any URL."""
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One registered file.
+
+    Attributes:
+        name: the registry key, e.g. ``"the-verdict"``.
+        path: where it lives, relative to the cache (and to a mirror).
+        urls: upstream URL first, then backups.
+        sha256: hex digest of the file's bytes, or ``None`` where nobody publishes one.
+        size: size in bytes, or ``None`` where unknown.
+        license: a short license statement.
+        description: one line for ``course data list``.
+        archive_member: set when the URLs serve a zip archive: the member to extract
+            (``sha256``/``size`` then describe the member, not the zip).
+        group: ``"text"``, ``"tokenizer"`` or ``"weights"``.
+        optional: left out of ``course data fetch --all``.
+    """
+
+    name: str
+    path: str
+    urls: tuple[str, ...]
+    sha256: str | None
+    size: int | None
+    license: str
+    description: str
+    archive_member: str | None = None
+    group: str = "text"
+    optional: bool = False
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+REGISTRY: dict[str, DataFile] = {}
+
+
+def register(entry: DataFile) -> DataFile:
+    """Add ``entry`` to :data:`REGISTRY` (a name may be registered once)."""
+    if entry.name in REGISTRY:
+        raise ValueError(f"a data file named {entry.name!r} is already registered")
+    REGISTRY[entry.name] = entry
+    return entry
+
+
+# --------------------------------------------------------------------------- #
+# The course's files
+# --------------------------------------------------------------------------- #
+_RASBT = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main"
+_OPENAI_GPT2 = "https://openaipublic.blob.core.windows.net/gpt-2"
+
+register(DataFile(
+    "the-verdict", "the-verdict.txt",
+    (f"{_RASBT}/ch02/01_main-chapter-code/the-verdict.txt",),
+    "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f", 20479,
+    "public domain (Edith Wharton, 1908)",
+    "The Verdict: a 20 KB short story, the course's first corpus",
+))
+register(DataFile(
+    "sms-spam", "sms_spam_collection/SMSSpamCollection",
+    ("https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+     "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip"),
+    "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d", 477907,
+    "CC BY 4.0 (Almeida, Gómez Hidalgo & Yamakami, DocEng'11)",
+    "SMS Spam Collection v.1: 5,574 labelled messages (4,827 ham, 747 spam)",
+    archive_member="SMSSpamCollection",
+))
+register(DataFile(
+    "sms-spam-readme", "sms_spam_collection/readme",
+    ("https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+     "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip"),
+    "8753cd2d3cab68f80c8257851b8c2037778c267f55accb6fd1b5a2e32d36a84e", 5868,
+    "CC BY 4.0", "the SMS Spam Collection's own readme and license",
+    archive_member="readme",
+))
+register(DataFile(
+    "instruction-data", "instruction-data.json",
+    (f"{_RASBT}/ch07/01_main-chapter-code/instruction-data.json",),
+    "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944", 203524,
+    "Apache-2.0 (rasbt/LLMs-from-scratch)",
+    "1,100 Alpaca-style instruction/input/output examples",
+))
+register(DataFile(
+    "gpt2-encoder", "encoder.json",
+    (f"{_OPENAI_GPT2}/encodings/main/encoder.json", f"{_OPENAI_GPT2}/models/124M/encoder.json"),
+    "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783", 1042301,
+    "OpenAI GPT-2 modified MIT license", "GPT-2's BPE vocabulary: 50,257 token -> id entries",
+    group="tokenizer",
+))
+register(DataFile(
+    "gpt2-vocab-bpe", "vocab.bpe",
+    (f"{_OPENAI_GPT2}/encodings/main/vocab.bpe", f"{_OPENAI_GPT2}/models/124M/vocab.bpe"),
+    "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5", 456318,
+    "OpenAI GPT-2 modified MIT license", "GPT-2's 50,000 BPE merges",
+    group="tokenizer",
+))
+register(DataFile(
+    "tiny-shakespeare", "input.txt",
+    ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",),
+    "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed", 1115394,
+    "public domain text; char-rnn repository MIT", "Tiny Shakespeare: 1.1 MB of plays",
+))
+
+_TINYSTORIES = (
+    ("tinystories-sample", "tinystories/tinystories_sample.txt",
+     "https://raw.githubusercontent.com/stanford-cs336/assignment1-basics/"
+     "25a8a49f6460c83a30416d42348f2ef11d1dd185/tests/fixtures/tinystories_sample.txt",
+     "defaedb58bf28079f3e29c6142cb7f3568d331a577e0911c5d7925c465c50c43", 3794,
+     "TinyStories sample: 5 stories separated by <|endoftext|> (test fixture)"),
+    ("tinystories-val", "tinystories/tinystories_val.txt",
+     "https://raw.githubusercontent.com/yuninxia/moe-routing-bench/"
+     "6877be50c1c389c73047d7f27104bee6a995efd6/data/tinystories_val.txt",
+     "5fc1fb0113df62b567fb271806cd645ce8d75f59c58ca0b764c03d3b6ff34ca6", 794375,
+     "TinyStories validation prefix: 795 KB of simple English stories"),
+)
+for _name, _path, _url, _sha, _size, _desc in _TINYSTORIES:
+    register(DataFile(_name, _path, (_url,), _sha, _size,
+                      "CDLA-Sharing-1.0 (Eldan & Li, 2023)", _desc))
+
+_GUTENBERG_COMMIT = "https://raw.githubusercontent.com/vyjayanv-hub/112_TP_Vasudevan/f983423acfbf1acaf7d7d92f78fdb56bc7ef31fa"
+#: (ebook number, title, size, sha256): Project Gutenberg editions with header and footer.
+GUTENBERG_BOOKS = (
+    (1184, "The Count of Monte Cristo", 2725443, "0e88c3611e45bb7c4bc329c71cd018eea39b6c489b565835de8d2daeccf35793"),
+    (1342, "Pride and Prejudice", 757470, "bf72b178d84c65c7669ef3273d9144c526998ceb972878c1835b2200305d19fd"),
+    (1400, "Great Expectations", 1037423, "7cf356c42833ed45bf31bcb19bc77e9517a30914a37bea3970c133be4716b2f7"),
+    (1513, "Romeo and Juliet", 163852, "c57b24e231f122d62ca067852c7dc5ced93de6547a19c79405ee7f3a950c165d"),
+    (175, "The Phantom of the Opera", 494039, "fce5d43a7d5659e8f013aab751af80f5ef1a632d83bcc58b8382a07286efbcc2"),
+    (20203, "Autobiography of Benjamin Franklin", 458869, "21e0603fb09ee4acb9dcc3e3cff35975229f1c404308fb197980c145b635116e"),
+    (25344, "The Scarlet Letter", 517217, "71124f8d7e9bba090110350b0959ae8be3c25ddbe5f96da14ea3e918d7e567ea"),
+    (2701, "Moby Dick", 1253948, "fb259a942dd7dad856d6093c4d4090acb782a6e3d37b6d843c0e0c962ac5f06e"),
+    (28054, "The Brothers Karamazov", 2001519, "bc9822d548dd114be7d5b0f9642a9ab4ee1b3788f207a53a8bdadef942ab01f2"),
+    (345, "Dracula", 874494, "9017c5102ad39d704b0a37d241b898bc0aaae2955e7123bc4569b68fca5e087c"),
+    (514, "Little Women", 1050214, "454c8f25f9420540799c95d3120d354255ba13e85757953690a28cfee1e54dad"),
+    (64317, "The Great Gatsby", 299767, "3865269180ab760c1ddcae0bd540c8c2ce2824fc8d7a556721f1ab8d68b3434b"),
+    (84, "Frankenstein", 441143, "905e38dc26f492e18269229eb14edf2166760e17df1dc59c7fcb3be1f945c364"),
+    (844, "The Importance of Being Earnest", 137570, "7ff0fddbb49c58bec65bf2d21c2b2b438dd0de6dd4ed9f5e8561345547782943"),
+    (98, "A Tale of Two Cities", 790969, "5b0e73de2d968f6c978ed15315d868fbe78d01e61c797404872e689af76a36cc"),
+)
+for _num, _title, _size, _sha in GUTENBERG_BOOKS:
+    register(DataFile(
+        f"gutenberg-{_num}", f"gutenberg/pg{_num}.txt", (f"{_GUTENBERG_COMMIT}/pg{_num}.txt",),
+        _sha, _size, "public domain in the USA (Project Gutenberg License)",
+        f"{_title} (Project Gutenberg #{_num})",
+        extra={"gutenberg_url": f"https://www.gutenberg.org/cache/epub/{_num}/pg{_num}.txt"},
+    ))
+
+# GPT-2 weights in Hugging Face's safetensors layout. Checksums are the ones the hub
+# publishes (LFS pointers) for the pinned revision.
+_GPT2_WEIGHTS = (
+    # name, hub repo, revision, size, sha256, optional
+    ("gpt2", "openai-community/gpt2", "607a30d783dfa663caf39e06633721c8d4cfcd7e", 548105171,
+     "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707", False),
+    ("gpt2-medium", "openai-community/gpt2-medium", "6dcaa7a952f72f9298047fd5137cd6e4f05f41da", 1519984962,
+     "fc5a354a19255ad494f3d71549390baca1ccf61d1d822b9408971705c687c9cd", False),
+    ("gpt2-large", "openai-community/gpt2-large", "32b71b12589c2f8d625668d2335a01cac3249519", 3247159078,
+     "5f47f3e12f91cd33b662ce7e433b6150ad5512b5884a2cee961b50e9c3bbebce", True),
+    # The hub shows "6.43 GB" for XL but no exact byte count was found: checked by sha256 only.
+    ("gpt2-xl", "openai-community/gpt2-xl", "15ea56dee5df4983c59b2538573817e1667135e2", None,
+     "0f8b28eb05a8075f48b61b6f35332978c74fc7763fa9fb4051a1c30511736a6a", True),
+)
+for _name, _repo, _rev, _size, _sha, _optional in _GPT2_WEIGHTS:
+    register(DataFile(
+        f"{_name}-weights", f"gpt2/{_name}/model.safetensors",
+        (f"https://huggingface.co/{_repo}/resolve/{_rev}/model.safetensors",),
+        _sha, _size, "OpenAI GPT-2 modified MIT license",
+        f"GPT-2 {_name.removeprefix('gpt2').strip('-') or 'small'} weights (Hugging Face safetensors)",
+        group="weights", optional=_optional, extra={"hub_repo": _repo, "revision": _rev},
+    ))
+
+
+# --------------------------------------------------------------------------- #
+# Where files live
+# --------------------------------------------------------------------------- #
+def default_cache_dir() -> Path:
+    """``$COURSE_DATA_DIR``, else ``data/`` in the course checkout, else ``~/.cache/llm-sovereignty``."""
+    env = os.environ.get("COURSE_DATA_DIR", "").strip()
+    if env:
+        return Path(env).expanduser()
+    root = find_course_root()
+    if root is not None:
+        return root / "data"
+    return Path.home() / ".cache" / "llm-sovereignty"
+
+
+def default_mirror() -> Path | None:
+    """``$COURSE_DATA_MIRROR`` as a path, or ``None`` when it is not set."""
+    env = os.environ.get("COURSE_DATA_MIRROR", "").strip()
+    return Path(env).expanduser() if env else None
+
+
+def get_entry(name: str | DataFile, registry: dict[str, DataFile] | None = None) -> DataFile:
+    """Look up a registered file by name.
+
+    Raises:
+        ValueError: the name is not registered; the message lists close matches.
+    """
+    if isinstance(name, DataFile):
+        return name
+    registry = REGISTRY if registry is None else registry
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a registered file name (str), got {type(name).__name__}")
+    if name not in registry:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(registry), n=3)
+        hint = f"; did you mean {close}?" if close else ""
+        raise ValueError(f"no data file named {name!r} is registered{hint} "
+                         f"(`course data list` shows them all)")
+    return registry[name]
+
+
+# --------------------------------------------------------------------------- #
+# Verification
+# --------------------------------------------------------------------------- #
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check(path: Path, entry: DataFile) -> str | None:
+    """``None`` if ``path`` holds ``entry``'s bytes, else the reason it does not."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if entry.size is not None and size != entry.size:
+        return f"size {size:,} bytes, expected {entry.size:,}"
+    if entry.sha256 is not None:
+        got = sha256_of(path)
+        if got != entry.sha256:
+            return f"sha256 {got[:16]}..., expected {entry.sha256[:16]}..."
+    return None
+
+
+def _atomic_copy(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out, _CHUNK)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- #
+# Downloading
+# --------------------------------------------------------------------------- #
+def _download(url: str, dest_dir: Path, label: str, progress: bool, timeout: float) -> Path:
+    """Stream ``url`` into a temporary file in ``dest_dir``; return its path.
+
+    Raises ``OSError`` subclasses (HTTPError, URLError, IncompleteRead, timeouts) on failure,
+    always removing the partial file first.
+    """
+    from tqdm.auto import tqdm
+
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{label}.", suffix=".part")
+    tmp_path = Path(tmp)
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "course-lib (LLM Sovereignty Stack)"})
+        with urllib.request.urlopen(request, timeout=timeout) as response, os.fdopen(fd, "wb") as out:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            received = 0
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
+                      disable=not progress, leave=False) as bar:
+                while True:
+                    chunk = response.read(_CHUNK)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            if total is not None and received != total:
+                raise http.client.IncompleteRead(b"", total - received)
+        return tmp_path
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}"
+    if isinstance(err, urllib.error.URLError):
+        reason = err.reason
+        if isinstance(reason, socket.gaierror):
+            return f"no network (cannot resolve host: {reason})"
+        return f"cannot connect ({reason})"
+    if isinstance(err, http.client.IncompleteRead):
+        return f"connection dropped mid-file ({len(err.partial)} bytes then {err.expected} missing)"
+    if isinstance(err, (TimeoutError, socket.timeout)):
+        return "timed out"
+    if isinstance(err, (ConnectionError, http.client.HTTPException)):
+        return f"connection dropped mid-file ({type(err).__name__}: {err})"
+    return f"{type(err).__name__}: {err}"
+
+
+def _extract_member(archive: Path, member: str, dest_dir: Path, label: str) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{label}.", suffix=".part")
+    try:
+        with zipfile.ZipFile(archive) as zf, os.fdopen(fd, "wb") as out:
+            names = [n for n in zf.namelist() if n == member or n.endswith("/" + member)]
+            if not names:
+                raise zipfile.BadZipFile(f"archive has no member {member!r}")
+            with zf.open(names[0]) as src:
+                shutil.copyfileobj(src, out, _CHUNK)
+        return Path(tmp)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- #
+# fetch
+# --------------------------------------------------------------------------- #
+def fetch(name: str | DataFile, *, cache_dir: str | os.PathLike | None = None,
+          mirror: str | os.PathLike | None = None, registry: dict[str, DataFile] | None = None,
+          progress: bool = True, timeout: float = 30.0, verbose: bool = False) -> Path:
+    """Return a local, verified path to the registered file ``name``.
+
+    Looks in the cache, then in the mirror, then downloads (see the module docstring).
+
+    Args:
+        name: a key of :data:`REGISTRY` (or a :class:`DataFile`).
+        cache_dir: where files are kept; default :func:`default_cache_dir`.
+        mirror: a folder laid out like the cache; default ``$COURSE_DATA_MIRROR``.
+        registry: look ``name`` up here instead of :data:`REGISTRY` (tests use this).
+        progress: show a progress bar while downloading.
+        timeout: seconds to wait on a silent connection.
+        verbose: print where the file came from.
+
+    Raises:
+        ValueError: unknown name, or ``mirror`` is not a folder.
+        DataFetchError: no source gave the right bytes; the message names the file,
+            every URL tried and why it failed, and how to stage the file by hand.
+    """
+    entry = get_entry(name, registry)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    mirror_dir = Path(mirror).expanduser() if mirror is not None else default_mirror()
+    if mirror_dir is not None and not mirror_dir.is_dir():
+        raise ValueError(f"mirror folder {str(mirror_dir)!r} does not exist; fix COURSE_DATA_MIRROR "
+                         f"or the mirror= argument, or unset it to download")
+    target = cache / entry.path
+    say = print if verbose else (lambda *a, **k: None)
+
+    cached_problem = _check(target, entry)
+    if cached_problem is None:
+        return target
+
+    if mirror_dir is not None:
+        candidate = mirror_dir / entry.path
+        problem = _check(candidate, entry)
+        if problem is None:
+            if candidate.resolve() != target.resolve():
+                _atomic_copy(candidate, target)
+            say(f"{entry.name}: copied from mirror {candidate}")
+            return target
+        mirror_note = f"mirror {candidate}: {problem}"
+    else:
+        mirror_note = "no mirror set (COURSE_DATA_MIRROR)"
+
+    failures: list[str] = []
+    label = Path(entry.path).name
+    for url in entry.urls:
+        try:
+            downloaded = _download(url, target.parent, label, progress, timeout)
+        except (OSError, http.client.HTTPException) as err:
+            failures.append(f"{url}: {_describe(err)}")
+            continue
+        try:
+            if entry.archive_member is not None:
+                try:
+                    member = _extract_member(downloaded, entry.archive_member, target.parent, label)
+                except zipfile.BadZipFile as err:
+                    failures.append(f"{url}: not a usable zip archive ({err})")
+                    continue
+            else:
+                member = downloaded
+            problem = _check(member, entry)
+            if problem is not None:
+                member.unlink(missing_ok=True)
+                failures.append(f"{url}: downloaded file rejected, {problem}")
+                continue
+            os.replace(member, target)
+        finally:
+            downloaded.unlink(missing_ok=True)
+        if entry.sha256 is None:
+            say(f"{entry.name}: no published sha256, checked by size only")
+        say(f"{entry.name}: downloaded from {url}")
+        return target
+
+    lines = [f"could not fetch {entry.name!r} ({entry.description}).",
+             f"  cache {target}: {cached_problem}", f"  {mirror_note}"]
+    lines += [f"  {f}" for f in failures]
+    checksum = f"sha256 {entry.sha256}" if entry.sha256 else "its size" + (f" ({entry.size} bytes)" if entry.size else "")
+    lines.append(
+        "To stage it by hand: on a machine with internet, download "
+        f"{entry.urls[0]}{' and extract ' + repr(entry.archive_member) if entry.archive_member else ''}, "
+        f"check {checksum}, and save it as {target} — or put it at <mirror>/{entry.path} and set "
+        "COURSE_DATA_MIRROR=<mirror> (an instructor can prepare a mirror with `course data fetch --all`)."
+    )
+    raise DataFetchError("\n".join(lines))
+
+
+def status(name: str | DataFile, *, cache_dir: str | os.PathLike | None = None,
+           mirror: str | os.PathLike | None = None, verify: bool = True) -> str:
+    """One word for where a file stands: ``cached``, ``corrupt``, ``in-mirror`` or ``missing``.
+
+    With ``verify=False`` a cached file of the right size counts as ``cached`` without hashing.
+    """
+    entry = get_entry(name)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    mirror_dir = Path(mirror) if mirror is not None else default_mirror()
+    target = cache / entry.path
+    if target.is_file():
+        check = entry if verify else DataFile(entry.name, entry.path, entry.urls, None, entry.size, "", "")
+        return "cached" if _check(target, check) is None else "corrupt"
+    if mirror_dir is not None and (mirror_dir / entry.path).is_file():
+        return "in-mirror"
+    return "missing"
+
+
+def read_text(name: str, **fetch_kwargs) -> str:
+    """Fetch a registered text file and return its contents (UTF-8)."""
+    return fetch(name, **fetch_kwargs).read_text(encoding="utf-8")
+
+
+def entries(names: Iterable[str] | None = None, include_optional: bool = True) -> list[DataFile]:
+    """Registered entries (all, or the named ones), in registration order."""
+    if names is not None:
+        return [get_entry(n) for n in names]
+    return [e for e in REGISTRY.values() if include_optional or not e.optional]
+

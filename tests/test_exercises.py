@@ -1,0 +1,41 @@
+"""Both sides of every step's exercises: the solutions pass every check, the untouched stubs none.
+
+This runs the same checker a learner runs (`course check N`), in a subprocess.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from course_lib.checker import FAILED, NOT_STARTED, PASSED, run_checks
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = sorted(int(p.stem[-2:]) for p in (ROOT / "tests" / "exercises").glob("test_step[0-9][0-9].py"))
+
+
+def test_every_step_with_exercises_has_stub_and_solution():
+    assert STEPS, "no exercise tests found"
+    for step in STEPS:
+        assert (ROOT / "exercises" / f"step{step:02d}.py").is_file()
+        assert (ROOT / "solutions" / f"step{step:02d}.py").is_file()
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_solutions_pass_everything(step):
+    report = run_checks(step, solutions=True, root=ROOT)
+    assert not report.error, report.error
+    assert report.exercises, f"step {step}: no exercises were checked"
+    assert report.all_passed, report.format()
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_untouched_stubs_fail_everything(step):
+    report = run_checks(step, solutions=False, root=ROOT)
+    assert not report.error, report.error
+    statuses = {e.name: e.status for e in report.exercises}
+    assert statuses and all(s in (NOT_STARTED, FAILED) for s in statuses.values()), report.format()
+    assert all(s == NOT_STARTED for s in statuses.values()), \
+        f"untouched stubs should read as 'not started':\n{report.format()}"
+    assert PASSED not in statuses.values()
