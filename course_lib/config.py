@@ -32,6 +32,7 @@ __all__ = [
     "PROFILES",
     "get_profile",
     "get_device",
+    "available_devices",
     "seed_everything",
     "Setup",
     "setup",

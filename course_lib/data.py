@@ -223,12 +223,13 @@ _GPT2_WEIGHTS = (
     ("gpt2-xl", "openai-community/gpt2-xl", "15ea56dee5df4983c59b2538573817e1667135e2", None,
      "0f8b28eb05a8075f48b61b6f35332978c74fc7763fa9fb4051a1c30511736a6a", True),
 )
+_LABEL = {"gpt2": "small (124M)", "gpt2-medium": "medium (355M)", "gpt2-large": "large (774M)", "gpt2-xl": "XL (1.5B)"}
 for _name, _repo, _rev, _size, _sha, _optional in _GPT2_WEIGHTS:
     register(DataFile(
         f"{_name}-weights", f"gpt2/{_name}/model.safetensors",
         (f"https://huggingface.co/{_repo}/resolve/{_rev}/model.safetensors",),
         _sha, _size, "OpenAI GPT-2 modified MIT license",
-        f"GPT-2 {_name.removeprefix('gpt2').strip('-') or 'small'} weights (Hugging Face safetensors)",
+        f"GPT-2 {_LABEL[_name]} weights (Hugging Face safetensors)",
         group="weights", optional=_optional, extra={"hub_repo": _repo, "revision": _rev},
     ))
 

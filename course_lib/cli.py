@@ -1,0 +1,169 @@
+"""The ``course`` command: one entry point for learners and instructors.
+
+    course doctor                      is this machine ready? (one OK/FAIL line per check)
+    course data list [--verify]        which registered files are present
+    course data fetch NAME... | --all [--mirror DIR]
+                                       download or stage data (a classroom: --all, once)
+    course check N [--solutions | --file F]
+                                       check step N's exercises
+    course run N [--profile P]         execute notebook N headless, print time per section
+    course lab                         open the course in JupyterLab
+
+Step code is imported inside the command that needs it, so ``course --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _cmd_doctor(args) -> int:
+    from .doctor import main as doctor_main
+
+    return doctor_main(include_data=not args.no_data)
+
+
+def _cmd_data_list(args) -> int:
+    from . import data
+
+    mirror = Path(args.mirror) if args.mirror else data.default_mirror()
+    cache = Path(args.cache) if args.cache else data.default_cache_dir()
+    print(f"cache : {cache}\nmirror: {mirror or '(none; set COURSE_DATA_MIRROR)'}\n")
+    rows = []
+    for e in data.entries():
+        big = e.size is None or e.size > 100 * 2**20
+        state = data.status(e, cache_dir=cache, mirror=mirror if mirror and mirror.is_dir() else None,
+                            verify=args.verify and not big)
+        size = f"{e.size / 2**20:,.1f} MB" if e.size else "?"
+        rows.append((e.name, state + (" (optional)" if e.optional and state == "missing" else ""), size, e.description))
+    w = max(len(r[0]) for r in rows)
+    for name, state, size, desc in rows:
+        print(f"{name:<{w}}  {state:<20} {size:>10}  {desc}")
+    present = sum(r[1] == "cached" for r in rows)
+    print(f"\n{present} of {len(rows)} files in the cache.")
+    return 0
+
+
+def _cmd_data_fetch(args) -> int:
+    from . import data
+
+    if not args.all and not args.names:
+        print("name the files to fetch, or use --all (see `course data list`)", file=sys.stderr)
+        return 2
+    try:
+        targets = data.entries(include_optional=False) if args.all else data.entries(args.names)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.all and args.names:
+        targets += [e for e in data.entries(args.names) if e not in targets]
+    failed = []
+    for e in targets:
+        try:
+            path = data.fetch(e, cache_dir=args.cache, mirror=args.mirror, progress=not args.quiet)
+            print(f"OK    {e.name:<22} {path}")
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except data.DataFetchError as err:
+            failed.append(e.name)
+            print(f"FAIL  {e.name:<22} {str(err).splitlines()[0]}")
+            if args.verbose:
+                print("      " + str(err).replace("\n", "\n      "))
+    print(f"\n{len(targets) - len(failed)} of {len(targets)} files staged and verified.")
+    if failed:
+        print(f"not staged: {', '.join(failed)} (run `course data fetch {failed[0]} -v` for the full reason)")
+    return 1 if failed else 0
+
+
+def _cmd_check(args) -> int:
+    from .checker import check
+
+    try:
+        report = check(args.step, solutions=args.solutions, file=args.file)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0 if report.all_passed else 1
+
+
+def _cmd_run(args) -> int:
+    from .config import get_profile
+    from .notebook_runner import run_notebook
+
+    try:
+        profile = get_profile(args.profile).name if args.profile else get_profile().name
+        print(f"executing step {args.step}'s notebook with the {profile} profile...", flush=True)
+        result = run_notebook(args.step, profile, out_dir=args.out, device=args.device)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(result.format())
+    return 1 if result.error else 0
+
+
+def _cmd_lab(args) -> int:
+    from .paths import course_root
+
+    notebooks = course_root() / "notebooks"
+    cmd = [sys.executable, "-m", "jupyter", "lab", str(notebooks), *args.jupyter_args]
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="course", description="The LLM Sovereignty Stack: course tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("doctor", help="check Python, packages, device, profile and data")
+    p.add_argument("--no-data", action="store_true", help="skip the data files")
+    p.set_defaults(func=_cmd_doctor)
+
+    p = sub.add_parser("data", help="list or fetch the course's data files")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("list", help="which registered files are present")
+    q.add_argument("--verify", action="store_true", help="hash every file (slower)")
+    q.add_argument("--mirror", help="a mirror folder (default $COURSE_DATA_MIRROR)")
+    q.add_argument("--cache", help="the cache folder (default data/ or $COURSE_DATA_DIR)")
+    q.set_defaults(func=_cmd_data_list)
+    q = dsub.add_parser("fetch", help="download or stage files (verified by sha256)")
+    q.add_argument("names", nargs="*", help="registered names (see `course data list`)")
+    q.add_argument("--all", action="store_true", help="every registered file except the optional GPT-2 large/XL weights")
+    q.add_argument("--mirror", help="copy from this folder instead of downloading where it has the file")
+    q.add_argument("--cache", help="stage into this folder (default data/ or $COURSE_DATA_DIR)")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    q.add_argument("-v", "--verbose", action="store_true", help="print every source tried for a failure")
+    q.set_defaults(func=_cmd_data_fetch)
+
+    p = sub.add_parser("check", help="check your exercises for step N")
+    p.add_argument("step", type=int, help="step number, 1-9")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--solutions", action="store_true", help="check the reference solutions instead")
+    g.add_argument("--file", help="check this file instead of exercises/stepNN.py")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("run", help="execute step N's notebook headless and save an executed copy")
+    p.add_argument("step", type=int, help="step number, 1-9")
+    p.add_argument("--profile", help="tiny, cpu or gpu (default $COURSE_PROFILE, else cpu)")
+    p.add_argument("--out", help="folder for the executed copy (default runs/<profile>/)")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("lab", help="open the course in JupyterLab")
+    p.add_argument("jupyter_args", nargs=argparse.REMAINDER, help="passed on to `jupyter lab`")
+    p.set_defaults(func=_cmd_lab)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Execute a step's notebook headless for a profile (``course run N``).
+
+Cross-cutting (imports nothing from the steps). What an instructor runs on the GPU box
+before class: the notebook is executed top to bottom with ``COURSE_PROFILE`` set, an
+executed copy is written **outside** ``notebooks/`` (default ``runs/<profile>/``), and the
+time spent in each section (the notebook's ``##`` headings) is printed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from .paths import course_root
+
+__all__ = ["find_notebook", "run_notebook", "section_times", "RunResult"]
+
+
+def find_notebook(step: int, root: Path | None = None) -> Path:
+    """The notebook of step ``step`` (``notebooks/NN_*.ipynb``).
+
+    Raises:
+        ValueError: no such step, or its notebook does not exist yet.
+    """
+    root = course_root() if root is None else Path(root)
+    try:
+        step = int(step)
+    except (TypeError, ValueError):
+        raise ValueError(f"step must be a number 1-9, got {step!r}") from None
+    matches = sorted((root / "notebooks").glob(f"{step:02d}_*.ipynb"))
+    if not matches:
+        have = sorted(p.name for p in (root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+        raise ValueError(f"there is no notebook for step {step}; available: {have}")
+    return matches[0]
+
+
+def _duration(cell) -> float:
+    timing = cell.get("metadata", {}).get("execution", {})
+    start, end = timing.get("iopub.execute_input"), timing.get("shell.execute_reply")
+    if not start or not end:
+        return 0.0
+    parse = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00"))  # noqa: E731
+    return max(0.0, (parse(end) - parse(start)).total_seconds())
+
+
+def section_times(nb) -> list[tuple[str, float]]:
+    """``[(section heading, seconds)]`` for an executed notebook, split at ``#``/``##`` headings."""
+    sections: list[tuple[str, float]] = [("(setup)", 0.0)]
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                if line.startswith("## ") or (line.startswith("# ") and len(sections) > 1):
+                    sections.append((line.lstrip("#").strip(), 0.0))
+                    break
+        elif cell.cell_type == "code":
+            name, seconds = sections[-1]
+            sections[-1] = (name, seconds + _duration(cell))
+    return [s for s in sections if s[1] > 0 or s[0] != "(setup)"]
+
+
+@dataclass
+class RunResult:
+    notebook: Path
+    output: Path
+    profile: str
+    seconds: float
+    sections: list[tuple[str, float]] = field(default_factory=list)
+    error: str = ""
+
+    def format(self) -> str:
+        lines = [f"{self.notebook.name} [{self.profile} profile] -> {self.output}"]
+        width = max((len(n) for n, _ in self.sections), default=10)
+        for name, seconds in self.sections:
+            lines.append(f"  {name:<{width}}  {seconds:8.1f} s")
+        lines.append(f"  {'total':<{width}}  {self.seconds:8.1f} s" + ("  FAILED" if self.error else ""))
+        if self.error:
+            lines.append(self.error)
+        return "\n".join(lines)
+
+
+def run_notebook(step: int, profile: str = "cpu", out_dir: str | os.PathLike | None = None,
+                 timeout_per_cell: int | None = None, root: Path | None = None,
+                 device: str | None = None) -> RunResult:
+    """Execute step ``step``'s notebook with ``COURSE_PROFILE=profile`` and save the executed copy.
+
+    Args:
+        step: 1-9.
+        profile: ``tiny``, ``cpu`` or ``gpu``.
+        out_dir: where the executed copy goes; default ``runs/<profile>/`` in the course folder.
+        timeout_per_cell: seconds before a single cell is abandoned (default: no limit).
+        device: sets ``COURSE_DEVICE`` for the run.
+
+    The executed copy is written atomically even when a cell fails, so the error is visible in it.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    if profile not in ("tiny", "cpu", "gpu"):
+        raise ValueError(f"unknown profile {profile!r}; valid profiles are: tiny, cpu, gpu")
+    root = course_root() if root is None else Path(root)
+    source = find_notebook(step, root)
+    out_dir = Path(out_dir) if out_dir is not None else root / "runs" / profile
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output = out_dir / source.name
+    if output.resolve().parent == (root / "notebooks").resolve():
+        raise ValueError("out_dir must not be notebooks/: executed copies never overwrite the course's notebooks")
+
+    nb = nbformat.read(source, as_version=4)
+    saved = {k: os.environ.get(k) for k in ("COURSE_PROFILE", "COURSE_DEVICE")}
+    os.environ["COURSE_PROFILE"] = profile
+    if device:
+        os.environ["COURSE_DEVICE"] = device
+    client = NotebookClient(nb, timeout=timeout_per_cell, kernel_name="python3",
+                            resources={"metadata": {"path": str(source.parent)}}, record_timing=True)
+    error = ""
+    start = time.perf_counter()
+    try:
+        client.execute()
+    except CellExecutionError as err:
+        error = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    seconds = time.perf_counter() - start
+    tmp = output.with_name(f".{output.name}.part")
+    nbformat.write(nb, tmp)
+    os.replace(tmp, output)
+    return RunResult(source, output, profile, seconds, section_times(nb), error)

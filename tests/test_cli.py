@@ -1,0 +1,102 @@
+"""The `course` command, run as a learner runs it (a subprocess of the installed console script)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def course(*args, env=None, cwd=ROOT, timeout=300):
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "course_lib.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_doctor_bogus_profile_fails_and_lists_valid_ones():
+    r = course("doctor", "--no-data", env={"COURSE_PROFILE": "bogus"})
+    assert r.returncode != 0
+    fail = [line for line in r.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fail) == 1 and "profile" in fail[0]
+    for name in ("tiny", "cpu", "gpu"):
+        assert name in fail[0]
+
+
+def test_doctor_all_ok_here():
+    r = course("doctor", env={"COURSE_PROFILE": "tiny"})
+    assert r.returncode == 0, r.stdout
+    lines = [line for line in r.stdout.splitlines() if line.strip() and not line.startswith(("\n",))]
+    body = [line for line in lines if line.startswith(("OK", "FAIL"))]
+    assert body and all(line.startswith("OK") for line in body), r.stdout
+
+
+def test_check_solutions_pass_and_stubs_report_not_started():
+    ok = course("check", "1", "--solutions")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "4 of 4 exercises passed" in ok.stdout
+    stubs = course("check", "1")
+    assert stubs.returncode == 1
+    assert stubs.stdout.count("not started") >= 4
+
+
+def test_check_reports_a_wrong_answer_with_a_hint(tmp_path):
+    mine = tmp_path / "step01.py"
+    mine.write_text((ROOT / "solutions" / "step01.py").read_text().replace("+ 2 * d + head", "+ head"))
+    r = course("check", "1", "--file", str(mine))
+    assert r.returncode == 1
+    assert "✘ count_parameters" in r.stdout and "Hint" in r.stdout
+    assert "✔ bigram_counts" in r.stdout
+
+
+def test_check_reports_a_syntax_error_clearly(tmp_path):
+    mine = tmp_path / "step01.py"
+    mine.write_text("def count_parameters(:\n")
+    r = course("check", "1", "--file", str(mine))
+    assert r.returncode == 1 and "could not be imported" in r.stdout and "SyntaxError" in r.stdout
+
+
+def test_check_unknown_step_is_a_clear_error():
+    r = course("check", "12")
+    assert r.returncode == 2 and "between 1 and 9" in r.stderr
+
+
+def test_run_executes_a_notebook_and_times_sections(tmp_path):
+    root = tmp_path / "course"
+    for sub in ("notebooks", "exercises"):
+        (root / sub).mkdir(parents=True)
+    (root / "pyproject.toml").write_text("")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# Step 7 — demo"),
+                nbformat.v4.new_code_cell("import os; print(os.environ['COURSE_PROFILE'])"),
+                nbformat.v4.new_markdown_cell("## Shu — sleep"),
+                nbformat.v4.new_code_cell("import time; time.sleep(0.3)")]
+    nbformat.write(nb, root / "notebooks" / "07_demo.ipynb")
+    r = course("run", "7", "--profile", "tiny", env={"COURSE_ROOT": str(root)}, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = root / "runs" / "tiny" / "07_demo.ipynb"
+    executed = json.loads(out.read_text())
+    assert "tiny" in "".join(executed["cells"][1]["outputs"][0]["text"])
+    assert "Shu — sleep" in r.stdout and "total" in r.stdout
+    source = json.loads((root / "notebooks" / "07_demo.ipynb").read_text())
+    assert not source["cells"][1]["outputs"], "the course's notebook must stay unexecuted"
+
+
+def test_run_missing_notebook_and_bad_profile():
+    r = course("run", "9", "--profile", "tiny", env={"COURSE_ROOT": str(ROOT)})
+    if not list((ROOT / "notebooks").glob("09_*.ipynb")):
+        assert r.returncode == 2 and "no notebook for step 9" in r.stderr
+    r = course("run", "1", "--profile", "huge")
+    assert r.returncode == 2 and "tiny, cpu, gpu" in r.stderr
+
+
+@pytest.mark.parametrize("args", [["data", "list"], ["--help"]])
+def test_help_and_list(args):
+    r = course(*args)
+    assert r.returncode == 0
