@@ -19,6 +19,7 @@ os.environ.setdefault("TQDM_MININTERVAL", "5")
 
 NOTEBOOK_BUDGET_S = 120.0
 _nb_times: dict[str, float] = defaultdict(float)
+_nb_failed: dict[str, int] = defaultdict(int)
 
 
 def pytest_addoption(parser):
@@ -31,7 +32,10 @@ def pytest_addoption(parser):
 
 def pytest_runtest_makereport(item, call):
     if call.when == "call" and str(item.path).endswith(".ipynb"):
-        _nb_times[Path(str(item.path)).name] += call.duration
+        name = Path(str(item.path)).name
+        _nb_times[name] += call.duration
+        if call.excinfo is not None:
+            _nb_failed[name] += 1
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -40,5 +44,6 @@ def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
     tr.section("notebook times (tiny profile budget: 120 s each)")
     for name, seconds in sorted(_nb_times.items()):
-        flag = "OK  " if seconds <= NOTEBOOK_BUDGET_S else "SLOW"
-        tr.write_line(f"{flag} {name:<45} {seconds:7.1f} s")
+        flag = "FAIL" if _nb_failed[name] else ("OK  " if seconds <= NOTEBOOK_BUDGET_S else "SLOW")
+        failed = f"  ({_nb_failed[name]} cell(s) failed)" if _nb_failed[name] else ""
+        tr.write_line(f"{flag} {name:<45} {seconds:7.1f} s{failed}")

@@ -105,7 +105,7 @@ def _validate_step(step: int) -> int:
 
 
 def run_checks(step: int, *, solutions: bool = False, file: str | os.PathLike | None = None,
-               root: Path | None = None, timeout: float = 600) -> CheckReport:
+               root: Path | None = None, timeout: float = 180) -> CheckReport:
     """Run step ``step``'s exercise tests against a file and collect one result per exercise.
 
     Args:

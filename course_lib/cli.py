@@ -7,7 +7,7 @@
     course check N [--solutions | --file F]
                                        check step N's exercises
     course run N [--profile P]         execute notebook N headless, print time per section
-    course lab                         open the course in JupyterLab
+    course lab [JUPYTER OPTIONS]       open the course in JupyterLab
 
 Step code is imported inside the command that needs it, so ``course --help`` is instant.
 """
@@ -39,14 +39,24 @@ def _cmd_data_list(args) -> int:
         big = e.size is None or e.size > 100 * 2**20
         state = data.status(e, cache_dir=cache, mirror=mirror if mirror and mirror.is_dir() else None,
                             verify=args.verify and not big)
-        size = f"{e.size / 2**20:,.1f} MB" if e.size else "?"
-        rows.append((e.name, state + (" (optional)" if e.optional and state == "missing" else ""), size, e.description))
-    w = max(len(r[0]) for r in rows)
-    for name, state, size, desc in rows:
-        print(f"{name:<{w}}  {state:<20} {size:>10}  {desc}")
+        rows.append((e, state + (" (optional)" if e.optional and state == "missing" else ""), _size(e.size)))
+    w = max(len(r[0].name) for r in rows)
+    for e, state, size in rows:
+        print(f"{e.name:<{w}}  {state:<20} {size:>9}  {e.description}")
+        if args.long:
+            print(f"{'':<{w}}  license: {e.license}\n{'':<{w}}  source : {e.urls[0]}")
     present = sum(r[1] == "cached" for r in rows)
-    print(f"\n{present} of {len(rows)} files in the cache.")
+    print(f"\n{present} of {len(rows)} files in the cache." + ("" if args.long else " (-l shows licenses and sources)"))
     return 0
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} B"
 
 
 def _cmd_data_fetch(args) -> int:
@@ -72,12 +82,13 @@ def _cmd_data_fetch(args) -> int:
             return 2
         except data.DataFetchError as err:
             failed.append(e.name)
-            print(f"FAIL  {e.name:<22} {str(err).splitlines()[0]}")
             if args.verbose:
-                print("      " + str(err).replace("\n", "\n      "))
+                print(f"FAIL  {e.name:<22}\n      " + str(err).replace("\n", "\n      "))
+            else:
+                print(f"FAIL  {e.name:<22} {err.summary}")
     print(f"\n{len(targets) - len(failed)} of {len(targets)} files staged and verified.")
-    if failed:
-        print(f"not staged: {', '.join(failed)} (run `course data fetch {failed[0]} -v` for the full reason)")
+    if failed and not args.verbose:
+        print(f"not staged: {', '.join(failed)} (`course data fetch {failed[0]} -v` says how to stage it by hand)")
     return 1 if failed else 0
 
 
@@ -96,9 +107,12 @@ def _cmd_run(args) -> int:
     from .config import get_profile
     from .notebook_runner import run_notebook
 
+    from .notebook_runner import find_notebook
+
     try:
         profile = get_profile(args.profile).name if args.profile else get_profile().name
-        print(f"executing step {args.step}'s notebook with the {profile} profile...", flush=True)
+        notebook = find_notebook(args.step)
+        print(f"executing {notebook.name} with the {profile} profile...", flush=True)
         result = run_notebook(args.step, profile, out_dir=args.out, device=args.device)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -107,11 +121,14 @@ def _cmd_run(args) -> int:
     return 1 if result.error else 0
 
 
-def _cmd_lab(args) -> int:
+def _cmd_lab(args, extra: list[str]) -> int:
     from .paths import course_root
 
-    notebooks = course_root() / "notebooks"
-    cmd = [sys.executable, "-m", "jupyter", "lab", str(notebooks), *args.jupyter_args]
+    root = course_root()
+    passthrough = [a for a in extra if a != "--"]
+    cmd = [sys.executable, "-m", "jupyter", "lab", f"--ServerApp.root_dir={root}",
+           "--LabApp.default_url=/lab/tree/notebooks", *passthrough]
+    print("starting JupyterLab on the course folder (notebooks/, exercises/, ...):", " ".join(cmd[1:]), flush=True)
     os.execv(sys.executable, cmd)
     return 0  # not reached
 
@@ -128,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("list", help="which registered files are present")
     q.add_argument("--verify", action="store_true", help="hash every file (slower)")
+    q.add_argument("-l", "--long", action="store_true", help="also show each file's license and source")
     q.add_argument("--mirror", help="a mirror folder (default $COURSE_DATA_MIRROR)")
     q.add_argument("--cache", help="the cache folder (default data/ or $COURSE_DATA_DIR)")
     q.set_defaults(func=_cmd_data_list)
@@ -154,14 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("lab", help="open the course in JupyterLab")
-    p.add_argument("jupyter_args", nargs=argparse.REMAINDER, help="passed on to `jupyter lab`")
+    p = sub.add_parser("lab", help="open the course in JupyterLab (other options go to `jupyter lab`, "
+                                   "e.g. course lab --no-browser --port 8899)")
     p.set_defaults(func=_cmd_lab)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.func is _cmd_lab:
+        return _cmd_lab(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

@@ -63,7 +63,14 @@ _CHUNK = 1 << 20  # 1 MiB
 
 
 class DataFetchError(RuntimeError):
-    """A registered file could not be obtained from the cache, the mirror or any URL."""
+    """A registered file could not be obtained from the cache, the mirror or any URL.
+
+    ``str(err)`` is the full explanation; ``err.summary`` is one line (for listings).
+    """
+
+    def __init__(self, message: str, summary: str = ""):
+        super().__init__(message)
+        self.summary = summary or message.splitlines()[0]
 
 
 @dataclass(frozen=True)
@@ -269,7 +276,7 @@ def get_entry(name: str | DataFile, registry: dict[str, DataFile] | None = None)
         import difflib
 
         close = difflib.get_close_matches(name, list(registry), n=3)
-        hint = f"; did you mean {close}?" if close else ""
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"no data file named {name!r} is registered{hint} "
                          f"(`course data list` shows them all)")
     return registry[name]
@@ -301,13 +308,22 @@ def _check(path: Path, entry: DataFile) -> str | None:
     return None
 
 
+def _publish(tmp: str | os.PathLike, dest: Path) -> None:
+    """Give a finished temporary file the usual permissions (mkstemp makes it owner-only,
+    which would make a classroom mirror unreadable to learners) and rename it into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, dest)
+
+
 def _atomic_copy(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
             shutil.copyfileobj(inp, out, _CHUNK)
-        os.replace(tmp, dest)
+        _publish(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -410,8 +426,8 @@ def fetch(name: str | DataFile, *, cache_dir: str | os.PathLike | None = None,
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     mirror_dir = Path(mirror).expanduser() if mirror is not None else default_mirror()
     if mirror_dir is not None and not mirror_dir.is_dir():
-        raise ValueError(f"mirror folder {str(mirror_dir)!r} does not exist; fix COURSE_DATA_MIRROR "
-                         f"or the mirror= argument, or unset it to download")
+        raise ValueError(f"mirror folder {str(mirror_dir)!r} does not exist; point COURSE_DATA_MIRROR "
+                         f"(or --mirror) at the folder that holds the course's data, or unset it to download")
     target = cache / entry.path
     say = print if verbose else (lambda *a, **k: None)
 
@@ -453,7 +469,7 @@ def fetch(name: str | DataFile, *, cache_dir: str | os.PathLike | None = None,
                 member.unlink(missing_ok=True)
                 failures.append(f"{url}: downloaded file rejected, {problem}")
                 continue
-            os.replace(member, target)
+            _publish(member, target)
         finally:
             downloaded.unlink(missing_ok=True)
         if entry.sha256 is None:
@@ -471,7 +487,8 @@ def fetch(name: str | DataFile, *, cache_dir: str | os.PathLike | None = None,
         f"check {checksum}, and save it as {target} — or put it at <mirror>/{entry.path} and set "
         "COURSE_DATA_MIRROR=<mirror> (an instructor can prepare a mirror with `course data fetch --all`)."
     )
-    raise DataFetchError("\n".join(lines))
+    short = [mirror_note if mirror_dir is not None else "no mirror"] + [f.split(": ", 1)[-1] for f in failures]
+    raise DataFetchError("\n".join(lines), summary="; ".join(short))
 
 
 def status(name: str | DataFile, *, cache_dir: str | os.PathLike | None = None,

@@ -9,6 +9,7 @@ time spent in each section (the notebook's ``##`` headings) is printed.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,6 +18,8 @@ from pathlib import Path
 from .paths import course_root
 
 __all__ = ["find_notebook", "run_notebook", "section_times", "RunResult"]
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def find_notebook(step: int, root: Path | None = None) -> Path:
@@ -33,7 +36,7 @@ def find_notebook(step: int, root: Path | None = None) -> Path:
     matches = sorted((root / "notebooks").glob(f"{step:02d}_*.ipynb"))
     if not matches:
         have = sorted(p.name for p in (root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-        raise ValueError(f"there is no notebook for step {step}; available: {have}")
+        raise ValueError(f"there is no notebook for step {step}; available: {', '.join(have) or 'none'}")
     return matches[0]
 
 
@@ -47,18 +50,21 @@ def _duration(cell) -> float:
 
 
 def section_times(nb) -> list[tuple[str, float]]:
-    """``[(section heading, seconds)]`` for an executed notebook, split at ``#``/``##`` headings."""
-    sections: list[tuple[str, float]] = [("(setup)", 0.0)]
+    """``[(section heading, seconds)]`` for an executed notebook, split at ``#``/``##`` headings.
+
+    ``seconds`` is ``None`` for a section none of whose cells ran (after a failure)."""
+    sections: list[list] = [["(setup)", None, False]]  # name, seconds (None: nothing ran), has code
     for cell in nb.cells:
         if cell.cell_type == "markdown":
             for line in cell.source.splitlines():
                 if line.startswith("## ") or (line.startswith("# ") and len(sections) > 1):
-                    sections.append((line.lstrip("#").strip(), 0.0))
+                    sections.append([line.lstrip("#").strip(), None, False])
                     break
         elif cell.cell_type == "code":
-            name, seconds = sections[-1]
-            sections[-1] = (name, seconds + _duration(cell))
-    return [s for s in sections if s[1] > 0 or s[0] != "(setup)"]
+            sections[-1][2] = True
+            if cell.get("metadata", {}).get("execution"):
+                sections[-1][1] = (sections[-1][1] or 0.0) + _duration(cell)
+    return [(name, seconds) for name, seconds, has_code in sections if has_code]
 
 
 @dataclass
@@ -74,7 +80,7 @@ class RunResult:
         lines = [f"{self.notebook.name} [{self.profile} profile] -> {self.output}"]
         width = max((len(n) for n, _ in self.sections), default=10)
         for name, seconds in self.sections:
-            lines.append(f"  {name:<{width}}  {seconds:8.1f} s")
+            lines.append(f"  {name:<{width}}  " + (f"{seconds:8.1f} s" if seconds is not None else "  not run"))
         lines.append(f"  {'total':<{width}}  {self.seconds:8.1f} s" + ("  FAILED" if self.error else ""))
         if self.error:
             lines.append(self.error)
@@ -93,7 +99,8 @@ def run_notebook(step: int, profile: str = "cpu", out_dir: str | os.PathLike | N
         timeout_per_cell: seconds before a single cell is abandoned (default: no limit).
         device: sets ``COURSE_DEVICE`` for the run.
 
-    The executed copy is written atomically even when a cell fails, so the error is visible in it.
+    The executed copy is written atomically. When a cell fails, the copy goes to
+    ``NN_name.FAILED.ipynb`` (the error is visible in it) and the last good copy is kept.
     """
     import nbformat
     from nbclient import NotebookClient
@@ -115,13 +122,15 @@ def run_notebook(step: int, profile: str = "cpu", out_dir: str | os.PathLike | N
     if device:
         os.environ["COURSE_DEVICE"] = device
     client = NotebookClient(nb, timeout=timeout_per_cell, kernel_name="python3",
-                            resources={"metadata": {"path": str(source.parent)}}, record_timing=True)
+                            resources={"metadata": {"path": str(source.parent)}}, record_timing=True,
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
     error = ""
     start = time.perf_counter()
     try:
         client.execute()
     except CellExecutionError as err:
-        error = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
+        text = _ANSI.sub("", str(err)).strip()
+        error = text.splitlines()[-1] if text else repr(err)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -129,6 +138,12 @@ def run_notebook(step: int, profile: str = "cpu", out_dir: str | os.PathLike | N
             else:
                 os.environ[k] = v
     seconds = time.perf_counter() - start
+    failed_copy = output.with_name(output.stem + ".FAILED.ipynb")
+    if error:
+        # Keep the last good executed copy: a failed run goes beside it, never over it.
+        output = failed_copy
+    else:
+        failed_copy.unlink(missing_ok=True)  # an old failure is no longer news
     tmp = output.with_name(f".{output.name}.part")
     nbformat.write(nb, tmp)
     os.replace(tmp, output)

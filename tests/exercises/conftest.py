@@ -42,14 +42,40 @@ def ex(request):
         pytest.fail(_import_errors[str(path)], pytrace=False)
 
 
-def _message(excinfo) -> str:
+def _where_in_learner_file(excinfo, path: str | None) -> str:
+    """' (your step01.py, line 12: `return x[i]`)' for the deepest frame in the checked file."""
+    if not path:
+        return ""
+    for entry in reversed(excinfo.traceback):
+        if str(entry.path) == path:
+            try:
+                code = str(entry.statement).strip().splitlines()[0]
+            except Exception:  # noqa: BLE001 - the location alone is still useful
+                code = ""
+            return f" (in your {Path(path).name}, line {entry.lineno + 1}" + (f": `{code}`)" if code else ")")
+    return ""
+
+
+def _message(excinfo, checked_file: str | None = None) -> str:
     if excinfo is None:
         return ""
     err = excinfo.value
-    text = str(err) if isinstance(err, AssertionError) else f"{type(err).__name__}: {err}"
+    if isinstance(err, AssertionError):
+        text = str(err)
+    elif type(err).__name__ == "Failed" and "DID NOT RAISE" in str(err):
+        text = f"expected an error ({str(err).split('DID NOT RAISE')[-1].strip()}) for bad input, but nothing was raised"
+    else:
+        text = f"{type(err).__name__}: {err}{_where_in_learner_file(excinfo, checked_file)}"
     # Keep our explanation, drop pytest's re-rendering of the assert expression.
     text = text.split("\nassert ")[0].strip()
     return text[:1500]
+
+
+def _checked_file(item) -> str | None:
+    given = item.config.getoption("--exercise-file")
+    step = Path(str(item.path)).stem.removeprefix("test_")
+    path = Path(given).resolve() if given else ROOT / "solutions" / f"{step}.py"
+    return str(path)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -65,7 +91,7 @@ def pytest_runtest_makereport(item, call):
             "exercise": exercise,
             "outcome": rep.outcome,
             "not_implemented": bool(excinfo is not None and excinfo.errisinstance(NotImplementedError)),
-            "message": _message(excinfo),
+            "message": _message(excinfo, _checked_file(item)),
         })
 
 

@@ -23,8 +23,27 @@ def test_count_parameters_matches_published_gpt2(ex, emb_dim, n_layers):
     want = PUBLISHED[(emb_dim, n_layers)]
     assert got == want, (
         f"GPT-2 with emb_dim={emb_dim}, n_layers={n_layers}: expected {want:,} parameters, got {got:,} "
-        f"(off by {got - want:+,}). Hint: per block count 4 attention matrices + 4 biases, "
-        "2 feed-forward matrices of emb_dim x 4*emb_dim with biases, and 2 LayerNorms of 2*emb_dim.")
+        f"(off by {got - want:+,}). Hint: {_offset_hint(got - want, emb_dim, n_layers)}")
+
+
+def _offset_hint(diff: int, d: int, L: int) -> str:
+    """Name the piece a wrong count most likely missed (or counted twice)."""
+    known = {
+        2 * d: "the final LayerNorm (scale and shift, 2*emb_dim)",
+        1024 * d: "the position embedding (context_length x emb_dim)",
+        50257 * d: "the token embedding / output head (vocab_size x emb_dim; tied means counted once)",
+        L * 4 * d: ("4*emb_dim per block: the two LayerNorms inside each block (2 x 2*emb_dim), "
+                    "or the first feed-forward layer's bias"),
+        L * 3 * d: "the query/key/value biases (3*emb_dim per block when qkv_bias=True)",
+        L * d: "a bias of emb_dim per block (the attention output projection's, or the second feed-forward layer's)",
+        L * 5 * d: "the feed-forward biases (4*emb_dim + emb_dim per block)",
+    }
+    for amount, piece in known.items():
+        if abs(diff) == amount:
+            return f"that is exactly {piece} — {'missing' if diff < 0 else 'counted one time too many'}."
+    return ("per block count 4 attention matrices (emb_dim x emb_dim) with their biases, 2 feed-forward matrices "
+            "of emb_dim x 4*emb_dim with biases, and 2 LayerNorms of 2*emb_dim; then both embeddings and the "
+            "final LayerNorm.")
 
 
 @pytest.mark.exercise("count_parameters")
@@ -76,15 +95,40 @@ def test_next_token_probs_normalises_one_row(ex):
 
 @pytest.mark.exercise("next_token_probs")
 def test_next_token_probs_unknown_prev_is_an_error(ex):
-    with pytest.raises(ValueError):
+    try:
         ex.next_token_probs({("a", "b"): 1}, "z")
+    except ValueError:
+        return
+    except NotImplementedError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise AssertionError(f"for a prev that never starts a pair, raise ValueError (with a message); "
+                             f"got {type(err).__name__}: {err}") from None
+    raise AssertionError("for a prev that never starts a pair, raise ValueError; nothing was raised "
+                         "(an empty row would make probabilities 0/0)")
 
 
 @pytest.mark.exercise("sample_with_temperature")
 def test_temperature_zero_is_argmax(ex):
     probs = torch.tensor([0.1, 0.6, 0.3])
-    picks = {ex.sample_with_temperature(probs, 0.0) for _ in range(20)}
+    try:
+        picks = {ex.sample_with_temperature(probs, 0.0) for _ in range(20)}
+    except (RuntimeError, ZeroDivisionError) as err:
+        raise AssertionError(f"temperature 0 crashed with {type(err).__name__}: {err}. Hint: dividing by T=0 gives "
+                             "inf/nan; treat temperature == 0 as a special case and return argmax.") from None
     assert picks == {1}, f"temperature 0 must always pick the most likely index (1); got {picks}"
+
+
+@pytest.mark.exercise("sample_with_temperature")
+def test_the_generator_makes_draws_repeatable(ex):
+    probs = torch.full((50,), 1 / 50)
+    a = [ex.sample_with_temperature(probs, 1.0, torch.Generator().manual_seed(7)) for _ in range(5)]
+    b = [ex.sample_with_temperature(probs, 1.0, torch.Generator().manual_seed(7)) for _ in range(5)]
+    g = torch.Generator().manual_seed(7)
+    c = [ex.sample_with_temperature(probs, 1.0, g) for _ in range(20)]
+    assert a == b and len(set(c)) > 1, (
+        "the same seeded generator must give the same draw, and successive draws from one generator should vary; "
+        f"got {a} vs {b}, then {c}. Hint: pass generator=generator to torch.multinomial.")
 
 
 @pytest.mark.exercise("sample_with_temperature")
