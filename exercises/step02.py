@@ -17,7 +17,7 @@ import torch
 
 
 def decode_words(ids: Sequence[int], int_to_str: dict[int, str]) -> str:
-    """Turn the ids of a word-level tokenizer back into text.
+    r"""Turn the ids of a word-level tokenizer back into text.
 
     Look up each id in ``int_to_str``, join the tokens with single spaces, then put the
     punctuation back where it belongs:
@@ -27,7 +27,7 @@ def decode_words(ids: Sequence[int], int_to_str: dict[int, str]) -> str:
 
     Example: the tokens ``["Hello", ",", "world", ".", "Is", "this", "(", "really", ")", "it", "?"]``
     decode to ``"Hello, world. Is this (really) it?"``.
-    Hint: ``re.sub(r"\\s+([,.:;?!)])", r"\\1", text)`` handles the first rule; write one for ``(``.
+    Hint: ``re.sub(r"\s+([,.:;?!)])", r"\1", text)`` handles the first rule; write one for ``(``.
     """
     raise NotImplementedError
 

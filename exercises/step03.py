@@ -70,7 +70,8 @@ def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`split_heads`: ``[B, H, T, D] -> [B, T, H * D]``.
 
-    ``merge_heads(split_heads(x, h))`` must give back ``x``.
+    ``merge_heads(split_heads(x, h))`` must give back ``x``, and it must also work on a fresh,
+    contiguous ``[B, H, T, D]`` tensor such as attention's output ``weights @ v``.
     Hint: after ``transpose`` the tensor is not contiguous; use ``.contiguous().view`` or ``.reshape``.
     """
     raise NotImplementedError

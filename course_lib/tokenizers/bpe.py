@@ -14,7 +14,7 @@ new token, again and again, until the vocabulary has the size asked for. Three p
   ``(b"a", b"b")`` because ``b"aa" > b"a"``). Counts are then **updated incrementally**:
   only the pieces that contain the merged pair are rewritten, and only the pairs that
   changed are recounted. Recounting the whole corpus after every merge gives the same
-  merges hundreds of times more slowly.
+  merges tens of times more slowly (about 35x for 300 merges on The Verdict).
 * **Encoding.** Split the text the same way, turn each piece into bytes and replay the
   merges in the order they were learned (earliest first; on equal rank, leftmost first).
 

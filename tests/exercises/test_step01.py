@@ -113,6 +113,8 @@ def test_temperature_zero_is_argmax(ex):
     probs = torch.tensor([0.1, 0.6, 0.3])
     try:
         picks = {ex.sample_with_temperature(probs, 0.0) for _ in range(20)}
+    except NotImplementedError:  # a subclass of RuntimeError: "not started", not "crashed"
+        raise
     except (RuntimeError, ZeroDivisionError) as err:
         raise AssertionError(f"temperature 0 crashed with {type(err).__name__}: {err}. Hint: dividing by T=0 gives "
                              "inf/nan; treat temperature == 0 as a special case and return argmax.") from None

@@ -116,6 +116,29 @@ def test_merge_heads_inverts_split(ex):
                                  "first, then .contiguous().view(B, T, H * D) (or .reshape).")
 
 
+@pytest.mark.exercise("merge_heads")
+def test_merge_heads_on_contiguous_heads(ex):
+    # attention's output (weights @ v) is a fresh, contiguous [B, H, T, D] tensor: after transpose(1, 2) its
+    # memory is no longer in [B, T, H, D] order, so a plain .view cannot merge it
+    g = torch.Generator().manual_seed(3)
+    heads = torch.randn(2, 3, 5, 4, generator=g)  # [B, H, T, D], contiguous
+    want = heads.permute(0, 2, 1, 3).reshape(2, 5, 12)
+    try:
+        got = ex.merge_heads(heads)
+    except NotImplementedError:  # a subclass of RuntimeError: the stub is "not started", not a .view bug
+        raise
+    except RuntimeError as err:
+        pytest.fail("merge_heads raised on a contiguous [2, 3, 5, 4] tensor (as attention produces): "
+                    f"{str(err).rstrip('.')}. Hint: after transpose(1, 2) the memory is not laid out as "
+                    "[B, T, H, D], so .view cannot reshape it; call .contiguous() before .view, or use .reshape "
+                    "(which copies when it must).",
+                    pytrace=False)
+    assert tuple(got.shape) == (2, 5, 12), f"expected shape (2, 5, 12), got {tuple(got.shape)}"
+    assert torch.equal(got, want), ("merged heads are in the wrong order: row t must hold head 0's D numbers for "
+                                    "token t, then head 1's, ... Hint: transpose(1, 2) (to [B, T, H, D]) before "
+                                    "merging the last two axes.")
+
+
 # --------------------------------------------------------------------------- #
 @pytest.mark.exercise("causal_attention")
 @pytest.mark.parametrize("shape", [(1, 1, 4, 2), (2, 3, 9, 8)])
