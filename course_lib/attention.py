@@ -34,6 +34,11 @@ Choices worth knowing:
 * :class:`MultiHeadAttentionWrapper` gives each head ``d_out // num_heads`` columns, so
   its output is ``d_out`` wide like :class:`MultiHeadAttention`'s (it has no output
   projection); with ``out_proj`` set to the identity the two compute the same thing.
+
+Step 5 adds :class:`KVCache`: when a model generates one token at a time, the keys and
+values of the tokens already seen do not change, so they are kept (in tensors allocated
+once) and only the new token's are computed. ``MultiHeadAttention.forward(x, kv_cache,
+layer)`` writes the new keys and values into the cache and attends over everything in it.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ __all__ = [
     "MultiHeadAttentionWrapper",
     "MultiHeadAttention",
     "causal_mask",
+    "KVCache",
 ]
 
 
@@ -254,6 +260,80 @@ class MultiHeadAttentionWrapper(nn.Module):
 
 
 # --------------------------------------------------------------------------- #
+# The KV cache (step 5): keys and values of earlier tokens, kept between calls
+# --------------------------------------------------------------------------- #
+class KVCache:
+    """Preallocated keys and values for every attention layer of a model.
+
+    When a GPT generates text, token ``t`` attends to the keys and values of tokens
+    ``0..t``, and those of tokens ``0..t-1`` are the same as at the previous step. The cache
+    keeps them, so each step computes queries, keys and values for the new token only:
+    ``O(T)`` work per token instead of ``O(T^2)``.
+
+    The tensors are allocated once, ``[n_layers, batch, num_heads, max_len, head_dim]`` for
+    keys and the same for values, and filled from the left; ``pos`` counts the positions
+    filled. Layer ``i`` calls :meth:`update` with the new tokens' keys and values and gets
+    back everything cached so far; the model calls :meth:`advance` once all its layers have
+    seen the new tokens. :meth:`reset` empties the cache for the next prompt (the memory is
+    kept).
+
+    Args:
+        n_layers, batch_size, num_heads, head_dim: the model's shape.
+        max_len: the most positions the cache holds (at most the model's context length).
+        device, dtype: where and how the tensors live (match the model's).
+
+    Raises:
+        ValueError: a size that is not a positive integer; (in :meth:`update`) more tokens
+            than ``max_len`` in all, or keys of the wrong shape.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, num_heads: int, head_dim: int, max_len: int,
+                 device=None, dtype: torch.dtype = torch.float32):
+        for name, value in (("n_layers", n_layers), ("batch_size", batch_size), ("num_heads", num_heads),
+                            ("head_dim", head_dim), ("max_len", max_len)):
+            _positive_int(name, value)
+        shape = (n_layers, batch_size, num_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)    # [L, B, H, max_len, D]
+        self.values = torch.zeros(shape, device=device, dtype=dtype)  # [L, B, H, max_len, D]
+        self.pos = 0  # positions filled, in every layer
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    def reset(self) -> None:
+        """Forget every cached position (the next call starts at position 0)."""
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store keys and values ``[B, H, T, D]`` of ``T`` new tokens at positions ``pos..pos+T-1``
+        of ``layer``; return the keys and values of positions ``0..pos+T-1`` (views, no copy)."""
+        B, H, T, D = k.shape
+        end = self.pos + T
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions and {self.pos} are filled, so "
+                             f"{T} more do not fit; reset() it, or crop the sequence to the context length")
+        if (B, H, D) != (self.keys.shape[1], self.keys.shape[2], self.keys.shape[4]):
+            raise ValueError(f"keys of shape {tuple(k.shape)} do not fit a cache built for batch "
+                             f"{self.keys.shape[1]}, {self.keys.shape[2]} heads of {self.keys.shape[4]}")
+        self.keys[layer, :, :, self.pos:end] = k
+        self.values[layer, :, :, self.pos:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # [B, H, pos+T, D]
+
+    def advance(self, num_tokens: int) -> None:
+        """Mark ``num_tokens`` more positions as filled (the model calls this after its last layer)."""
+        self.pos += num_tokens
+
+    def __repr__(self) -> str:
+        L, B, H, M, D = self.keys.shape
+        return f"KVCache(layers={L}, batch={B}, heads={H}, head_dim={D}, filled={self.pos}/{M})"
+
+
+# --------------------------------------------------------------------------- #
 # 5. Multi-head, the efficient way: one matmul for all heads, then split
 # --------------------------------------------------------------------------- #
 class MultiHeadAttention(nn.Module):
@@ -311,20 +391,37 @@ class MultiHeadAttention(nn.Module):
         self.register_buffer("mask", causal_mask(context_length), persistent=False)
         self.use_sdpa = bool(use_sdpa)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """Attend causally over ``x`` ``[B, T, d_in]``; with a ``kv_cache``, ``x`` holds the next
+        ``T`` tokens after the ``kv_cache.pos`` already cached (stored in slot ``layer``)."""
+        start = 0 if kv_cache is None else kv_cache.pos
         _check_input(x, self.d_in, self.context_length)
+        if start + x.shape[1] > self.context_length:
+            raise ValueError(f"the KV cache already holds {start} positions, so {x.shape[1]} more tokens would "
+                             f"exceed context_length={self.context_length}; reset the cache and feed the last "
+                             f"{self.context_length} tokens instead")
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         # project, then split d_out into H heads of D: [B, T, d_out] -> [B, H, T, D]
         q = self.W_query(x).view(B, T, H, D).transpose(1, 2)
         k = self.W_key(x).view(B, T, H, D).transpose(1, 2)
         v = self.W_value(x).view(B, T, H, D).transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)       # [B, H, S, D]: all S = start + T positions so far
+        S = start + T
+        # query i sits at position start + i and may look at keys 0..start + i
+        mask = self.mask[start:S, :S]                 # [T, S], True = may not look
         if self.use_sdpa:
             p = self.dropout.p if self.training else 0.0
-            ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # [B, H, T, D]
+            if start == 0:    # a fresh sequence: the usual triangle
+                ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)    # [B, H, T, D]
+            elif T == 1:      # one new token sees every cached one: no mask at all
+                ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            else:             # several new tokens after a cached prefix
+                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=~mask, dropout_p=p)
         else:
-            scores = q @ k.transpose(-2, -1) / math.sqrt(D)                # [B, H, T, T]
-            scores = scores.masked_fill(self.mask[:T, :T], float("-inf"))  # no looking ahead
+            scores = q @ k.transpose(-2, -1) / math.sqrt(D)                # [B, H, T, S]
+            scores = scores.masked_fill(mask, float("-inf"))               # no looking ahead
             weights = self.dropout(torch.softmax(scores, dim=-1))          # rows sum to 1 (before dropout)
             ctx = weights @ v                                              # [B, H, T, D]
         # merge the heads back: [B, H, T, D] -> [B, T, H*D]

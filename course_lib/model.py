@@ -47,7 +47,8 @@ Choices worth knowing:
   traces the model (it would break the graph);
   everything else is unchanged under ``torch.compile`` and autocast.
 * **Positions are looked up in one place** (:meth:`GPTModel.embed`), with
-  ``torch.arange(tokens)``: the KV cache of step 5 adds an offset there.
+  ``torch.arange(start_pos, start_pos + tokens)``: ``start_pos`` is 0 unless a KV cache
+  (step 5, :meth:`GPTModel.new_kv_cache`) already holds the tokens before these.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import MultiHeadAttention
+from .attention import KVCache, MultiHeadAttention
 from .config import GPTConfig
 
 __all__ = [
@@ -240,8 +241,8 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(d)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))  # [B, T, d]: mix information across tokens
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache, layer))  # [B, T, d]: mix across tokens
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))   # [B, T, d]: transform each token on its own
         return x
 
@@ -333,7 +334,7 @@ class GPTModel(nn.Module):
             nn.init.normal_(block.ff.layers[2].weight, mean=0.0, std=residual_std)
 
     # -- forward -------------------------------------------------------------
-    def _check_idx(self, idx) -> None:
+    def _check_idx(self, idx, start: int = 0) -> None:
         cfg = self.cfg
         if not isinstance(idx, torch.Tensor):
             raise TypeError(f"idx must be a torch.Tensor of token ids with shape [batch, tokens], got "
@@ -347,6 +348,10 @@ class GPTModel(nn.Module):
         T = idx.shape[1]
         if T == 0:
             raise ValueError("idx has no tokens (shape [batch, 0]); give the model at least one token")
+        if start and start + T > cfg.context_length:
+            raise ValueError(f"the KV cache holds {start} positions, so {T} more tokens would exceed the model's "
+                             f"context_length of {cfg.context_length}; reset the cache (or make a new one) and "
+                             f"feed the last {cfg.context_length} tokens")
         if T > cfg.context_length:
             raise ValueError(f"idx has {T} tokens but the model's context_length is {cfg.context_length}; "
                              f"keep the last {cfg.context_length} tokens (idx[:, -{cfg.context_length}:]) "
@@ -358,20 +363,44 @@ class GPTModel(nn.Module):
                 raise ValueError(f"idx contains the token id {bad}, outside the vocabulary [0, {cfg.vocab_size}); "
                                  "was it made by a tokenizer with a larger vocabulary than cfg.vocab_size?")
 
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token plus position embeddings: ``[B, T]`` ids -> ``[B, T, emb_dim]`` (no dropout)."""
+    def embed(self, idx: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Token plus position embeddings: ``[B, T]`` ids -> ``[B, T, emb_dim]`` (no dropout).
+
+        ``start_pos`` is the position of the first token (non-zero when a KV cache holds the
+        tokens before it)."""
         T = idx.shape[1]
-        pos = torch.arange(T, device=idx.device)          # [T]: positions 0..T-1
+        pos = torch.arange(start_pos, start_pos + T, device=idx.device)  # [T]: positions of these tokens
         return self.tok_emb(idx) + self.pos_emb(pos)      # [B, T, d] + [T, d] (broadcast)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits ``[batch, tokens, vocab_size]`` for ids ``idx`` of shape ``[batch, tokens]``."""
-        self._check_idx(idx)
-        x = self.drop_emb(self.embed(idx))                # [B, T, d]
-        for block in self.trf_blocks:
-            x = block(x)                                  # [B, T, d]
+    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Logits ``[batch, tokens, vocab_size]`` for ids ``idx`` of shape ``[batch, tokens]``.
+
+        With a ``kv_cache`` (from :meth:`new_kv_cache`), ``idx`` holds only the tokens that
+        follow the ``kv_cache.pos`` tokens already cached: their keys and values are added to
+        the cache and the logits of the new tokens are returned.
+        """
+        start = 0 if kv_cache is None else kv_cache.pos
+        self._check_idx(idx, start)
+        if kv_cache is not None and idx.shape[0] != kv_cache.batch_size:
+            raise ValueError(f"idx has a batch of {idx.shape[0]} but the KV cache was made for {kv_cache.batch_size}")
+        x = self.drop_emb(self.embed(idx, start))         # [B, T, d]
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, kv_cache, i)                     # [B, T, d]
+        if kv_cache is not None:
+            kv_cache.advance(idx.shape[1])
         x = self.final_norm(x)                            # [B, T, d]
         return self.out_head(x)                           # [B, T, V]
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty :class:`~course_lib.attention.KVCache` for this model, on its device and
+        in its dtype, for ``max_len`` positions (default ``context_length``; at most that)."""
+        cfg = self.cfg
+        max_len = cfg.context_length if max_len is None else max_len
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= cfg.context_length:
+            raise ValueError(f"max_len must be an integer in [1, context_length={cfg.context_length}], got {max_len!r}")
+        weight = self.tok_emb.weight
+        return KVCache(cfg.n_layers, batch_size, cfg.n_heads, cfg.head_dim, max_len,
+                       device=weight.device, dtype=weight.dtype)
 
     def extra_repr(self) -> str:
         return f"tie_weights={self.tie_weights}"

@@ -1,0 +1,97 @@
+"""Generation speed: our KV cache against no cache, and against Hugging Face ``generate``.
+
+For each model shape, one set of weights (GPT-2's initialisation, tied head, QKV bias) is
+built as a ``course_lib`` ``GPTModel``, exported with ``export_hf`` and loaded by
+``transformers.GPT2LMHeadModel`` — the same weights on both sides. After checking that the
+two decode the same greedy tokens, it times batch-1 greedy generation of ``--new-tokens``
+tokens after a ``--prompt-tokens`` prompt, float32 on CPU:
+
+* ``ours, no cache``  — ``generate(..., use_cache=False)``: the whole window re-encoded per token;
+* ``ours, KV cache``  — ``generate(..., use_cache=True)``;
+* ``transformers``    — ``GPT2LMHeadModel.generate(do_sample=False)`` with its own cache.
+
+Each cell is the best of ``--repeats`` runs (the contestants take turns). Targets (issue 6):
+the cache at least 3x faster than no cache at GPT-2 small's shape, and ours at least as
+fast as transformers'.
+
+    python benchmarks/bench_generation.py                     # gpt-cpu and gpt2-small shapes
+    python benchmarks/bench_generation.py --models gpt-tiny --new-tokens 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from course_lib.config import get_config
+from course_lib.generation import generate
+from course_lib.model import GPTModel
+from course_lib.pretrained import export_hf
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench(name: str, new_tokens: int, prompt_tokens: int, repeats: int, no_cache_repeats: int) -> dict:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    cfg = get_config(name).replace(drop_rate=0.0, qkv_bias=True)
+    if prompt_tokens + new_tokens > cfg.context_length:
+        raise SystemExit(f"{name}: prompt + new tokens ({prompt_tokens + new_tokens}) exceed its context "
+                         f"length {cfg.context_length}; use fewer --new-tokens")
+    torch.manual_seed(0)
+    ours = GPTModel(cfg, tie_weights=True).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        export_hf(ours, folder, include_tokenizer=False)
+        hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(1))
+
+    def run_hf(n=new_tokens):
+        with torch.no_grad():
+            return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, use_cache=True, pad_token_id=0)
+
+    check = 20
+    same = generate(ours, prompt, check).tolist() == run_hf(check).tolist()
+    cache_s, hf_s, nocache_s = [], [], []
+    for r in range(repeats):
+        cache_s.append(_timed(lambda: generate(ours, prompt, new_tokens, use_cache=True)))
+        hf_s.append(_timed(run_hf))
+        if r < no_cache_repeats:
+            nocache_s.append(_timed(lambda: generate(ours, prompt, new_tokens, use_cache=False)))
+    return {"model": name, "params_m": sum(p.numel() for p in ours.parameters()) / 1e6, "same_tokens": same,
+            "no_cache": new_tokens / min(nocache_s), "cache": new_tokens / min(cache_s), "hf": new_tokens / min(hf_s)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="gpt-cpu,gpt2-small", help="config presets, comma-separated")
+    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--prompt-tokens", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per cell (best is kept)")
+    parser.add_argument("--no-cache-repeats", type=int, default=1, help="runs of the slow no-cache path")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch 1, prompt {args.prompt_tokens} "
+          f"tokens, {args.new_tokens} new tokens, greedy, float32, CPU; tokens/s (best of {args.repeats})")
+    rows = [bench(m.strip(), args.new_tokens, args.prompt_tokens, args.repeats, args.no_cache_repeats)
+            for m in args.models.split(",")]
+    print(f"\n| model | params | same tokens | ours, no cache | ours, KV cache | transformers | cache / no cache "
+          f"| ours / transformers |")
+    print("|---|---:|:---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['params_m']:.0f}M | {'yes' if r['same_tokens'] else 'NO'} | {r['no_cache']:.1f} "
+              f"| {r['cache']:.1f} | {r['hf']:.1f} | {r['cache'] / r['no_cache']:.2f}x | {r['cache'] / r['hf']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,366 @@
+"""Step 5 — checkpoints: save a training run, and pick it up again exactly where it stopped.
+
+A checkpoint is one file holding everything needed to continue training as if nothing had
+happened: the model's weights, the optimizer's state (Adam's moving averages), the model's
+configuration, the step reached, the state of every random number generator, and a small
+``extra`` dictionary for the training loop (history, position in the data).
+
+* :func:`save_checkpoint` — write it, atomically.
+* :func:`load_checkpoint` — read it back into a model (and optimizer), checking that it fits.
+* :func:`model_from_checkpoint` — build the right :class:`~course_lib.model.GPTModel` from
+  the configuration stored in the file, then load it.
+* :func:`rng_state` / :func:`set_rng_state` — Python's, NumPy's and PyTorch's random state
+  as plain tensors and numbers.
+
+Choices worth knowing:
+
+* **Atomic writes.** The file is written to a temporary file in the same folder, flushed
+  to disk (``fsync``) and only then renamed over the target (``os.replace``, atomic on
+  POSIX and Windows). A crash or an error half-way through leaves the previous checkpoint
+  untouched, and the temporary file is removed.
+* **Nothing is overwritten silently.** ``save_checkpoint`` refuses to replace an existing
+  file unless ``overwrite=True`` (a training loop that saves to its own path every few
+  hundred steps passes it; see :func:`course_lib.training.train`, which in turn refuses to
+  start a *new* run on top of an existing checkpoint unless asked to resume it).
+* **Safe to load.** Files are read with ``torch.load(weights_only=True)``, which
+  unpickles only tensors and plain containers (dict, list, tuple, str, int, float, bool,
+  None) — never arbitrary Python objects, so loading a checkpoint cannot run code. That is
+  why the configuration is stored as a dict and NumPy's random state as a tensor.
+* **A checkpoint must fit the model.** The architectural fields of the stored config
+  (``vocab_size``, ``context_length``, ``emb_dim``, ``n_heads``, ``n_layers``,
+  ``qkv_bias``) must equal the model's, else :class:`CheckpointMismatchError` names each
+  differing field. ``drop_rate`` is a training setting, not part of the weights, and may
+  differ (e.g. to fine-tune without dropout).
+* **Damaged files are a clear error.** A truncated or corrupt file, or one that is not a
+  course checkpoint, raises :class:`CheckpointError` (a ``ValueError``) naming the file
+  and what to do, instead of a ``zipfile``/``pickle`` traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "model_from_checkpoint",
+    "rng_state",
+    "set_rng_state",
+    "atomic_write",
+    "ARCHITECTURE_KEYS",
+    "FORMAT",
+]
+
+#: Tag stored in every checkpoint written by this module.
+FORMAT = "course_lib.checkpoint/1"
+#: Config fields that shape the weights: they must match for a checkpoint to load.
+ARCHITECTURE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: truncated, corrupt, or not a course checkpoint."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose configuration (or tensors) does not fit the model it is loaded into."""
+
+
+# --------------------------------------------------------------------------- #
+# Atomic file writes
+# --------------------------------------------------------------------------- #
+def atomic_write(path: str | os.PathLike, write, overwrite: bool = False) -> Path:
+    """Call ``write(file_object)`` on a temporary file, then move it to ``path`` in one step.
+
+    The temporary file lives in ``path``'s folder (so the final ``os.replace`` is a rename on
+    one file system), is flushed and ``fsync``-ed before the rename, and is deleted if
+    ``write`` raises: ``path`` is either the old file or the complete new one, never half.
+
+    Args:
+        path: the destination file; missing parent folders are created.
+        write: a function taking a binary file object.
+        overwrite: replace an existing ``path``. Default ``False``.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is ``False``.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists and was not overwritten; pass overwrite=True to replace "
+                              "it, or choose another file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable (not possible on every OS / file system)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+# --------------------------------------------------------------------------- #
+# Random number generators as plain data
+# --------------------------------------------------------------------------- #
+def rng_state() -> dict[str, Any]:
+    """The state of Python's ``random``, NumPy's global generator and PyTorch's (CPU, and
+    every CUDA device if there is one), as tensors and plain values (``weights_only``-safe)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the generators saved by :func:`rng_state`.
+
+    CUDA states are restored when both the file and this machine have CUDA (and for as many
+    devices as both have); a checkpoint written on a GPU loads on a CPU-only machine.
+    """
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    npst = state["numpy"]
+    np.random.set_state((npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = list(state["cuda"])[: torch.cuda.device_count()]
+        for i, s in enumerate(cuda_states):
+            torch.cuda.set_rng_state(s.cpu(), i)
+
+
+# --------------------------------------------------------------------------- #
+# Saving
+# --------------------------------------------------------------------------- #
+def _config_dict(model: nn.Module) -> dict[str, Any] | None:
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        return None
+    if hasattr(cfg, "to_dict"):
+        return dict(cfg.to_dict())
+    if isinstance(cfg, dict):
+        return dict(cfg)
+    raise TypeError(f"model.cfg must be a GPTConfig or a dict, got {type(cfg).__name__}")
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    *, step: int = 0, extra: dict[str, Any] | None = None, overwrite: bool = False,
+                    include_rng: bool = True) -> Path:
+    """Save model, optimizer, config, step and random state to ``path``, atomically.
+
+    Args:
+        path: the file to write (by convention ``*.pt``); parent folders are created.
+        model: the model; its ``state_dict()`` is saved, and its ``cfg`` (a
+            :class:`~course_lib.config.GPTConfig`) as a dict when it has one.
+        optimizer: saved with its ``state_dict()`` when given.
+        step: the number of optimizer steps taken so far.
+        extra: anything else the caller wants back, made of tensors and plain Python
+            values only (dict, list, tuple, str, int, float, bool, None).
+        overwrite: replace an existing file. Default ``False`` — a learner's checkpoint is
+            never replaced by accident.
+        include_rng: save the state of every random generator (see :func:`rng_state`), so
+            that a resumed run draws the same dropout masks. Default ``True``.
+
+    Returns:
+        the path written.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``optimizer`` is not an optimizer, or
+            ``extra`` holds something ``torch.load(weights_only=True)`` could not read back.
+        ValueError: ``step`` is not a non-negative integer.
+        FileExistsError: the file exists and ``overwrite`` is ``False``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    if extra is not None:
+        if not isinstance(extra, dict):
+            raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
+        _check_plain(extra, "extra")
+    payload = {
+        "format": FORMAT,
+        "model": model.state_dict(),
+        "config": _config_dict(model),
+        "tie_weights": bool(getattr(model, "tie_weights", False)),
+        "step": step,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "rng": rng_state() if include_rng else None,
+        "extra": extra or {},
+        "torch_version": str(torch.__version__),
+    }
+    return atomic_write(path, lambda fh: torch.save(payload, fh), overwrite=overwrite)
+
+
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    if isinstance(value, _PLAIN):
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where} has a key of type {type(k).__name__}; use str or int keys")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where} is a {type(value).__name__}, which torch.load(weights_only=True) cannot read back; "
+                    "store tensors, numbers, strings, and lists/dicts of them (e.g. float(x), x.tolist())")
+
+
+# --------------------------------------------------------------------------- #
+# Loading
+# --------------------------------------------------------------------------- #
+def _read(path: Path, map_location) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}" + ("" if path.parent.is_dir() else
+                                f" (the folder {path.parent} does not exist either)"))
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "Unsupported" in line),
+                      str(err).splitlines()[0] if str(err) else "")
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain values, so it is refused by the safe loader "
+            f"(torch.load(weights_only=True)): {detail}. It was not written by "
+            "course_lib.checkpoint.save_checkpoint; only load files like this from a source you trust") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        size = path.stat().st_size
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({size:,} bytes): it looks truncated or corrupt "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}). "
+            "Delete it and load an earlier checkpoint (or train again); checkpoints written by "
+            "save_checkpoint are replaced atomically, so a crash during a save cannot cause this") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path} is not a course_lib checkpoint (format {got!r}, expected {FORMAT!r}); "
+                              "for a bare state_dict use model.load_state_dict(torch.load(path, weights_only=True))")
+    return payload
+
+
+def _check_config(path: Path, stored: dict[str, Any] | None, model: nn.Module) -> None:
+    ours = _config_dict(model)
+    if stored is None or ours is None:
+        return
+    diffs = [f"{key} (checkpoint {stored.get(key)!r}, model {ours.get(key)!r})"
+             for key in ARCHITECTURE_KEYS if stored.get(key) != ours.get(key)]
+    if diffs:
+        raise CheckpointMismatchError(
+            f"{path} was saved from a model with a different configuration: {'; '.join(diffs)}. Build the model "
+            "from the checkpoint's own config (course_lib.checkpoint.model_from_checkpoint(path)) or load a "
+            "checkpoint of this model")
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, *, map_location: Any = "cpu",
+                    restore_rng: bool = False, strict: bool = True) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`; load it into ``model``/``optimizer``.
+
+    Args:
+        path: the checkpoint file.
+        model: if given, its configuration is checked against the stored one and the
+            weights are loaded into it (in place; they move to the model's device).
+        optimizer: if given, its state is restored (the file must hold one).
+        map_location: where tensors are placed while reading. Default ``"cpu"``.
+        restore_rng: also restore every random generator (what resuming training needs).
+        strict: passed to ``model.load_state_dict`` (every tensor must be present and used).
+
+    Returns:
+        the checkpoint as a dict: ``model`` (state dict), ``optimizer`` (state dict or None),
+        ``config`` (dict or None), ``tie_weights``, ``step``, ``rng``, ``extra``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: the file is truncated, corrupt, or not a course checkpoint.
+        CheckpointMismatchError: the stored config differs from ``model.cfg`` (each differing
+            field is named), the tensors do not fit the model, or an optimizer state was asked
+            for but not saved or does not fit the optimizer.
+    """
+    path = Path(path).expanduser()
+    payload = _read(path, map_location)
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+        _check_config(path, payload.get("config"), model)
+        try:
+            model.load_state_dict(payload["model"], strict=strict)
+        except RuntimeError as err:
+            raise CheckpointMismatchError(f"the weights in {path} do not fit the model: {err}") from err
+    if optimizer is not None:
+        if payload.get("optimizer") is None:
+            raise CheckpointMismatchError(f"{path} holds no optimizer state (it was saved without an optimizer); "
+                                          "load it without optimizer= and start the optimizer afresh")
+        try:
+            optimizer.load_state_dict(payload["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise CheckpointMismatchError(f"the optimizer state in {path} does not fit this optimizer: {err}. "
+                                          "Build the optimizer over the same parameters, in the same order") from err
+    if restore_rng:
+        if payload.get("rng") is None:
+            raise CheckpointMismatchError(f"{path} was saved without random state (include_rng=False); "
+                                          "load it with restore_rng=False")
+        set_rng_state(payload["rng"])
+    return payload
+
+
+def model_from_checkpoint(path: str | os.PathLike, device: Any = None) -> nn.Module:
+    """Build a :class:`~course_lib.model.GPTModel` from the config stored in ``path`` and load it.
+
+    The model is returned in ``eval()`` mode, on ``device`` (default CPU).
+
+    Raises:
+        CheckpointError: as :func:`load_checkpoint`, or the file stores no model config.
+    """
+    from .config import GPTConfig
+    from .model import GPTModel
+
+    path = Path(path).expanduser()
+    payload = _read(path, "cpu")
+    if not payload.get("config"):
+        raise CheckpointError(f"{path} stores no model configuration; build the model yourself and call "
+                              "load_checkpoint(path, model)")
+    model = GPTModel(GPTConfig(**payload["config"]), tie_weights=bool(payload.get("tie_weights", False)))
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as err:
+        raise CheckpointMismatchError(f"the weights in {path} do not fit its own config: {err}") from err
+    if device is not None:
+        model.to(device)
+    return model.eval()

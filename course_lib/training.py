@@ -1,0 +1,479 @@
+"""Step 5 — pretraining: the loss, perplexity, and a training loop that can stop and resume.
+
+* :func:`calc_loss_batch` — mean cross-entropy of one ``(inputs, targets)`` batch.
+* :func:`calc_loss_loader` — the average over a loader, or over its first ``num_batches``.
+* :func:`perplexity` — ``exp(loss)``: the number of tokens the model is, in effect,
+  choosing between at every position.
+* :func:`evaluate` — train and validation loss on a few batches, in ``eval()`` mode.
+* :func:`train` — the loop: forward, loss, backward, optimizer step; every ``eval_freq``
+  steps the loss on both sets, every ``sample_freq`` steps a sample of text; a progress
+  bar; optional checkpoints, from which an interrupted run resumes exactly.
+* :class:`History` and :func:`plot_losses` — the losses against tokens seen, and the plot.
+
+Choices worth knowing:
+
+* **Loss** is the mean cross-entropy over every token of the batch (``[B, T, V]`` logits
+  flattened to ``[B*T, V]``), the quantity GPT-2 was trained on. A loader with no batches
+  gives ``nan`` from :func:`calc_loss_loader` (nothing to average), not an error.
+* **Tokens seen** counts input tokens (``batch * tokens`` per step) — the x-axis of the
+  loss plots, comparable across batch sizes and context lengths.
+* **The batch order is a function of (seed, epoch).** At the start of every epoch
+  :func:`train` reseeds a shuffling loader's generator with ``seed + epoch`` (it sets one
+  if the loader has none). The order in epoch 3 therefore does not depend on how many
+  epochs this Python process has run, which is what lets a resumed run skip the batches
+  already seen and carry on with exactly the batches the uninterrupted run would use.
+* **Evaluation does not disturb training's randomness.** Evaluation and sample
+  generation run inside ``torch.random.fork_rng``, and the loaders' own generators are put
+  back afterwards, so adding an evaluation (or a sampled rather than greedy preview) does
+  not change the dropout masks of later steps, and the training batches used to measure the
+  training loss are the same whether or not the run was resumed.
+* **Exact resume.** With ``checkpoint_path`` the loop saves (atomically) every
+  ``checkpoint_freq`` steps and when it stops: weights, optimizer, random state, history and
+  position in the data. ``train(..., checkpoint_path=p, resume=True)`` continues from it,
+  and on CPU the losses are then exactly those of the run that was never interrupted
+  (``tests/test_training.py``). Starting a *new* run over an existing checkpoint is refused
+  (a learner's checkpoint is never replaced by accident): pass ``resume=True`` or another
+  path. The checkpoint written when a run ends is taken before the final evaluation, so a
+  resumed run's history has exactly the uninterrupted run's evaluation points.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import DEFAULT_SEED
+
+__all__ = [
+    "calc_loss_batch",
+    "calc_loss_loader",
+    "perplexity",
+    "evaluate",
+    "History",
+    "train",
+    "plot_losses",
+    "generate_sample",
+]
+
+
+# --------------------------------------------------------------------------- #
+# Losses
+# --------------------------------------------------------------------------- #
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (e.g. GPTModel), got {type(model).__name__}")
+
+
+def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model: nn.Module,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the model's next-token predictions on one batch.
+
+    Args:
+        input_batch: ``[batch, tokens]`` token ids.
+        target_batch: ``[batch, tokens]`` the ids that follow each input position.
+        model: maps ``[batch, tokens]`` ids to ``[batch, tokens, vocab]`` logits.
+        device: where to compute; the batch is moved there. Default the model's device.
+
+    Returns:
+        a scalar tensor (with a graph, so ``loss.backward()`` works in training).
+
+    Raises:
+        TypeError: a batch that is not an integer tensor, or a model that is not a module.
+        ValueError: inputs and targets of different shapes.
+    """
+    _check_model(model)
+    for name, t in (("input_batch", input_batch), ("target_batch", target_batch)):
+        if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor of token ids [batch, tokens], got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+    if input_batch.shape != target_batch.shape:
+        raise ValueError(f"input_batch {tuple(input_batch.shape)} and target_batch {tuple(target_batch.shape)} "
+                         "must have the same shape [batch, tokens]")
+    if device is None:
+        device = next(model.parameters()).device
+    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    logits = model(input_batch)                                   # [B, T, V]
+    return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())  # mean over B*T tokens
+
+
+def calc_loss_loader(data_loader, model: nn.Module, device: torch.device | str | None = None,
+                     num_batches: int | None = None) -> float:
+    """Average :func:`calc_loss_batch` over the first ``num_batches`` batches of a loader.
+
+    Runs under ``torch.no_grad()``; it does **not** change the model's mode, so call
+    ``model.eval()`` first for a measurement without dropout (:func:`evaluate` does).
+
+    Args:
+        data_loader: yields ``(inputs, targets)`` pairs (e.g. from
+            :func:`course_lib.text_data.create_dataloader`).
+        model: the model.
+        device: where to compute. Default the model's device.
+        num_batches: how many batches to average; ``None`` means all of them. More than
+            the loader holds is not an error: all of them are used.
+
+    Returns:
+        the mean loss as a float; ``nan`` for a loader with no batches.
+
+    Raises:
+        ValueError: ``num_batches`` is not a positive integer (or ``None``).
+    """
+    _check_model(model)
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+                                    or num_batches < 1):
+        raise ValueError(f"num_batches must be a positive integer or None (all batches), got {num_batches!r}")
+    try:
+        available = len(data_loader)
+    except TypeError:
+        available = None
+    if available == 0:
+        return float("nan")
+    limit = available if num_batches is None else (num_batches if available is None else min(num_batches, available))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i, (x, y) in enumerate(data_loader):
+            if limit is not None and i >= limit:
+                break
+            total += calc_loss_batch(x, y, model, device).item()
+            count += 1
+    return total / count if count else float("nan")
+
+
+def perplexity(loss: float | torch.Tensor) -> float:
+    """``exp(loss)`` for a mean cross-entropy ``loss`` in nats.
+
+    A model that spreads its probability evenly over ``n`` tokens has a loss of ``ln(n)``
+    and a perplexity of ``n``; an untrained GPT-2-sized vocabulary model starts near
+    ``ln(50257) ≈ 10.8``, perplexity ≈ 50,000.
+
+    Raises:
+        TypeError: ``loss`` is not a number or a one-element tensor.
+        ValueError: a negative loss.
+    """
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise TypeError(f"loss must be a scalar, got a tensor of shape {tuple(loss.shape)}")
+        loss = loss.item()
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        raise TypeError(f"loss must be a number, got {type(loss).__name__}")
+    if loss < 0:
+        raise ValueError(f"a cross-entropy loss cannot be negative, got {loss}")
+    return math.exp(loss) if loss < 709 else math.inf
+
+
+# --------------------------------------------------------------------------- #
+# Evaluation and samples
+# --------------------------------------------------------------------------- #
+@contextlib.contextmanager
+def _rng_untouched(device: torch.device, loaders=()):
+    """Run a block without changing the random state training will use next: the global
+    generators, and the generators of ``loaders`` (iterating a shuffling loader draws from it)."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    generators = {id(g): g for g in (getattr(ld, "generator", None) for ld in loaders) if g is not None}
+    saved = {k: g.get_state() for k, g in generators.items()}
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        for k, g in generators.items():
+            g.set_state(saved[k])
+
+
+def evaluate(model: nn.Module, train_loader, val_loader, device=None, eval_iter: int | None = 5
+             ) -> tuple[float, float]:
+    """Train and validation loss over ``eval_iter`` batches each, in ``eval()`` mode.
+
+    The model is put back in the mode it was in. Returns ``(train_loss, val_loss)``.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
+        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
+    finally:
+        model.train(was_training)
+    return train_loss, val_loss
+
+
+def generate_sample(model: nn.Module, tokenizer, start_context: str, max_new_tokens: int = 50,
+                    **generate_kwargs) -> str:
+    """Continue ``start_context`` with :func:`course_lib.generation.generate` (greedy by default)
+    and return the decoded text, on one line."""
+    from .generation import generate, text_to_token_ids, token_ids_to_text
+
+    idx = text_to_token_ids(start_context, tokenizer)
+    out = generate(model, idx, max_new_tokens, **generate_kwargs)
+    return token_ids_to_text(out, tokenizer).replace("\n", " ")
+
+
+# --------------------------------------------------------------------------- #
+# History
+# --------------------------------------------------------------------------- #
+@dataclass
+class History:
+    """What :func:`train` measured. Lists of equal length, one entry per evaluation.
+
+    Attributes:
+        steps: the optimizer step of each evaluation (1-based: after that many steps).
+        tokens_seen: input tokens processed by then.
+        train_losses, val_losses: the two losses (``eval_iter`` batches each).
+        samples: ``(step, text)`` pairs from the sample generations.
+        lrs: the learning rate at each evaluation.
+        step: optimizer steps taken in all; ``tokens``: input tokens seen in all.
+        seconds: wall-clock time spent training (summed over resumed runs).
+    """
+
+    steps: list[int] = field(default_factory=list)
+    tokens_seen: list[int] = field(default_factory=list)
+    train_losses: list[float] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    samples: list[tuple[int, str]] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    step: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["samples"] = [[int(s), str(t)] for s, t in self.samples]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "History":
+        d = dict(d)
+        d["samples"] = [(int(s), str(t)) for s, t in d.get("samples", [])]
+        return cls(**d)
+
+    @property
+    def best_val_loss(self) -> float:
+        """The lowest validation loss measured (``nan`` if none)."""
+        vals = [v for v in self.val_losses if not math.isnan(v)]
+        return min(vals) if vals else float("nan")
+
+    def _record(self, train_loss: float, val_loss: float, lr: float) -> None:
+        self.steps.append(self.step)
+        self.tokens_seen.append(self.tokens)
+        self.train_losses.append(train_loss)
+        self.val_losses.append(val_loss)
+        self.lrs.append(lr)
+
+
+# --------------------------------------------------------------------------- #
+# The training loop
+# --------------------------------------------------------------------------- #
+def _check_positive(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be a positive integer{extra}, got {value!r}")
+
+
+def _seed_epoch(loader, seed: int, epoch: int) -> None:
+    """Make the order of ``loader``'s batches in ``epoch`` a function of ``(seed, epoch)`` only."""
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, torch.utils.data.RandomSampler):
+        return  # a sequential loader has one order already
+    generator = loader.generator if loader.generator is not None else sampler.generator
+    if generator is None:
+        generator = torch.Generator()
+    loader.generator = generator   # the DataLoader draws its workers' base seed from it
+    sampler.generator = generator  # ... and the sampler its permutation
+    generator.manual_seed(seed + epoch)
+
+
+def train(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer,
+          device: torch.device | str | None = None, *, num_epochs: int | None = None,
+          max_steps: int | None = None, eval_freq: int = 50, eval_iter: int | None = 5,
+          start_context: str | None = None, tokenizer=None, sample_freq: int | None = None,
+          sample_tokens: int = 40, checkpoint_path: str | os.PathLike | None = None,
+          checkpoint_freq: int | None = None, resume: bool = False, seed: int = DEFAULT_SEED,
+          max_seconds: float | None = None, progress: bool = True, verbose: bool = True) -> History:
+    """Train ``model`` on ``train_loader``, evaluating on ``val_loader`` as it goes.
+
+    One step: ``zero_grad`` → :func:`calc_loss_batch` → ``backward`` → ``optimizer.step``.
+    Every ``eval_freq`` steps both losses are measured on ``eval_iter`` batches (in
+    ``eval()`` mode, then back to ``train()``); every ``sample_freq`` steps the model
+    continues ``start_context`` greedily and the text is printed.
+
+    Args:
+        model, optimizer: the model (already on ``device``) and its optimizer.
+        train_loader, val_loader: loaders of ``(inputs, targets)`` batches.
+        device: where batches go. Default the model's device.
+        num_epochs: passes over ``train_loader``. At least one of ``num_epochs`` and
+            ``max_steps`` must be given; with both, training stops at whichever comes first.
+        max_steps: total optimizer steps (counting those before a resume).
+        eval_freq: evaluate every this many steps. Default 50.
+        eval_iter: batches per evaluation, per loader (``None``: all). Default 5.
+        start_context, tokenizer: the prompt for the sample generations and the tokenizer
+            that encodes it (default GPT-2's); no samples if ``start_context`` is ``None``.
+        sample_freq: steps between samples. Default ``eval_freq``.
+        sample_tokens: tokens per sample. Default 40.
+        checkpoint_path: save a checkpoint here (atomically) every ``checkpoint_freq`` steps
+            and at the end. Default ``None``: no checkpoints.
+        checkpoint_freq: steps between checkpoints. Default ``eval_freq``.
+        resume: continue from ``checkpoint_path`` if it exists (weights, optimizer, random
+            state, history and position in the data). Without ``resume`` an existing file
+            at ``checkpoint_path`` is an error, never overwritten.
+        seed: seeds the batch order (``seed + epoch``). Stored in the checkpoint, which wins
+            on resume.
+        max_seconds: stop (after the current step) once training has taken this long; the
+            wall-clock budget of the notebook's challenge. Default ``None``.
+        progress: show a ``tqdm`` progress bar. verbose: print evaluations and samples.
+
+    Returns:
+        a :class:`History` (also stored in the checkpoint).
+
+    Raises:
+        ValueError: neither ``num_epochs`` nor ``max_steps``; a non-positive count; an empty
+            ``train_loader``.
+        FileExistsError: ``checkpoint_path`` exists and ``resume`` is ``False``.
+        course_lib.checkpoint.CheckpointMismatchError: the checkpoint does not fit the model.
+    """
+    from tqdm.auto import tqdm
+
+    from .checkpoint import load_checkpoint, save_checkpoint
+
+    _check_model(model)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if num_epochs is None and max_steps is None:
+        raise ValueError("give num_epochs (passes over the data) or max_steps (optimizer steps), or both")
+    _check_positive("num_epochs", num_epochs, allow_none=True)
+    _check_positive("max_steps", max_steps, allow_none=True)
+    _check_positive("eval_freq", eval_freq)
+    _check_positive("eval_iter", eval_iter, allow_none=True)
+    _check_positive("sample_freq", sample_freq, allow_none=True)
+    _check_positive("checkpoint_freq", checkpoint_freq, allow_none=True)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError("train_loader yields no batches; use more text, a smaller batch_size or drop_last=False")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    sample_freq = sample_freq or eval_freq
+    checkpoint_freq = checkpoint_freq or eval_freq
+
+    history, epoch, batch_in_epoch = History(), 0, 0
+    if checkpoint_path is not None:
+        checkpoint_path = Path(checkpoint_path).expanduser()
+        if checkpoint_path.exists():
+            if not resume:
+                raise FileExistsError(
+                    f"a checkpoint already exists at {checkpoint_path}; pass resume=True to continue that run, "
+                    "or give another checkpoint_path (or delete the file) to start a new one")
+            state = load_checkpoint(checkpoint_path, model, optimizer, map_location=device, restore_rng=True)
+            extra = state["extra"]
+            history = History.from_dict(extra["history"])
+            epoch, batch_in_epoch, seed = extra["epoch"], extra["batch_in_epoch"], extra["seed"]
+            if verbose:
+                print(f"resumed from {checkpoint_path} at step {history.step:,} "
+                      f"(epoch {epoch + 1}, batch {batch_in_epoch}, {history.tokens:,} tokens seen)")
+    if batch_in_epoch >= steps_per_epoch:
+        epoch, batch_in_epoch = epoch + 1, 0
+
+    total = min(x for x in (max_steps, num_epochs and num_epochs * steps_per_epoch) if x)
+
+    def say(text: str) -> None:
+        if verbose:
+            tqdm.write(text) if progress else print(text)
+
+    def save() -> None:
+        history.seconds = seconds_before + time.perf_counter() - started
+        save_checkpoint(checkpoint_path, model, optimizer, step=history.step, overwrite=True,
+                        extra={"history": history.to_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                               "seed": seed})
+
+    def run_eval() -> None:
+        with _rng_untouched(device, (train_loader, val_loader)):
+            tr, va = evaluate(model, train_loader, val_loader, device, eval_iter)
+        lr = optimizer.param_groups[0]["lr"]
+        history._record(tr, va, lr)
+        bar.set_postfix(train=f"{tr:.3f}", val=f"{va:.3f}")
+        say(f"step {history.step:>6,} | tokens {history.tokens:>10,} | train loss {tr:.3f} | val loss {va:.3f}")
+
+    def run_sample() -> None:
+        with _rng_untouched(device):
+            text = generate_sample(model, tokenizer, start_context, sample_tokens)
+        history.samples.append((history.step, text))
+        say(f"  sample: {text}")
+
+    started, seconds_before = time.perf_counter(), history.seconds
+    model.train()
+    stop = history.step >= total
+    last_eval_step = history.steps[-1] if history.steps else None
+    with tqdm(total=total, initial=history.step, desc="training", unit="step", disable=not progress,
+              dynamic_ncols=True) as bar:
+        while not stop and (num_epochs is None or epoch < num_epochs):
+            _seed_epoch(train_loader, seed, epoch)
+            for i, (x, y) in enumerate(train_loader):
+                if i < batch_in_epoch:
+                    continue  # seen before the resume: same order, so skip without computing
+                optimizer.zero_grad(set_to_none=True)
+                loss = calc_loss_batch(x, y, model, device)
+                loss.backward()
+                optimizer.step()
+                history.step += 1
+                history.tokens += x.numel()
+                batch_in_epoch = i + 1
+                bar.update(1)
+                if history.step % eval_freq == 0:
+                    run_eval()
+                    last_eval_step = history.step
+                if start_context is not None and history.step % sample_freq == 0:
+                    run_sample()
+                out_of_time = max_seconds is not None and time.perf_counter() - started >= max_seconds
+                stop = history.step >= total or out_of_time
+                if checkpoint_path is not None and (history.step % checkpoint_freq == 0 or stop):
+                    save()  # (epoch, batch_in_epoch): where a resumed run picks up
+                if stop:
+                    break
+            else:
+                epoch, batch_in_epoch = epoch + 1, 0
+                continue
+            break
+        if last_eval_step != history.step and history.step > 0:
+            run_eval()  # a last measurement, after the final checkpoint (see the module docstring)
+    history.seconds = seconds_before + time.perf_counter() - started
+    model.eval()
+    return history
+
+
+# --------------------------------------------------------------------------- #
+# Plot
+# --------------------------------------------------------------------------- #
+def plot_losses(history: History, ax=None, title: str | None = None):
+    """Train and validation loss against tokens seen (bottom axis) and steps (top axis).
+
+    Returns the matplotlib ``Axes``.
+    """
+    import matplotlib.pyplot as plt
+
+    if not isinstance(history, History):
+        raise TypeError(f"history must be the History returned by train(), got {type(history).__name__}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(history.tokens_seen, history.train_losses, label="training loss")
+    ax.plot(history.tokens_seen, history.val_losses, linestyle="--", label="validation loss")
+    if history.val_losses:
+        best = min(range(len(history.val_losses)), key=lambda i: history.val_losses[i])
+        ax.scatter([history.tokens_seen[best]], [history.val_losses[best]], color="C1", zorder=3,
+                   label=f"best val loss {history.val_losses[best]:.3f}")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(title or "Loss during training")
+    ax.legend()
+    if history.steps and history.tokens_seen[-1] > 0:
+        per_step = history.tokens_seen[-1] / max(history.steps[-1], 1)
+        top = ax.secondary_xaxis("top", functions=(lambda t: t / per_step, lambda s: s * per_step))
+        top.set_xlabel("steps")
+    return ax

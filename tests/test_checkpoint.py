@@ -1,0 +1,198 @@
+"""Checkpoints: a faithful round trip, atomic saves, safe loading, and clear refusals."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import course_lib.checkpoint as ckpt_mod
+from course_lib.checkpoint import (CheckpointError, CheckpointMismatchError, load_checkpoint,
+                                   model_from_checkpoint, save_checkpoint)
+from course_lib.config import GPTConfig
+from course_lib.model import GPTModel
+
+CFG = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1)
+
+
+def _trained(cfg=CFG, steps=3, tie=False, seed=0):
+    torch.manual_seed(seed)
+    model = GPTModel(cfg, tie_weights=tie)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    for _ in range(steps):
+        x = torch.randint(0, cfg.vocab_size, (2, 8))
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, opt
+
+
+def _step(model, opt, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, CFG.vocab_size, (2, 8), generator=g)
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def test_round_trip_restores_weights_optimizer_step_and_extra(tmp_path):
+    model, opt = _trained()
+    path = save_checkpoint(tmp_path / "run.pt", model, opt, step=3, extra={"tokens_seen": 48, "hist": [1.5, 2.5]})
+    model2 = GPTModel(CFG)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3, weight_decay=0.1)
+    state = load_checkpoint(path, model2, opt2)
+    assert state["step"] == 3 and state["extra"] == {"tokens_seen": 48, "hist": [1.5, 2.5]}
+    assert state["config"] == CFG.to_dict()
+    for (n, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert torch.equal(a, b), n
+    # The optimizer's moments came back too: the next step (same dropout draws) is identical.
+    torch.manual_seed(5)
+    la = _step(model, opt)
+    torch.manual_seed(5)
+    lb = _step(model2, opt2)
+    assert la == lb
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_file_is_readable_by_the_safe_loader(tmp_path):
+    model, opt = _trained()
+    path = save_checkpoint(tmp_path / "run.pt", model, opt, step=3)
+    raw = torch.load(path, weights_only=True)  # independent check: no pickled Python objects
+    assert set(raw) >= {"model", "optimizer", "config", "step", "rng"}
+
+
+def test_random_state_is_restored(tmp_path):
+    model, _ = _trained()
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    path = save_checkpoint(tmp_path / "run.pt", model, step=0)
+    want = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist(), np.random.randn())
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    load_checkpoint(path, restore_rng=True)
+    got = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist(), np.random.randn())
+    assert got == want
+
+
+def test_existing_file_is_not_overwritten_unless_asked(tmp_path):
+    model, _ = _trained()
+    path = save_checkpoint(tmp_path / "run.pt", model, step=1)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_checkpoint(path, model, step=2)
+    assert load_checkpoint(path)["step"] == 1
+    save_checkpoint(path, model, step=2, overwrite=True)
+    assert load_checkpoint(path)["step"] == 2
+
+
+def test_crash_during_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    model, opt = _trained()
+    path = save_checkpoint(tmp_path / "run.pt", model, opt, step=3)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def crashing_save(obj, f, *args, **kwargs):  # writes half a file, then dies
+        import io
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        raise KeyboardInterrupt("simulated crash mid-save")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", crashing_save)
+    model2, opt2 = _trained(seed=1, steps=4)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model2, opt2, step=4, overwrite=True)
+    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+    assert path.read_bytes() == before
+    assert load_checkpoint(path, GPTModel(CFG))["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"], "the temporary file was left behind"
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    model, opt = _trained()
+    path = save_checkpoint(tmp_path / "run.pt", model, opt, step=3)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as err:
+        load_checkpoint(path, GPTModel(CFG))
+    assert str(path) in str(err.value)
+    assert isinstance(err.value, ValueError)
+
+
+def test_garbage_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "noise.pt"
+    path.write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(CheckpointError, match="noise.pt"):
+        load_checkpoint(path)
+
+
+def test_file_with_python_objects_is_refused_by_the_safe_loader(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": ckpt_mod.FORMAT, "payload": random.Random(0)}, path)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_checkpoint(path)
+
+
+def test_bare_state_dict_is_not_taken_for_a_checkpoint(tmp_path):
+    model, _ = _trained()
+    path = tmp_path / "sd.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(CheckpointError, match="not a course_lib checkpoint"):
+        load_checkpoint(path, model)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_mismatched_config_names_every_differing_key(tmp_path):
+    model, _ = _trained()
+    path = save_checkpoint(tmp_path / "run.pt", model, step=1)
+    other = GPTModel(CFG.replace(emb_dim=64, n_layers=3))
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_checkpoint(path, other)
+    msg = str(err.value)
+    assert "emb_dim (checkpoint 32, model 64)" in msg and "n_layers (checkpoint 2, model 3)" in msg
+    assert "n_heads" not in msg and "vocab_size" not in msg
+    # dropout is not part of the weights: a different drop_rate loads.
+    load_checkpoint(path, GPTModel(CFG.replace(drop_rate=0.0)))
+
+
+def test_optimizer_asked_for_but_not_saved(tmp_path):
+    model, opt = _trained()
+    path = save_checkpoint(tmp_path / "run.pt", model, step=1)
+    with pytest.raises(CheckpointMismatchError, match="no optimizer state"):
+        load_checkpoint(path, GPTModel(CFG), opt)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_model_from_checkpoint_rebuilds_the_model(tmp_path, tie):
+    model, _ = _trained(tie=tie)
+    path = save_checkpoint(tmp_path / "run.pt", model, step=1)
+    rebuilt = model_from_checkpoint(path)
+    assert rebuilt.cfg == CFG and rebuilt.tie_weights == tie
+    assert (rebuilt.out_head.weight is rebuilt.tok_emb.weight) == tie
+    idx = torch.randint(0, CFG.vocab_size, (1, 10))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(idx), rebuilt(idx))
+
+
+def test_extra_must_be_plain_data(tmp_path):
+    model, _ = _trained()
+    with pytest.raises(TypeError, match=r"extra\['when'\]"):
+        save_checkpoint(tmp_path / "run.pt", model, extra={"when": object()})
+    assert not (tmp_path / "run.pt").exists()
+
+
+def test_bad_arguments():
+    model, _ = _trained()
+    with pytest.raises(TypeError, match="model"):
+        save_checkpoint("x.pt", "not a model")
+    with pytest.raises(ValueError, match="step"):
+        save_checkpoint("x.pt", model, step=-1)

@@ -1,0 +1,202 @@
+"""Sampling (temperature, top-k, top-p, end of text) and the KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from course_lib.attention import KVCache
+from course_lib.config import GPTConfig
+from course_lib.generation import (generate, generate_text_simple, sample_next_token, top_k_filter,
+                                   top_p_filter)
+from course_lib.model import GPTModel
+
+CFG = GPTConfig(vocab_size=301, context_length=16, emb_dim=48, n_heads=4, n_layers=3, drop_rate=0.1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = GPTModel(CFG).eval()
+    with torch.no_grad():  # weights far from their init, so greedy decoding does not repeat one token
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return m
+
+
+def _prompt(batch=1, tokens=5, seed=1):
+    return torch.randint(0, CFG.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- #
+# The KV cache
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("batch, prompt_len", [(1, 5), (2, 5), (1, 16), (1, 40)],
+                         ids=["one", "batch-of-two", "prompt-fills-context", "prompt-longer-than-context"])
+def test_greedy_with_cache_equals_without_over_100_tokens_and_past_the_context_length(model, batch, prompt_len):
+    idx = _prompt(batch, prompt_len)
+    with_cache = generate(model, idx, 100, use_cache=True)
+    without = generate(model, idx, 100, use_cache=False)
+    reference = generate_text_simple(model, idx, 100)  # step 4's greedy loop, no cache at all
+    assert with_cache.shape == (batch, prompt_len + 100)  # 105 tokens: far past context_length=16
+    assert with_cache.tolist() == without.tolist() == reference.tolist()
+    assert len(set(with_cache[0, prompt_len:].tolist())) > 5
+
+
+def test_cache_equals_no_cache_on_the_explicit_attention_path_and_a_smaller_window(model):
+    idx = _prompt()
+    for block in model.trf_blocks:
+        block.att.use_sdpa = False
+    try:
+        a = generate(model, idx, 40, context_size=10, use_cache=True)
+    finally:
+        for block in model.trf_blocks:
+            block.att.use_sdpa = True
+    assert a.tolist() == generate_text_simple(model, idx, 40, context_size=10).tolist()
+
+
+def test_cached_logits_equal_a_full_forward_pass(model):
+    idx = _prompt(2, 12, seed=4)
+    with torch.no_grad():
+        full = model(idx)                                   # [2, 12, V]
+        cache = model.new_kv_cache(batch_size=2)
+        assert isinstance(cache, KVCache) and cache.max_len == CFG.context_length
+        parts = [model(idx[:, :7], kv_cache=cache)]         # prefill 7 tokens
+        parts.append(model(idx[:, 7:10], kv_cache=cache))   # 3 more at once: the masked branch
+        parts += [model(idx[:, t:t + 1], kv_cache=cache) for t in (10, 11)]  # one at a time
+    assert cache.pos == 12
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_reset_and_a_fresh_cache_for_every_prompt(model):
+    a, b = _prompt(seed=5), _prompt(seed=6)
+    alone = generate(model, b, 20)
+    generate(model, a, 20)
+    assert generate(model, b, 20).tolist() == alone.tolist()  # nothing carried over from prompt a
+    cache = model.new_kv_cache(1)
+    with torch.no_grad():
+        first = model(a, kv_cache=cache)
+        cache.reset()
+        assert cache.pos == 0
+        torch.testing.assert_close(model(a, kv_cache=cache), first)
+
+
+def test_a_full_cache_is_a_clear_error(model):
+    cache = model.new_kv_cache(1)
+    with torch.no_grad():
+        model(_prompt(1, 16), kv_cache=cache)
+        with pytest.raises(ValueError, match="context_length"):
+            model(_prompt(1, 1), kv_cache=cache)
+    with pytest.raises(ValueError, match="max_len"):
+        model.new_kv_cache(1, max_len=17)
+
+
+# --------------------------------------------------------------------------- #
+# Sampling
+# --------------------------------------------------------------------------- #
+def test_temperature_zero_is_argmax(model):
+    idx = _prompt(3, 6)
+    with torch.no_grad():
+        want = model(idx)[:, -1].argmax(-1)
+    got = generate(model, idx, 1, temperature=0.0)
+    assert got[:, -1].tolist() == want.tolist()
+    # top-k and top-p change nothing when decoding greedily
+    assert generate(model, idx, 10, temperature=0, top_k=3, top_p=0.5).tolist() == generate(model, idx, 10).tolist()
+
+
+def test_top_k_never_picks_outside_the_k_best(model):
+    idx = _prompt(1, 6).repeat(400, 1)  # 400 independent draws of the next token
+    with torch.no_grad():
+        best5 = set(model(idx[:1])[0, -1].topk(5).indices.tolist())
+    torch.manual_seed(0)
+    picked = generate(model, idx, 1, temperature=2.0, top_k=5)[:, -1].tolist()
+    assert set(picked) <= best5
+    assert len(set(picked)) >= 3  # it does sample: more than one of the five comes up
+
+
+def test_top_k_filter_keeps_exactly_k():
+    logits = torch.randn(4, 50)
+    out = top_k_filter(logits, 7)
+    assert (out.isfinite().sum(-1) == 7).all()
+    kept = torch.where(out.isfinite(), logits, torch.tensor(float("-inf")))
+    assert torch.equal(kept.topk(7).values, logits.topk(7).values)
+    assert torch.equal(top_k_filter(logits, 1000), logits)
+
+
+def test_top_p_filter_by_hand():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    assert top_p_filter(logits, 0.75).isfinite().tolist() == [True, True, False, False]
+    assert top_p_filter(logits, 0.8).isfinite().tolist() == [True, True, False, False]
+    assert top_p_filter(logits, 0.81).isfinite().tolist() == [True, True, True, False]
+    assert top_p_filter(logits, 0.1).isfinite().tolist() == [True, False, False, False]
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+    shuffled = logits[[2, 0, 3, 1]]  # order in the vocabulary does not matter
+    assert top_p_filter(shuffled, 0.75).isfinite().tolist() == [False, True, False, True]
+
+
+def test_samples_follow_the_temperature_scaled_softmax():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    for temperature in (0.5, 1.0, 2.0):
+        gen = torch.Generator().manual_seed(0)
+        draws = sample_next_token(logits.repeat(40_000, 1), temperature, generator=gen).squeeze(1)
+        freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+        want = torch.softmax(logits / temperature, dim=-1)
+        assert (freq - want).abs().max() < 0.01, (temperature, freq, want)
+
+
+def test_seeds_reproduce_samples(model):
+    idx = _prompt(2, 4)
+    torch.manual_seed(42)
+    a = generate(model, idx, 30, temperature=1.0, top_k=50, top_p=0.95)
+    torch.manual_seed(42)
+    b = generate(model, idx, 30, temperature=1.0, top_k=50, top_p=0.95)
+    torch.manual_seed(43)
+    c = generate(model, idx, 30, temperature=1.0, top_k=50, top_p=0.95)
+    assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert generate(model, idx, 30, temperature=0.8, generator=g1).tolist() == \
+        generate(model, idx, 30, temperature=0.8, generator=g2, use_cache=False).tolist()
+
+
+def test_generation_stops_at_eos(model):
+    idx = _prompt(1, 5)
+    greedy = generate(model, idx, 20)[0, 5:].tolist()
+    eos = greedy[3]
+    stop = greedy.index(eos)  # the first time it appears
+    out = generate(model, idx, 20, eos_id=eos)
+    assert out[0, 5:].tolist() == greedy[: stop + 1]
+    # in a batch, a finished row is padded with eos until every row is done
+    both = torch.cat([idx, _prompt(1, 5, seed=9)])
+    out = generate(model, both, 20, eos_id=eos)
+    row0 = out[0, 5:].tolist()
+    assert row0[: stop + 1] == greedy[: stop + 1] and set(row0[stop:]) == {eos}
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(temperature=-0.1), "temperature"), (dict(top_k=0), "top_k"), (dict(top_k=2.5), "top_k"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(eos_id=CFG.vocab_size), "eos_id"),
+    (dict(context_size=17), "context_size"), (dict(max_new_tokens=-1), "max_new_tokens"),
+])
+def test_bad_arguments_are_clear_value_errors(model, kwargs, name):
+    kwargs = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        generate(model, _prompt(), **kwargs)
+
+
+def test_models_without_a_cache_and_the_training_mode(model):
+    class Wrapped(nn.Module):  # any module mapping ids to logits; no new_kv_cache
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.cfg = inner.cfg
+
+        def forward(self, idx):
+            return self.inner(idx)
+
+    idx = _prompt()
+    assert generate(Wrapped(model), idx, 25).tolist() == generate(model, idx, 25).tolist()
+    model.train()
+    generate(model, idx, 2)
+    assert model.training
+    model.eval()
