@@ -13,17 +13,10 @@ import regex
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from course_lib.data import DataFetchError, fetch
+from _corpora import corpus
 from course_lib.tokenizers import GPT2_SPLIT_PATTERN, BPETokenizer
 
 EOT = "<|endoftext|>"
-
-
-def corpus(name: str) -> str:
-    try:
-        return fetch(name, progress=False).read_text(encoding="utf-8")
-    except DataFetchError as err:
-        pytest.skip(f"{name} is not staged (set COURSE_DATA_MIRROR): {err}".splitlines()[0])
 
 
 @pytest.fixture(scope="module")
