@@ -8,6 +8,8 @@ tokens after a ``--prompt-tokens`` prompt, float32 on CPU:
 
 * ``ours, no cache``  — ``generate(..., use_cache=False)``: the whole window re-encoded per token;
 * ``ours, KV cache``  — ``generate(..., use_cache=True)``;
+* ``... plain nn.Linear`` — the same with ``course_lib.attention.FEW_ROWS = 0``, i.e. every
+  linear layer computed by ``nn.Linear.forward`` (shows what ``few_rows_linear`` buys);
 * ``transformers``    — ``GPT2LMHeadModel.generate(do_sample=False)`` with its own cache.
 
 Each cell is the best of ``--repeats`` runs (the contestants take turns). Targets (issue 6):
@@ -16,6 +18,8 @@ fast as transformers'.
 
     python benchmarks/bench_generation.py                     # gpt-cpu and gpt2-small shapes
     python benchmarks/bench_generation.py --models gpt-tiny --new-tokens 50
+    python benchmarks/bench_generation.py --matmuls           # why: one token through GPT-2 small's matrices
+    python benchmarks/bench_generation.py --min-size 0        # every layer on the few-rows route
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import time
 
 import torch
 
+import course_lib.attention as attention
 from course_lib.config import get_config
 from course_lib.generation import generate
 from course_lib.model import GPTModel
@@ -60,14 +65,45 @@ def bench(name: str, new_tokens: int, prompt_tokens: int, repeats: int, no_cache
 
     check = 20
     same = generate(ours, prompt, check).tolist() == run_hf(check).tolist()
-    cache_s, hf_s, nocache_s = [], [], []
+    def run_plain():
+        few_rows, attention.FEW_ROWS = attention.FEW_ROWS, 0
+        try:
+            return generate(ours, prompt, new_tokens, use_cache=True)
+        finally:
+            attention.FEW_ROWS = few_rows
+
+    cache_s, plain_s, hf_s, nocache_s = [], [], [], []
     for r in range(repeats):
         cache_s.append(_timed(lambda: generate(ours, prompt, new_tokens, use_cache=True)))
+        plain_s.append(_timed(run_plain))
         hf_s.append(_timed(run_hf))
         if r < no_cache_repeats:
             nocache_s.append(_timed(lambda: generate(ours, prompt, new_tokens, use_cache=False)))
+    nocache_s = nocache_s or [float("nan")]
     return {"model": name, "params_m": sum(p.numel() for p in ours.parameters()) / 1e6, "same_tokens": same,
-            "no_cache": new_tokens / min(nocache_s), "cache": new_tokens / min(cache_s), "hf": new_tokens / min(hf_s)}
+            "no_cache": new_tokens / min(nocache_s), "cache": new_tokens / min(cache_s),
+            "plain": new_tokens / min(plain_s), "hf": new_tokens / min(hf_s)}
+
+
+def bench_matmuls(repeats: int = 20) -> None:
+    """One token through every weight matrix of GPT-2 small, two ways: ms per token."""
+    import torch.nn.functional as F
+
+    d, V = 768, 50257
+    shapes = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)] * 12 + [(d, V)]   # (in, out); QKV as one [768, 2304]
+    torch.manual_seed(0)
+    weights = [(torch.randn(o, i) * 0.02, torch.randn(o)) for i, o in shapes]
+    xs = {i: torch.randn(1, i) for i in (d, 4 * d)}
+    routes = {"F.linear(x, W, b), 1 row (nn.Linear)": F.linear,
+              "few_rows_linear: W @ [x; x].T, first column, + bias": attention.few_rows_linear}
+    print(f"\n| route | ms per token (all matrices, best of {repeats}) |\n|---|---:|")
+    with torch.no_grad():
+        for name, fn in routes.items():
+            def step():
+                for w, b in weights:
+                    fn(xs[w.shape[1]], w, b)
+            step()
+            print(f"| {name} | {min(_timed(step) for _ in range(repeats)) * 1e3:.1f} |")
 
 
 def main() -> None:
@@ -78,19 +114,31 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per cell (best is kept)")
     parser.add_argument("--no-cache-repeats", type=int, default=1, help="runs of the slow no-cache path")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--min-size", type=int, default=None,
+                        help="set course_lib.attention.FEW_ROWS_MIN_SIZE (the smallest weight on the few-rows route)")
+    parser.add_argument("--matmuls", action="store_true",
+                        help="only time one token through GPT-2 small's matrices: nn.Linear's route against ours")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.min_size is not None:
+        attention.FEW_ROWS_MIN_SIZE = args.min_size
+    if args.matmuls:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
+        bench_matmuls()
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch 1, prompt {args.prompt_tokens} "
-          f"tokens, {args.new_tokens} new tokens, greedy, float32, CPU; tokens/s (best of {args.repeats})")
+          f"tokens, {args.new_tokens} new tokens, greedy, float32, CPU; tokens/s (best of {args.repeats}); "
+          f"FEW_ROWS_MIN_SIZE={attention.FEW_ROWS_MIN_SIZE}")
     rows = [bench(m.strip(), args.new_tokens, args.prompt_tokens, args.repeats, args.no_cache_repeats)
             for m in args.models.split(",")]
-    print(f"\n| model | params | same tokens | ours, no cache | ours, KV cache | transformers | cache / no cache "
-          f"| ours / transformers |")
-    print("|---|---:|:---:|---:|---:|---:|---:|---:|")
+    print(f"\n| model | params | same tokens | ours, no cache | ours, KV cache | ... plain nn.Linear | transformers "
+          f"| cache / no cache | ours / transformers | plain nn.Linear / transformers |")
+    print("|---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['params_m']:.0f}M | {'yes' if r['same_tokens'] else 'NO'} | {r['no_cache']:.1f} "
-              f"| {r['cache']:.1f} | {r['hf']:.1f} | {r['cache'] / r['no_cache']:.2f}x | {r['cache'] / r['hf']:.2f}x |")
+              f"| {r['cache']:.1f} | {r['plain']:.1f} | {r['hf']:.1f} | {r['cache'] / r['no_cache']:.2f}x "
+              f"| {r['cache'] / r['hf']:.2f}x | {r['plain'] / r['hf']:.2f}x |")
 
 
 if __name__ == "__main__":

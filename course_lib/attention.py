@@ -35,6 +35,9 @@ Choices worth knowing:
   its output is ``d_out`` wide like :class:`MultiHeadAttention`'s (it has no output
   projection); with ``out_proj`` set to the identity the two compute the same thing.
 
+Step 5 also makes generation fast: :class:`Linear` is ``nn.Linear`` with a quicker route
+for the one-row products of token-by-token decoding (:func:`few_rows_linear` says why).
+
 Step 5 adds :class:`KVCache`: when a model generates one token at a time, the keys and
 values of the tokens already seen do not change, so they are kept (in tensors allocated
 once) and only the new token's are computed. ``MultiHeadAttention.forward(x, kv_cache,
@@ -58,6 +61,10 @@ __all__ = [
     "MultiHeadAttention",
     "causal_mask",
     "KVCache",
+    "Linear",
+    "few_rows_linear",
+    "FEW_ROWS",
+    "FEW_ROWS_MIN_SIZE",
 ]
 
 
@@ -334,6 +341,75 @@ class KVCache:
 
 
 # --------------------------------------------------------------------------- #
+# Decoding speed (step 5): nn.Linear, with a faster route for a few rows at a time
+# --------------------------------------------------------------------------- #
+FEW_ROWS = 64
+"""Inputs with at most this many rows take :func:`few_rows_linear` in :class:`Linear`."""
+FEW_ROWS_MIN_SIZE = 2**18
+"""... if the weight has at least this many numbers (1 MB in float32). Smaller matrices stay in
+the CPU's cache, where the matrix-vector route is as fast and the extra steps cost more than
+they save."""
+
+
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed as ``weight @ x.T``, for inputs of a few rows.
+
+    When a GPT generates text with a KV cache, every layer sees one new token: each matmul
+    is *one row* times a weight matrix, and its time is the time to read the weights from
+    memory. On CPU, PyTorch's BLAS (MKL on x86) runs that case as a matrix-vector product
+    that reads them at roughly half the speed it reaches in ``weight @ x.T`` — the same
+    numbers, with the weight on the left and at least two columns on the right. So a single
+    row is duplicated (the extra column costs nothing: the time is in reading ``weight``),
+    the product taken that way round, and the first column kept. For GPT-2 small this makes
+    each generated token about 1.8x faster; see ``benchmarks/README.md``, step 5.
+
+    Args:
+        x: ``[..., in_features]``.
+        weight: ``[out_features, in_features]``, as in ``nn.Linear``.
+        bias: ``[out_features]`` or ``None``.
+
+    Returns:
+        ``[..., out_features]``, contiguous, equal to ``F.linear(x, weight, bias)`` up to
+        float rounding (the sums are taken in a different order).
+    """
+    rows = x.numel() // x.shape[-1] if x.ndim and x.shape[-1] else 0
+    if rows == 0 or x.shape[-1] != weight.shape[1]:
+        return F.linear(x, weight, bias)      # nothing to gain; F.linear gives its usual errors
+    x2 = x.reshape(rows, x.shape[-1])         # [N, in]
+    if rows == 1:
+        x2 = torch.cat([x2, x2])              # two columns: BLAS's matrix-matrix route
+    y = (weight @ x2.t())[:, :rows].t()       # [out, N] -> [N, out]
+    if bias is not None:
+        y = y + bias
+    return y.contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear``, faster for a few rows when no gradient is needed.
+
+    Same arguments, parameters, ``state_dict`` and results as ``nn.Linear``. On CPU, in
+    float32, for an input of at most :data:`FEW_ROWS` rows, a weight of at least
+    :data:`FEW_ROWS_MIN_SIZE` numbers and no gradient wanted (text generation, evaluation of a
+    single prompt), it computes with :func:`few_rows_linear`; everything else — training, long
+    inputs, small layers, GPUs, other dtypes, ``torch.compile`` — is ``nn.Linear.forward`` itself. The attention and feed-forward layers of steps 3 and 4 and
+    the model's output head use it.
+
+    Shape:
+        x: ``[..., in_features]`` -> ``[..., out_features]``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.weight.dtype == torch.float32 and 0 < x.numel() <= FEW_ROWS * self.in_features
+                and self.weight.numel() >= FEW_ROWS_MIN_SIZE
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+                                                      or (self.bias is not None and self.bias.requires_grad)))
+                and not torch.compiler.is_compiling()):
+            return few_rows_linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+# --------------------------------------------------------------------------- #
 # 5. Multi-head, the efficient way: one matmul for all heads, then split
 # --------------------------------------------------------------------------- #
 class MultiHeadAttention(nn.Module):
@@ -358,8 +434,9 @@ class MultiHeadAttention(nn.Module):
             ``mha.use_sdpa = False`` switches an existing module.
 
     Attributes:
-        W_query, W_key, W_value: ``nn.Linear(d_in, d_out, bias=qkv_bias)``.
-        out_proj: ``nn.Linear(d_out, d_out)``.
+        W_query, W_key, W_value: ``nn.Linear(d_in, d_out, bias=qkv_bias)`` (as
+            :class:`Linear`, which is ``nn.Linear`` with a faster route for generation).
+        out_proj: ``nn.Linear(d_out, d_out)`` (likewise).
         mask: boolean ``[context_length, context_length]`` buffer, ``True`` above the
             diagonal; not saved in ``state_dict()`` (``persistent=False``).
 
@@ -383,10 +460,10 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads}); try num_heads "
                              f"in {[h for h in range(1, min(d_out, 64) + 1) if d_out % h == 0]}")
         self.head_dim = d_out // num_heads
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
+        self.W_query = Linear(d_in, d_out, bias=qkv_bias)  # nn.Linear, faster when generating
+        self.W_key = Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = Linear(d_out, d_out)
         self.dropout = nn.Dropout(_dropout_p(dropout))
         self.register_buffer("mask", causal_mask(context_length), persistent=False)
         self.use_sdpa = bool(use_sdpa)

@@ -59,7 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import KVCache, MultiHeadAttention
+from .attention import KVCache, Linear, MultiHeadAttention
 from .config import GPTConfig
 
 __all__ = [
@@ -174,7 +174,8 @@ class FeedForward(nn.Module):
         hidden_dim: width of the middle layer. Default ``4 * emb_dim`` (GPT-2).
 
     Attributes:
-        layers: ``nn.Sequential(nn.Linear(emb_dim, hidden_dim), GELU(), nn.Linear(hidden_dim, emb_dim))``;
+        layers: ``nn.Sequential(nn.Linear(emb_dim, hidden_dim), GELU(), nn.Linear(hidden_dim, emb_dim))``
+            (each linear a :class:`~course_lib.attention.Linear`: ``nn.Linear``, faster when generating);
             both linear layers have a bias.
 
     Shape:
@@ -190,9 +191,9 @@ class FeedForward(nn.Module):
         self.emb_dim = _positive_int("emb_dim", emb_dim)
         hidden_dim = 4 * emb_dim if hidden_dim is None else _positive_int("hidden_dim", hidden_dim)
         self.layers = nn.Sequential(
-            nn.Linear(emb_dim, hidden_dim),   # expand:   [.., d] -> [.., 4d]
+            Linear(emb_dim, hidden_dim),      # expand:   [.., d] -> [.., 4d]
             GELU(),
-            nn.Linear(hidden_dim, emb_dim),   # contract: [.., 4d] -> [.., d]
+            Linear(hidden_dim, emb_dim),      # contract: [.., 4d] -> [.., d]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -309,7 +310,7 @@ class GPTModel(nn.Module):
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = LayerNorm(cfg.emb_dim)
-        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.out_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)  # nn.Linear (see attention.Linear)
         if tie_weights:
             self.out_head.weight = self.tok_emb.weight  # one tensor, two uses
         self.reset_parameters()
