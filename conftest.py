@@ -28,6 +28,8 @@ def pytest_addoption(parser):
                     help="check this exercise file instead of solutions/stepNN.py")
     group.addoption("--exercise-report", default=None,
                     help="write a JSON report of exercise results here (used by `course check`)")
+    group.addoption("--exercise-timeout", default=None, type=float,
+                    help="fail an exercise test that runs longer than this many seconds (POSIX only)")
 
 
 def pytest_runtest_makereport(item, call):

@@ -391,7 +391,8 @@ class Linear(nn.Linear):
     float32, for an input of at most :data:`FEW_ROWS` rows, a weight of at least
     :data:`FEW_ROWS_MIN_SIZE` numbers and no gradient wanted (text generation, evaluation of a
     single prompt), it computes with :func:`few_rows_linear`; everything else — training, long
-    inputs, small layers, GPUs, other dtypes, ``torch.compile`` — is ``nn.Linear.forward`` itself. The attention and feed-forward layers of steps 3 and 4 and
+    inputs, small layers, GPUs, other dtypes, autocast, ``torch.compile`` — is ``nn.Linear.forward``
+    itself. The attention and feed-forward layers of steps 3 and 4 and
     the model's output head use it.
 
     Shape:
@@ -404,7 +405,7 @@ class Linear(nn.Linear):
                 and self.weight.numel() >= FEW_ROWS_MIN_SIZE
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
                                                       or (self.bias is not None and self.bias.requires_grad)))
-                and not torch.compiler.is_compiling()):
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
             return few_rows_linear(x, self.weight, self.bias)
         return super().forward(x)
 

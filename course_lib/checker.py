@@ -105,7 +105,7 @@ def _validate_step(step: int) -> int:
 
 
 def run_checks(step: int, *, solutions: bool = False, file: str | os.PathLike | None = None,
-               root: Path | None = None, timeout: float = 180) -> CheckReport:
+               root: Path | None = None, timeout: float = 300, test_timeout: float = 30) -> CheckReport:
     """Run step ``step``'s exercise tests against a file and collect one result per exercise.
 
     Args:
@@ -113,7 +113,9 @@ def run_checks(step: int, *, solutions: bool = False, file: str | os.PathLike | 
         solutions: check ``solutions/stepNN.py`` instead of ``exercises/stepNN.py``.
         file: check this file instead of either.
         root: the course folder (found automatically).
-        timeout: seconds before the check run is abandoned.
+        timeout: seconds before the whole check run is abandoned.
+        test_timeout: seconds before one check is stopped and reported as failed (the line
+            it was running is named: usually a loop that never ends). POSIX only.
     """
     step = _validate_step(step)
     root = course_root() if root is None else Path(root)
@@ -130,7 +132,7 @@ def run_checks(step: int, *, solutions: bool = False, file: str | os.PathLike | 
         out = Path(tmp) / "report.json"
         cmd = [sys.executable, "-m", "pytest", str(tests), "-q", "-p", "no:cacheprovider",
                "-p", "no:randomly", "-o", "addopts=", "--no-header", "--tb=no",
-               f"--exercise-file={target}", f"--exercise-report={out}"]
+               f"--exercise-file={target}", f"--exercise-report={out}", f"--exercise-timeout={test_timeout}"]
         # No third-party pytest plugins: the checks need none, and skipping their start-up halves the wait.
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
         env.setdefault("COURSE_PROFILE", "tiny")

@@ -1,7 +1,9 @@
-"""``course doctor``: is this machine ready for the course? One OK/FAIL line per check.
+"""``course doctor``: is this machine ready for the course? One OK/WARN/FAIL line per check.
 
 Cross-cutting; step code (config) is imported inside the checks that need it.
-Exit status is non-zero when any line says FAIL.
+Exit status is non-zero when any line says FAIL. WARN is for something that works now but
+may not later: with a data mirror set (an offline classroom), a file that is neither
+downloaded nor in the mirror would need the internet on first use.
 """
 
 from __future__ import annotations
@@ -22,9 +24,14 @@ class Check:
     ok: bool
     what: str
     detail: str
+    warn: bool = False  # ok, but worth knowing (printed as WARN; does not fail the run)
+
+    @property
+    def level(self) -> str:
+        return "FAIL" if not self.ok else "WARN" if self.warn else "OK"
 
     def __str__(self) -> str:
-        return f"{'OK  ' if self.ok else 'FAIL'}  {self.what:<24} {self.detail}"
+        return f"{self.level:<4}  {self.what:<24} {self.detail}"
 
 
 def _requirements():
@@ -86,6 +93,11 @@ def _data_checks() -> list[Check]:
                                                             f"delete it and run `course data fetch {entry.name}`"))
         elif state == "in-mirror":
             checks.append(Check(True, f"data {entry.name}", f"in the mirror {mirror} (copied on first use)"))
+        elif mirror is not None and not entry.optional:
+            # an offline room relies on its mirror: say now what the first use would have to download
+            checks.append(Check(True, f"data {entry.name}", f"neither downloaded nor in the mirror {mirror}: its first "
+                                f"use needs the internet. To stage it, on a connected machine run `course data fetch "
+                                f"{entry.name} --cache <mirror folder>` and copy it over", warn=True))
         else:
             extra = "optional; " if entry.optional else ""
             checks.append(Check(True, f"data {entry.name}", f"not downloaded yet ({extra}fetched on first use)"))
@@ -150,5 +162,6 @@ def main(include_data: bool = True) -> int:
     for c in checks:
         print(c)
     failed = sum(not c.ok for c in checks)
-    print(f"\n{len(checks) - failed} OK, {failed} FAIL")
+    warned = sum(c.ok and c.warn for c in checks)
+    print(f"\n{len(checks) - failed - warned} OK, {warned} WARN, {failed} FAIL")
     return 1 if failed else 0

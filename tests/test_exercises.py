@@ -39,3 +39,17 @@ def test_untouched_stubs_fail_everything(step):
     assert all(s == NOT_STARTED for s in statuses.values()), \
         f"untouched stubs should read as 'not started':\n{report.format()}"
     assert PASSED not in statuses.values()
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "setitimer"), reason="per-check timeout is POSIX only")
+def test_an_endless_loop_fails_one_check_and_names_its_line(tmp_path):
+    mine = tmp_path / "step01.py"
+    mine.write_text((ROOT / "solutions" / "step01.py").read_text()
+                    + "\n\ndef bigram_counts(tokens):\n    while True:\n        pass\n")
+    report = run_checks(1, file=mine, root=ROOT, test_timeout=1)
+    assert not report.error, report.error
+    statuses = {e.name: e for e in report.exercises}
+    assert statuses["bigram_counts"].status == FAILED
+    message = statuses["bigram_counts"].message
+    assert "still running after 1 s" in message and "line" in message and "while True" in message, message
+    assert statuses["count_parameters"].status == PASSED  # the other exercises are still checked

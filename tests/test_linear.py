@@ -94,7 +94,7 @@ def test_linear_with_frozen_weights_uses_the_route_under_grad_mode(monkeypatch):
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("case", ["many rows", "float64", "empty", "small weight"])
+@pytest.mark.parametrize("case", ["many rows", "float64", "empty", "small weight", "autocast"])
 def test_linear_keeps_nn_linear_elsewhere(monkeypatch, case):
     calls = _counting(monkeypatch, min_size=41 if case == "small weight" else 0)
     ours = Linear(8, 5)
@@ -102,8 +102,10 @@ def test_linear_keeps_nn_linear_elsewhere(monkeypatch, case):
     if case == "float64":
         ours = ours.double()
         x = torch.randn(2, 8, dtype=torch.float64)
-    with torch.no_grad():
-        assert torch.equal(ours(x), F.linear(x, ours.weight, ours.bias))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        got = ours(x)
+        want = F.linear(x, ours.weight, ours.bias)
+    assert got.dtype == want.dtype and torch.equal(got, want)
     assert calls == []
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -76,6 +78,32 @@ def _checked_file(item) -> str | None:
     step = Path(str(item.path)).stem.removeprefix("test_")
     path = Path(given).resolve() if given else ROOT / "solutions" / f"{step}.py"
     return str(path)
+
+
+class ExerciseTimeout(Exception):
+    """An exercise test ran past ``--exercise-timeout`` (usually a loop that never ends)."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """With ``--exercise-timeout``, interrupt a test that runs too long, so that one endless loop
+    costs one failed check (with the line it was stuck on) instead of the whole report.
+    POSIX only (a timer signal); elsewhere ``course check``'s overall timeout still applies."""
+    seconds = item.config.getoption("--exercise-timeout")
+    if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise ExerciseTimeout(f"still running after {seconds:g} s: is there a loop that never ends?")
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.hookimpl(hookwrapper=True)
