@@ -8,7 +8,7 @@ tokens after a ``--prompt-tokens`` prompt, float32 on CPU:
 
 * ``ours, no cache``  — ``generate(..., use_cache=False)``: the whole window re-encoded per token;
 * ``ours, KV cache``  — ``generate(..., use_cache=True)``;
-* ``... plain nn.Linear`` — the same with ``course_lib.attention.FEW_ROWS = 0``, i.e. every
+* ``... plain nn.Linear`` — the same inside ``course_lib.attention.few_rows_route(False)``: every
   linear layer computed by ``nn.Linear.forward`` (shows what ``few_rows_linear`` buys);
 * ``transformers``    — ``GPT2LMHeadModel.generate(do_sample=False)`` with its own cache.
 
@@ -66,11 +66,8 @@ def bench(name: str, new_tokens: int, prompt_tokens: int, repeats: int, no_cache
     check = 20
     same = generate(ours, prompt, check).tolist() == run_hf(check).tolist()
     def run_plain():
-        few_rows, attention.FEW_ROWS = attention.FEW_ROWS, 0
-        try:
+        with attention.few_rows_route(False):
             return generate(ours, prompt, new_tokens, use_cache=True)
-        finally:
-            attention.FEW_ROWS = few_rows
 
     cache_s, plain_s, hf_s, nocache_s = [], [], [], []
     for r in range(repeats):
@@ -136,8 +133,11 @@ def main() -> None:
           f"| cache / no cache | ours / transformers | plain nn.Linear / transformers |")
     print("|---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['params_m']:.0f}M | {'yes' if r['same_tokens'] else 'NO'} | {r['no_cache']:.1f} "
-              f"| {r['cache']:.1f} | {r['plain']:.1f} | {r['hf']:.1f} | {r['cache'] / r['no_cache']:.2f}x "
+        skipped = r["no_cache"] != r["no_cache"]  # NaN: --no-cache-repeats 0
+        no_cache = "-" if skipped else f"{r['no_cache']:.1f}"
+        speedup = "-" if skipped else f"{r['cache'] / r['no_cache']:.2f}x"
+        print(f"| {r['model']} | {r['params_m']:.0f}M | {'yes' if r['same_tokens'] else 'NO'} | {no_cache} "
+              f"| {r['cache']:.1f} | {r['plain']:.1f} | {r['hf']:.1f} | {speedup} "
               f"| {r['cache'] / r['hf']:.2f}x | {r['plain'] / r['hf']:.2f}x |")
 
 

@@ -35,17 +35,18 @@ Choices worth knowing:
   its output is ``d_out`` wide like :class:`MultiHeadAttention`'s (it has no output
   projection); with ``out_proj`` set to the identity the two compute the same thing.
 
-Step 5 also makes generation fast: :class:`Linear` is ``nn.Linear`` with a quicker route
-for the one-row products of token-by-token decoding (:func:`few_rows_linear` says why).
-
 Step 5 adds :class:`KVCache`: when a model generates one token at a time, the keys and
 values of the tokens already seen do not change, so they are kept (in tensors allocated
 once) and only the new token's are computed. ``MultiHeadAttention.forward(x, kv_cache,
 layer)`` writes the new keys and values into the cache and attends over everything in it.
+It also adds :class:`Linear`, ``nn.Linear`` with a quicker route for the one-row products
+of token-by-token decoding (:func:`few_rows_linear` says why; :func:`few_rows_route`
+switches it off to compare).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -65,6 +66,7 @@ __all__ = [
     "few_rows_linear",
     "FEW_ROWS",
     "FEW_ROWS_MIN_SIZE",
+    "few_rows_route",
 ]
 
 
@@ -346,7 +348,7 @@ class KVCache:
 FEW_ROWS = 64
 """Inputs with at most this many rows take :func:`few_rows_linear` in :class:`Linear`."""
 FEW_ROWS_MIN_SIZE = 2**18
-"""... if the weight has at least this many numbers (1 MB in float32). Smaller matrices stay in
+"""... and weights of at least this many numbers (1 MB in float32). Smaller matrices stay in
 the CPU's cache, where the matrix-vector route is as fast and the extra steps cost more than
 they save."""
 
@@ -391,23 +393,40 @@ class Linear(nn.Linear):
     float32, for an input of at most :data:`FEW_ROWS` rows, a weight of at least
     :data:`FEW_ROWS_MIN_SIZE` numbers and no gradient wanted (text generation, evaluation of a
     single prompt), it computes with :func:`few_rows_linear`; everything else — training, long
-    inputs, small layers, GPUs, other dtypes, autocast, ``torch.compile`` — is ``nn.Linear.forward``
-    itself. The attention and feed-forward layers of steps 3 and 4 and
+    inputs, small layers, GPUs, other dtypes, autocast, ``torch.compile`` — is
+    ``nn.Linear.forward`` itself. The attention and feed-forward layers of steps 3 and 4 and
     the model's output head use it.
 
     Shape:
         x: ``[..., in_features]`` -> ``[..., out_features]``.
     """
 
+    def _takes_few_rows(self, x) -> bool:
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        return (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
+                and 0 < x.numel() <= FEW_ROWS * self.in_features and self.weight.numel() >= FEW_ROWS_MIN_SIZE
+                and not wants_grad and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dtype == torch.float32
-                and self.weight.dtype == torch.float32 and 0 < x.numel() <= FEW_ROWS * self.in_features
-                and self.weight.numel() >= FEW_ROWS_MIN_SIZE
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
-                                                      or (self.bias is not None and self.bias.requires_grad)))
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+        if isinstance(x, torch.Tensor) and self._takes_few_rows(x):
             return few_rows_linear(x, self.weight, self.bias)
         return super().forward(x)
+
+
+@contextlib.contextmanager
+def few_rows_route(enabled: bool = True):
+    """Turn :class:`Linear`'s few-rows route on or off inside a ``with`` block (to compare)::
+
+        with few_rows_route(False):     # every Linear runs nn.Linear.forward
+            generate(model, idx, 50)
+    """
+    global FEW_ROWS
+    saved = FEW_ROWS
+    FEW_ROWS = saved if enabled else 0
+    try:
+        yield
+    finally:
+        FEW_ROWS = saved
 
 
 # --------------------------------------------------------------------------- #

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import course_lib.attention as attention
-from course_lib.attention import FEW_ROWS, Linear, few_rows_linear
+from course_lib.attention import FEW_ROWS, Linear, few_rows_linear, few_rows_route
 from course_lib.config import get_config
 from course_lib.model import GPTModel
 
@@ -130,3 +130,18 @@ def test_model_logits_for_one_token_match_with_and_without_gradients(monkeypatch
     assert len(calls) == 6 * cfg.n_layers + 1  # Q, K, V, out_proj, two feed-forward, and the head
     torch.testing.assert_close(fast, model(idx), rtol=1e-5, atol=1e-5)
     assert len(calls) == 6 * cfg.n_layers + 1
+
+
+def test_few_rows_route_switches_the_route_off_and_back(monkeypatch):
+    calls = _counting(monkeypatch)
+    layer, x = Linear(8, 5), torch.randn(1, 8)
+    with torch.no_grad():
+        with few_rows_route(False):
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert calls == [] and attention.FEW_ROWS == FEW_ROWS
+        with pytest.raises(KeyError), few_rows_route(False):
+            raise KeyError("an error inside the block")
+        assert attention.FEW_ROWS == FEW_ROWS  # restored even after an error
+        with few_rows_route(True):
+            layer(x)
+    assert len(calls) == 1
