@@ -42,7 +42,7 @@ class ExerciseResult:
     message: str = ""
 
 
-@dataclass
+@dataclass(repr=False)
 class CheckReport:
     step: int
     target: Path
@@ -76,11 +76,19 @@ class CheckReport:
             lines.append(line)
             if e.status == FAILED and e.message:
                 lines.extend("      " + m for m in e.message.splitlines())
-        c = self.counts
-        lines.append(f"{c[PASSED]} of {len(self.exercises)} exercises passed"
-                     + (f", {c[NOT_STARTED]} not started" if c[NOT_STARTED] else "")
-                     + (f", {c[FAILED]} failing" if c[FAILED] else "") + ".")
+        lines.append(self._summary() + ".")
         return "\n".join(lines)
+
+    def _summary(self) -> str:
+        c = self.counts
+        return (f"{c[PASSED]} of {len(self.exercises)} exercises passed"
+                + (f", {c[NOT_STARTED]} not started" if c[NOT_STARTED] else "")
+                + (f", {c[FAILED]} failing" if c[FAILED] else ""))
+
+    def __repr__(self) -> str:
+        # one line: check() has already printed the full report, and a notebook shows this again
+        state = f"could not run: {self.error.splitlines()[0]}" if self.error else self._summary()
+        return f"<CheckReport step {self.step}: {state}>"
 
 
 def exercise_file(step: int, solutions: bool = False, root: Path | None = None) -> Path:

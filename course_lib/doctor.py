@@ -95,8 +95,9 @@ def _data_checks() -> list[Check]:
             checks.append(Check(True, f"data {entry.name}", f"in the mirror {mirror} (copied on first use)"))
         elif mirror is not None and not entry.optional:
             # an offline room relies on its mirror: say now what the first use would have to download
-            checks.append(Check(True, f"data {entry.name}", f"neither downloaded nor in the mirror {mirror}: its first "
-                                f"use needs the internet. To stage it, on a connected machine run `course data fetch "
+            who = " (GPT-2's weights: only the gpu profile loads them)" if entry.group == "weights" else ""
+            checks.append(Check(True, f"data {entry.name}", f"neither downloaded nor in the mirror {mirror}{who}: its "
+                                f"first use needs the internet. To stage it, on a connected machine run `course data fetch "
                                 f"{entry.name} --cache <mirror folder>` and copy it over", warn=True))
         else:
             extra = "optional; " if entry.optional else ""

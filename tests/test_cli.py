@@ -47,7 +47,7 @@ def test_doctor_warns_about_files_an_offline_mirror_lacks(tmp_path):
     assert r.returncode == 0, r.stdout
     warns = [line for line in r.stdout.splitlines() if line.startswith("WARN")]
     assert any("data the-verdict" in line and "needs the internet" in line for line in warns), r.stdout
-    assert any("data gpt2-weights" in line for line in warns), r.stdout
+    assert any("data gpt2-weights" in line and "only the gpu profile" in line for line in warns), r.stdout
     assert not any("gpt2-xl-weights" in line for line in warns)  # optional files are not expected in a mirror
     assert f"{len(warns)} WARN, 0 FAIL" in r.stdout
     # without a mirror nothing warns: an online learner downloads on first use

@@ -28,6 +28,8 @@ def test_solutions_pass_everything(step):
     assert not report.error, report.error
     assert report.exercises, f"step {step}: no exercises were checked"
     assert report.all_passed, report.format()
+    n = len(report.exercises)
+    assert repr(report) == f"<CheckReport step {step}: {n} of {n} exercises passed>"  # one line in a notebook
 
 
 @pytest.mark.parametrize("step", STEPS)
