@@ -17,7 +17,12 @@ Choices worth knowing:
 * **Atomic writes.** The file is written to a temporary file in the same folder, flushed
   to disk (``fsync``) and only then renamed over the target (``os.replace``, atomic on
   POSIX and Windows). A crash or an error half-way through leaves the previous checkpoint
-  untouched, and the temporary file is removed.
+  untouched, and the temporary file is removed. A save killed outright (``kill -9``, a
+  power cut) can leave its temporary file behind; the next save to the same target removes
+  it. A full disk is reported as such, with the previous file kept. Files get the normal
+  permissions of new files (``0o666`` less the umask), like any other file you write.
+* **Never non-finite weights.** :func:`save_checkpoint` refuses a model holding ``nan`` or
+  ``inf`` (:class:`NonFiniteError`), so a diverged run cannot replace a good checkpoint.
 * **Nothing is overwritten silently.** ``save_checkpoint`` refuses to replace an existing
   file unless ``overwrite=True`` (a training loop that saves to its own path every few
   hundred steps passes it; see :func:`course_lib.training.train`, which in turn refuses to
@@ -33,11 +38,18 @@ Choices worth knowing:
   differ (e.g. to fine-tune without dropout).
 * **Damaged files are a clear error.** A truncated or corrupt file, or one that is not a
   course checkpoint, raises :class:`CheckpointError` (a ``ValueError``) naming the file
-  and what to do, instead of a ``zipfile``/``pickle`` traceback.
+  and what to do, instead of a ``zipfile``/``pickle`` traceback. Every stored tensor is
+  checked against the CRC-32 its archive records, so a flipped bit is caught on load
+  instead of silently changing a weight.
+* **An optimizer state fits only its own kind of optimizer.** The optimizer's class is
+  stored; restoring Adam's state into SGD (which would silently take Adam's learning rate)
+  is a :class:`CheckpointMismatchError` naming both.
 """
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import pickle
 import random
@@ -53,12 +65,15 @@ import torch.nn as nn
 __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
+    "NonFiniteError",
     "save_checkpoint",
     "load_checkpoint",
     "model_from_checkpoint",
     "rng_state",
     "set_rng_state",
     "atomic_write",
+    "check_writable",
+    "nonfinite_parameters",
     "ARCHITECTURE_KEYS",
     "FORMAT",
 ]
@@ -77,15 +92,125 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint whose configuration (or tensors) does not fit the model it is loaded into."""
 
 
+class NonFiniteError(FloatingPointError):
+    """A loss, gradient or weight that is ``nan`` or ``inf``: the run diverged.
+
+    :func:`course_lib.training.train` attaches the :class:`~course_lib.training.History`
+    measured so far as ``err.history``.
+    """
+
+    history = None
+
+
+def nonfinite_parameters(model: nn.Module) -> list[str]:
+    """Names of ``model``'s parameters and buffers that hold a ``nan`` or ``inf`` (floating point only)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 # --------------------------------------------------------------------------- #
 # Atomic file writes
 # --------------------------------------------------------------------------- #
+def check_writable(path: str | os.PathLike, what: str = "path") -> Path:
+    """Make sure a file can be written at ``path`` (creating its missing folders) before work
+    that would otherwise fail only when it saves.
+
+    Creates and removes a temporary file in the folder, so a read-only file system or a
+    folder without write permission is caught whoever runs it.
+
+    Returns:
+        ``path`` as an expanded :class:`~pathlib.Path`.
+
+    Raises:
+        IsADirectoryError: ``path`` is a folder.
+        NotADirectoryError: a parent of ``path`` is a file.
+        PermissionError: the folder cannot be written (or created).
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder; give a file name inside it, e.g. {path / 'run.pt'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"cannot write {what} {path}: {parent} is a file, not a folder; "
+                                         "choose another path")
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise PermissionError(f"cannot write {what} {path}: the folder {path.parent} is not writable ({reason}); "
+                              "choose a path in a folder you can write to") from err
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # cannot tell cheaply: keep the file (only POSIX cleans by process id)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temporary files left by earlier saves to ``path`` whose process is gone (killed mid-save).
+
+    A temporary file is named ``.<name>.<pid>.<random>.tmp``; one whose process still runs is
+    another save in progress and is left alone.
+    """
+    prefix = f".{path.name}."
+    try:
+        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")]
+    except OSError:
+        return
+    for tmp in candidates:
+        pid = tmp.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and _pid_alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class _WriteRecorder:
+    """A binary file wrapper that remembers the first ``OSError`` a write raised.
+
+    ``torch.save`` turns a failed write into ``RuntimeError: ... unexpected pos``; the
+    recorded error lets :func:`atomic_write` say what really happened (a full disk)."""
+
+    def __init__(self, fh):
+        self._fh, self.error = fh, None
+
+    def write(self, data):
+        try:
+            return self._fh.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+
 def atomic_write(path: str | os.PathLike, write, overwrite: bool = False) -> Path:
     """Call ``write(file_object)`` on a temporary file, then move it to ``path`` in one step.
 
     The temporary file lives in ``path``'s folder (so the final ``os.replace`` is a rename on
     one file system), is flushed and ``fsync``-ed before the rename, and is deleted if
     ``write`` raises: ``path`` is either the old file or the complete new one, never half.
+    Temporary files of earlier saves to ``path`` that were killed outright are removed
+    first. The new file gets the permissions of any new file (``0o666`` less the umask).
 
     Args:
         path: the destination file; missing parent folders are created.
@@ -94,18 +219,35 @@ def atomic_write(path: str | os.PathLike, write, overwrite: bool = False) -> Pat
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is ``False``.
+        IsADirectoryError, NotADirectoryError, PermissionError: as :func:`check_writable`.
+        OSError: the disk is full (``errno.ENOSPC``) or another write failed; the message
+            names the file, and the previous file at ``path`` is kept.
     """
     path = Path(path).expanduser()
-    if path.exists() and not overwrite:
+    if path.exists() and not overwrite and not path.is_dir():
         raise FileExistsError(f"{path} already exists and was not overwritten; pass overwrite=True to replace "
                               "it, or choose another file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    check_writable(path, "the file")
+    _remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        with os.fdopen(fd, "wb") as raw:
+            fh = _WriteRecorder(raw)
+            try:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            except Exception as err:
+                failed = fh.error or (err if isinstance(err, OSError) else None)
+                if failed is None:
+                    raise
+                if failed.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise OSError(failed.errno, f"no space left on the device holding {path.parent} while writing "
+                                  f"{path.name}; the previous file (if any) is kept unchanged. Free some space "
+                                  "or write somewhere else, then save again") from err
+                raise OSError(failed.errno, f"could not write {path}: {failed.strerror or failed}; the previous "
+                              "file (if any) is kept unchanged") from err
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -172,16 +314,21 @@ def _config_dict(model: nn.Module) -> dict[str, Any] | None:
     raise TypeError(f"model.cfg must be a GPTConfig or a dict, got {type(cfg).__name__}")
 
 
+def _optimizer_type(optimizer: torch.optim.Optimizer) -> str:
+    cls = type(optimizer)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     *, step: int = 0, extra: dict[str, Any] | None = None, overwrite: bool = False,
-                    include_rng: bool = True) -> Path:
+                    include_rng: bool = True, allow_nonfinite: bool = False) -> Path:
     """Save model, optimizer, config, step and random state to ``path``, atomically.
 
     Args:
         path: the file to write (by convention ``*.pt``); parent folders are created.
         model: the model; its ``state_dict()`` is saved, and its ``cfg`` (a
             :class:`~course_lib.config.GPTConfig`) as a dict when it has one.
-        optimizer: saved with its ``state_dict()`` when given.
+        optimizer: saved with its ``state_dict()`` and its class when given.
         step: the number of optimizer steps taken so far.
         extra: anything else the caller wants back, made of tensors and plain Python
             values only (dict, list, tuple, str, int, float, bool, None).
@@ -189,6 +336,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
             never replaced by accident.
         include_rng: save the state of every random generator (see :func:`rng_state`), so
             that a resumed run draws the same dropout masks. Default ``True``.
+        allow_nonfinite: save even if a weight is ``nan``/``inf``. Default ``False``: a
+            diverged model never replaces a good checkpoint.
 
     Returns:
         the path written.
@@ -197,7 +346,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         TypeError: ``model`` is not an ``nn.Module``, ``optimizer`` is not an optimizer, or
             ``extra`` holds something ``torch.load(weights_only=True)`` could not read back.
         ValueError: ``step`` is not a non-negative integer.
+        NonFiniteError: a weight holds ``nan``/``inf`` (the file at ``path`` is untouched).
         FileExistsError: the file exists and ``overwrite`` is ``False``.
+        IsADirectoryError, NotADirectoryError, PermissionError, OSError: ``path`` cannot be
+            written (see :func:`atomic_write`); the previous file is kept.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -209,6 +361,14 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         if not isinstance(extra, dict):
             raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
         _check_plain(extra, "extra")
+    if not allow_nonfinite:
+        bad = nonfinite_parameters(model)
+        if bad:
+            raise NonFiniteError(
+                f"not saving {Path(path).expanduser()}: {len(bad)} weight tensor(s) hold nan or inf "
+                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}), so the model has diverged; the file "
+                "there (if any) is kept. Lower the learning rate and resume from it, or pass allow_nonfinite=True "
+                "to save the broken weights for inspection")
     payload = {
         "format": FORMAT,
         "model": model.state_dict(),
@@ -216,6 +376,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         "tie_weights": bool(getattr(model, "tie_weights", False)),
         "step": step,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer_type": _optimizer_type(optimizer) if optimizer is not None else None,
         "rng": rng_state() if include_rng else None,
         "extra": extra or {},
         "torch_version": str(torch.__version__),
@@ -246,10 +407,31 @@ def _check_plain(value: Any, where: str) -> None:
 # --------------------------------------------------------------------------- #
 # Loading
 # --------------------------------------------------------------------------- #
+def _verify_crc(path: Path) -> None:
+    """Check every member of the checkpoint's zip archive against its stored CRC-32.
+
+    ``torch.load`` does not, so without this a flipped bit would load as a wrong weight.
+    Files that are not zip archives are left to ``torch.load``'s own error.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return  # not a readable zip: torch.load says why, below
+    except zipfile.LargeZipFile:
+        return
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path} is damaged: its member {damaged!r} fails the archive's CRC-32 check (bits changed on disk or "
+            "in a copy since it was saved). Do not use it: load an earlier checkpoint (train() keeps the best one "
+            "beside it as *.best.pt) or copy the file again from its source")
+
+
 def _read(path: Path, map_location) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}" + ("" if path.parent.is_dir() else
                                 f" (the folder {path.parent} does not exist either)"))
+    _verify_crc(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -315,29 +497,74 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
     """
     path = Path(path).expanduser()
     payload = _read(path, map_location)
+    _apply(path, payload, model, optimizer, restore_rng=restore_rng, strict=strict)
+    return payload
+
+
+def _check_optimizer(path: Path, payload: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    stored_state = payload.get("optimizer")
+    if stored_state is None:
+        raise CheckpointMismatchError(f"{path} holds no optimizer state (it was saved without an optimizer); "
+                                      "load it without optimizer= and start the optimizer afresh")
+    stored, ours = payload.get("optimizer_type"), _optimizer_type(optimizer)
+    if stored is None:  # written before the type was stored: compare the hyperparameter names instead
+        groups = stored_state.get("param_groups") or [{}]
+        stored_keys = set(groups[0]) - {"params"}
+        our_keys = set(optimizer.param_groups[0]) - {"params"}
+        if stored_keys and stored_keys != our_keys:
+            raise CheckpointMismatchError(
+                f"the optimizer state in {path} is from another kind of optimizer (its settings are "
+                f"{sorted(stored_keys)}, this {type(optimizer).__name__}'s are {sorted(our_keys)}); build the same "
+                "kind of optimizer it was saved with, or load without optimizer= to start a new one")
+    elif stored != ours:
+        raise CheckpointMismatchError(
+            f"the optimizer state in {path} belongs to a {stored}, not a {ours}: loading it would silently "
+            f"change this optimizer's settings. Build a {stored.rsplit('.', 1)[-1]} over the same parameters to "
+            "resume, or load without optimizer= to start a new one")
+
+
+def _check_tensors(path: Path, stored: dict[str, torch.Tensor], model: nn.Module) -> None:
+    ours = model.state_dict()
+    missing, unexpected = sorted(set(ours) - set(stored)), sorted(set(stored) - set(ours))
+    shapes = [f"{k} (checkpoint {tuple(stored[k].shape)}, model {tuple(v.shape)})"
+              for k, v in ours.items() if k in stored and tuple(stored[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
+                 f"shapes differ: {'; '.join(shapes[:5])}" if shapes else ""]
+        raise CheckpointMismatchError(f"the weights in {path} do not fit the model: "
+                                      f"{', '.join(x for x in parts if x)}")
+
+
+def _apply(path: Path, payload: dict[str, Any], model: nn.Module | None, optimizer: torch.optim.Optimizer | None,
+           *, restore_rng: bool = False, strict: bool = True) -> None:
+    """Load a read checkpoint into ``model``/``optimizer``. Everything is checked before anything
+    is changed, so a refused checkpoint leaves the model and optimizer as they were."""
     if model is not None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         _check_config(path, payload.get("config"), model)
-        try:
-            model.load_state_dict(payload["model"], strict=strict)
-        except RuntimeError as err:
-            raise CheckpointMismatchError(f"the weights in {path} do not fit the model: {err}") from err
     if optimizer is not None:
-        if payload.get("optimizer") is None:
-            raise CheckpointMismatchError(f"{path} holds no optimizer state (it was saved without an optimizer); "
-                                          "load it without optimizer= and start the optimizer afresh")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        _check_optimizer(path, payload, optimizer)
+    if restore_rng and payload.get("rng") is None:
+        raise CheckpointMismatchError(f"{path} was saved without random state (include_rng=False), so it cannot "
+                                      "restore the random generators; load it with restore_rng=False")
+    if model is not None and strict:
+        _check_tensors(path, payload["model"], model)
+    if optimizer is not None:  # torch checks the groups' sizes before it changes anything
         try:
             optimizer.load_state_dict(payload["optimizer"])
         except (ValueError, KeyError, RuntimeError) as err:
             raise CheckpointMismatchError(f"the optimizer state in {path} does not fit this optimizer: {err}. "
                                           "Build the optimizer over the same parameters, in the same order") from err
+    if model is not None:
+        try:
+            model.load_state_dict(payload["model"], strict=strict)
+        except RuntimeError as err:
+            raise CheckpointMismatchError(f"the weights in {path} do not fit the model: {err}") from err
     if restore_rng:
-        if payload.get("rng") is None:
-            raise CheckpointMismatchError(f"{path} was saved without random state (include_rng=False); "
-                                          "load it with restore_rng=False")
         set_rng_state(payload["rng"])
-    return payload
 
 
 def model_from_checkpoint(path: str | os.PathLike, device: Any = None) -> nn.Module:

@@ -5,9 +5,11 @@
 * :func:`perplexity` — ``exp(loss)``: the number of tokens the model is, in effect,
   choosing between at every position.
 * :func:`evaluate` — train and validation loss on a few batches, in ``eval()`` mode.
-* :func:`train` — the loop: forward, loss, backward, optimizer step; every ``eval_freq``
-  steps the loss on both sets, every ``sample_freq`` steps a sample of text; a progress
-  bar; optional checkpoints, from which an interrupted run resumes exactly.
+* :func:`train_step` — one step: forward, loss, backward, optimizer step (skipped when the
+  loss or a gradient is ``nan``/``inf``).
+* :func:`train` — the loop: :func:`train_step` over the batches; every ``eval_freq`` steps
+  the loss on both sets, every ``sample_freq`` steps a sample of text; a progress bar;
+  optional checkpoints, from which an interrupted run resumes exactly.
 * :class:`History` and :func:`plot_losses` — the losses against tokens seen, and the plot.
 
 Choices worth knowing:
@@ -34,7 +36,15 @@ Choices worth knowing:
   (``tests/test_training.py``). Starting a *new* run over an existing checkpoint is refused
   (a learner's checkpoint is never replaced by accident): pass ``resume=True`` or another
   path. The checkpoint written when a run ends is taken before the final evaluation, so a
-  resumed run's history has exactly the uninterrupted run's evaluation points.
+  resumed run's history has exactly the uninterrupted run's evaluation points. Beside it,
+  ``<name>.best.pt`` keeps the step with the lowest validation loss so far.
+* **A diverged run never costs a good checkpoint.** A ``nan``/``inf`` loss or gradient stops
+  the run before the bad update (:class:`~course_lib.checkpoint.NonFiniteError`, naming the
+  step, with the history so far as ``err.history``), or with ``on_nonfinite="skip"`` skips
+  that batch and counts it. Weights that became non-finite are never saved.
+* **Ctrl-C keeps what was done.** The first Ctrl-C (or a notebook's stop button) lets the
+  current step finish, saves the checkpoint and returns the history; a second one stops at
+  once, returning the history and keeping the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -42,6 +52,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +63,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import NonFiniteError
 from .config import DEFAULT_SEED
 
 __all__ = [
@@ -60,6 +73,8 @@ __all__ = [
     "evaluate",
     "History",
     "train",
+    "train_step",
+    "NonFiniteError",
     "plot_losses",
     "generate_sample",
 ]
@@ -154,6 +169,8 @@ def perplexity(loss: float | torch.Tensor) -> float:
     and a perplexity of ``n``; an untrained GPT-2-sized vocabulary model starts near
     ``ln(50257) ≈ 10.8``, perplexity ≈ 50,000.
 
+    ``nan`` (no batches to average, or a diverged model) gives ``nan``, not ``inf``.
+
     Raises:
         TypeError: ``loss`` is not a number or a one-element tensor.
         ValueError: a negative loss.
@@ -164,6 +181,8 @@ def perplexity(loss: float | torch.Tensor) -> float:
         loss = loss.item()
     if isinstance(loss, bool) or not isinstance(loss, (int, float)):
         raise TypeError(f"loss must be a number, got {type(loss).__name__}")
+    if math.isnan(loss):
+        return math.nan  # an undefined loss (an empty loader, a diverged model) has no perplexity
     if loss < 0:
         raise ValueError(f"a cross-entropy loss cannot be negative, got {loss}")
     return math.exp(loss) if loss < 709 else math.inf
@@ -228,8 +247,11 @@ class History:
         train_losses, val_losses: the two losses (``eval_iter`` batches each).
         samples: ``(step, text)`` pairs from the sample generations.
         lrs: the learning rate at each evaluation.
-        step: optimizer steps taken in all; ``tokens``: input tokens seen in all.
+        step: steps taken in all; ``tokens``: input tokens seen in all.
         seconds: wall-clock time spent training (summed over resumed runs).
+        skipped_steps: steps whose batch gave a ``nan``/``inf`` loss or gradient and so
+            did not update the weights (``on_nonfinite="skip"``).
+        interrupted: the run was stopped by Ctrl-C.
     """
 
     steps: list[int] = field(default_factory=list)
@@ -241,6 +263,8 @@ class History:
     step: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    skipped_steps: int = 0
+    interrupted: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -291,19 +315,121 @@ def _seed_epoch(loader, seed: int, epoch: int) -> None:
     generator.manual_seed(seed + epoch)
 
 
+def _batches(loader, seed: int, epoch: int, start: int, num_epochs: int | None):
+    """Yield ``(epoch, index, inputs, targets)`` from ``(epoch, start)`` on, reseeding each epoch.
+
+    Batches before ``start`` (seen before a resume) are drawn, in the same order, but skipped.
+    """
+    while num_epochs is None or epoch < num_epochs:
+        _seed_epoch(loader, seed, epoch)
+        for i, (x, y) in enumerate(loader):
+            if i >= start:
+                yield epoch, i, x, y
+        epoch, start = epoch + 1, 0
+
+
+def _grad_norm(model: nn.Module) -> torch.Tensor:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               device=None) -> tuple[float, bool]:
+    """One optimizer step on the batch ``(x, y)``, unless the loss or a gradient is ``nan``/``inf``.
+
+    Returns:
+        ``(loss, stepped)``: the batch's loss as a float, and whether the optimizer stepped.
+        With a non-finite loss or gradient the weights are left as they were.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss = calc_loss_batch(x, y, model, device)
+    value = loss.item()
+    if not math.isfinite(value):
+        return value, False
+    loss.backward()
+    if not bool(torch.isfinite(_grad_norm(model))):
+        optimizer.zero_grad(set_to_none=True)
+        return value, False
+    optimizer.step()
+    return value, True
+
+
+@contextlib.contextmanager
+def _graceful_interrupt():
+    """While training, the first Ctrl-C asks the loop to stop after the current step
+    (``flag["stop"]`` becomes ``True``); a second one interrupts at once (``KeyboardInterrupt``).
+    Only the main thread receives signals; elsewhere Ctrl-C interrupts at once as usual."""
+    flag = {"stop": False}
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if previous is None:  # not the main thread, or a handler Python did not install: leave it alone
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _best_path(checkpoint_path: Path) -> Path:
+    return checkpoint_path.with_name(f"{checkpoint_path.stem}.best{checkpoint_path.suffix or '.pt'}")
+
+
+def _restore(path: Path, model, optimizer, device) -> tuple[History, int, int, int]:
+    """Load a checkpoint written by :func:`train`: weights, optimizer, random state, history and
+    position. Returns ``(history, epoch, batch_in_epoch, seed)``."""
+    from .checkpoint import CheckpointError, _apply, _read
+
+    payload = _read(path, device)
+    extra = payload.get("extra") or {}
+    missing = [k for k in ("history", "epoch", "batch_in_epoch", "seed") if k not in extra]
+    if missing or payload.get("rng") is None or payload.get("optimizer") is None:
+        lacks = (f"its training position ({', '.join(missing)})" if missing else
+                 "the random state" if payload.get("rng") is None else "an optimizer state")
+        raise CheckpointError(
+            f"{path} was not written by train(): it lacks {lacks}, so the run cannot resume exactly. To go on "
+            f"training from its weights, load them with course_lib.checkpoint.load_checkpoint({str(path)!r}, model) "
+            "and call train() with another checkpoint_path (a new run)")
+    _apply(path, payload, model, optimizer, restore_rng=True)
+    return History.from_dict(extra["history"]), extra["epoch"], extra["batch_in_epoch"], extra["seed"]
+
+
+def _save(path: Path, model, optimizer, history: History, epoch: int, batch_in_epoch: int, seed: int) -> None:
+    from .checkpoint import save_checkpoint
+
+    save_checkpoint(path, model, optimizer, step=history.step, overwrite=True,
+                    extra={"history": history.to_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                           "seed": seed})
+
+
+def _check_nonfinite_option(on_nonfinite) -> None:
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"on_nonfinite must be 'raise' (stop the run with an error) or 'skip' (skip the step "
+                         f"and count it), got {on_nonfinite!r}")
+
+
 def train(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer,
           device: torch.device | str | None = None, *, num_epochs: int | None = None,
           max_steps: int | None = None, eval_freq: int = 50, eval_iter: int | None = 5,
           start_context: str | None = None, tokenizer=None, sample_freq: int | None = None,
           sample_tokens: int = 40, checkpoint_path: str | os.PathLike | None = None,
-          checkpoint_freq: int | None = None, resume: bool = False, seed: int = DEFAULT_SEED,
-          max_seconds: float | None = None, progress: bool = True, verbose: bool = True) -> History:
+          checkpoint_freq: int | None = None, resume: bool = False, keep_best: bool = True,
+          on_nonfinite: str = "raise", seed: int = DEFAULT_SEED, max_seconds: float | None = None,
+          progress: bool = True, verbose: bool = True) -> History:
     """Train ``model`` on ``train_loader``, evaluating on ``val_loader`` as it goes.
 
-    One step: ``zero_grad`` → :func:`calc_loss_batch` → ``backward`` → ``optimizer.step``.
-    Every ``eval_freq`` steps both losses are measured on ``eval_iter`` batches (in
-    ``eval()`` mode, then back to ``train()``); every ``sample_freq`` steps the model
-    continues ``start_context`` greedily and the text is printed.
+    One step (:func:`train_step`): ``zero_grad`` → :func:`calc_loss_batch` → ``backward`` →
+    ``optimizer.step``. Every ``eval_freq`` steps both losses are measured on ``eval_iter``
+    batches (in ``eval()`` mode); every ``sample_freq`` steps the model continues
+    ``start_context`` greedily and the text is printed.
 
     Args:
         model, optimizer: the model (already on ``device``) and its optimizer.
@@ -311,7 +437,7 @@ def train(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Opt
         device: where batches go. Default the model's device.
         num_epochs: passes over ``train_loader``. At least one of ``num_epochs`` and
             ``max_steps`` must be given; with both, training stops at whichever comes first.
-        max_steps: total optimizer steps (counting those before a resume).
+        max_steps: total steps (counting those before a resume).
         eval_freq: evaluate every this many steps. Default 50.
         eval_iter: batches per evaluation, per loader (``None``: all). Default 5.
         start_context, tokenizer: the prompt for the sample generations and the tokenizer
@@ -319,29 +445,47 @@ def train(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Opt
         sample_freq: steps between samples. Default ``eval_freq``.
         sample_tokens: tokens per sample. Default 40.
         checkpoint_path: save a checkpoint here (atomically) every ``checkpoint_freq`` steps
-            and at the end. Default ``None``: no checkpoints.
+            and when the run stops (interrupted included). Checked for writability before
+            the first step. Default ``None``: no checkpoints.
         checkpoint_freq: steps between checkpoints. Default ``eval_freq``.
         resume: continue from ``checkpoint_path`` if it exists (weights, optimizer, random
             state, history and position in the data). Without ``resume`` an existing file
-            at ``checkpoint_path`` is an error, never overwritten.
+            at ``checkpoint_path`` (or its ``.best`` companion) is an error, never overwritten.
+        keep_best: with ``checkpoint_path``, also keep the checkpoint of the lowest validation
+            loss so far beside it, as ``<name>.best.pt``. Default ``True``.
+        on_nonfinite: what a ``nan``/``inf`` loss or gradient does. ``"raise"`` (default):
+            stop with :class:`~course_lib.checkpoint.NonFiniteError` naming the step, before
+            the bad update, with the history so far as ``err.history``. ``"skip"``: leave
+            the weights as they were for that batch and count it in ``History.skipped_steps``.
+            Either way a checkpoint never receives non-finite weights.
         seed: seeds the batch order (``seed + epoch``). Stored in the checkpoint, which wins
             on resume.
-        max_seconds: stop (after the current step) once training has taken this long; the
-            wall-clock budget of the notebook's challenge. Default ``None``.
-        progress: show a ``tqdm`` progress bar. verbose: print evaluations and samples.
+        max_seconds: stop (after the current step) once training has taken this long.
+            Default ``None``.
+        progress: show a ``tqdm`` progress bar, sized to the steps planned. verbose: print
+            evaluations and samples.
 
     Returns:
-        a :class:`History` (also stored in the checkpoint).
+        a :class:`History` (also stored in the checkpoint). Ctrl-C returns it too: the first
+        press stops after the current step and saves the checkpoint (``History.interrupted``
+        is then ``True``); a second press stops at once, without saving a half-done step.
+        The model is left in ``eval()`` mode however the run ends.
 
     Raises:
         ValueError: neither ``num_epochs`` nor ``max_steps``; a non-positive count; an empty
-            ``train_loader``.
+            ``train_loader``; an unknown ``on_nonfinite``.
         FileExistsError: ``checkpoint_path`` exists and ``resume`` is ``False``.
-        course_lib.checkpoint.CheckpointMismatchError: the checkpoint does not fit the model.
+        IsADirectoryError, NotADirectoryError, PermissionError: ``checkpoint_path`` cannot
+            be written (checked before training starts).
+        course_lib.checkpoint.NonFiniteError: the run diverged (``on_nonfinite="raise"``, or
+            the weights themselves became non-finite).
+        course_lib.checkpoint.CheckpointError, CheckpointMismatchError: the checkpoint to
+            resume is damaged, was not written by ``train``, or does not fit the model or
+            optimizer (another kind of optimizer included).
     """
     from tqdm.auto import tqdm
 
-    from .checkpoint import load_checkpoint, save_checkpoint
+    from .checkpoint import check_writable, nonfinite_parameters
 
     _check_model(model)
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -354,6 +498,7 @@ def train(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Opt
     _check_positive("eval_iter", eval_iter, allow_none=True)
     _check_positive("sample_freq", sample_freq, allow_none=True)
     _check_positive("checkpoint_freq", checkpoint_freq, allow_none=True)
+    _check_nonfinite_option(on_nonfinite)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ValueError("train_loader yields no batches; use more text, a smaller batch_size or drop_last=False")
@@ -363,88 +508,117 @@ def train(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Opt
     sample_freq = sample_freq or eval_freq
     checkpoint_freq = checkpoint_freq or eval_freq
 
+    # ---- where the run starts: a new run, or the position stored in the checkpoint
     history, epoch, batch_in_epoch = History(), 0, 0
+    best_path = None
     if checkpoint_path is not None:
-        checkpoint_path = Path(checkpoint_path).expanduser()
-        if checkpoint_path.exists():
-            if not resume:
-                raise FileExistsError(
-                    f"a checkpoint already exists at {checkpoint_path}; pass resume=True to continue that run, "
-                    "or give another checkpoint_path (or delete the file) to start a new one")
-            state = load_checkpoint(checkpoint_path, model, optimizer, map_location=device, restore_rng=True)
-            extra = state["extra"]
-            history = History.from_dict(extra["history"])
-            epoch, batch_in_epoch, seed = extra["epoch"], extra["batch_in_epoch"], extra["seed"]
+        checkpoint_path = check_writable(checkpoint_path, "checkpoint_path")
+        best_path = _best_path(checkpoint_path) if keep_best else None
+        if not resume:
+            for existing in (checkpoint_path, best_path):
+                if existing is not None and existing.exists():
+                    raise FileExistsError(
+                        f"a checkpoint already exists at {existing}; pass resume=True to continue that run, "
+                        "or give another checkpoint_path (or delete the file) to start a new one")
+        elif checkpoint_path.exists():
+            history, epoch, batch_in_epoch, seed = _restore(checkpoint_path, model, optimizer, device)
             if verbose:
                 print(f"resumed from {checkpoint_path} at step {history.step:,} "
                       f"(epoch {epoch + 1}, batch {batch_in_epoch}, {history.tokens:,} tokens seen)")
     if batch_in_epoch >= steps_per_epoch:
         epoch, batch_in_epoch = epoch + 1, 0
-
     total = min(x for x in (max_steps, num_epochs and num_epochs * steps_per_epoch) if x)
 
     def say(text: str) -> None:
         if verbose:
             tqdm.write(text) if progress else print(text)
 
-    def save() -> None:
+    def save(path: Path) -> None:
         history.seconds = seconds_before + time.perf_counter() - started
-        save_checkpoint(checkpoint_path, model, optimizer, step=history.step, overwrite=True,
-                        extra={"history": history.to_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                               "seed": seed})
+        try:
+            _save(path, model, optimizer, history, epoch, batch_in_epoch, seed)
+        except NonFiniteError:  # an update overflowed without a nan loss or gradient (yet)
+            raise diverged("the weights became nan or inf", history.step) from None
 
-    def run_eval() -> None:
+    def evaluate_and_record() -> None:
+        best_before = history.best_val_loss
         with _rng_untouched(device, (train_loader, val_loader)):
             tr, va = evaluate(model, train_loader, val_loader, device, eval_iter)
-        lr = optimizer.param_groups[0]["lr"]
-        history._record(tr, va, lr)
+        history._record(tr, va, optimizer.param_groups[0]["lr"])
         bar.set_postfix(train=f"{tr:.3f}", val=f"{va:.3f}")
         say(f"step {history.step:>6,} | tokens {history.tokens:>10,} | train loss {tr:.3f} | val loss {va:.3f}")
+        if best_path is not None and math.isfinite(va) and not va >= best_before:
+            save(best_path)
 
-    def run_sample() -> None:
-        with _rng_untouched(device):
-            text = generate_sample(model, tokenizer, start_context, sample_tokens)
-        history.samples.append((history.step, text))
-        say(f"  sample: {text}")
+    def diverged(what: str, step: int) -> NonFiniteError:
+        where = f"the last good checkpoint is {checkpoint_path} (step {saved_step})" if saved_step is not None \
+            else "no checkpoint was saved"
+        err = NonFiniteError(f"{what} at step {step:,} (epoch {epoch + 1}, batch {i + 1}): training diverged and "
+                             f"stopped; {where}, and nothing non-finite was saved. Lower the learning rate (or add "
+                             "warm-up or gradient clipping) and resume or start again, or pass on_nonfinite='skip' "
+                             "to skip batches with a nan/inf loss or gradient")
+        err.history = history
+        return err
 
+    # ---- the loop
     started, seconds_before = time.perf_counter(), history.seconds
-    model.train()
-    stop = history.step >= total
+    saved_step = history.step if checkpoint_path is not None and checkpoint_path.exists() else None
     last_eval_step = history.steps[-1] if history.steps else None
-    with tqdm(total=total, initial=history.step, desc="training", unit="step", disable=not progress,
-              dynamic_ncols=True) as bar:
-        while not stop and (num_epochs is None or epoch < num_epochs):
-            _seed_epoch(train_loader, seed, epoch)
-            for i, (x, y) in enumerate(train_loader):
-                if i < batch_in_epoch:
-                    continue  # seen before the resume: same order, so skip without computing
-                optimizer.zero_grad(set_to_none=True)
-                loss = calc_loss_batch(x, y, model, device)
-                loss.backward()
-                optimizer.step()
+    i = batch_in_epoch - 1
+    model.train()
+    bar = tqdm(total=total, initial=min(history.step, total), desc="training", unit="step",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        with _graceful_interrupt() as interrupt:
+            stop = history.step >= total
+            batches = _batches(train_loader, seed, epoch, batch_in_epoch, num_epochs)
+            while not stop:
+                try:
+                    epoch, i, x, y = next(batches)
+                except StopIteration:
+                    break
+                loss, stepped = train_step(model, optimizer, x, y, device)
+                if not stepped:
+                    what = f"the loss is {loss}" if not math.isfinite(loss) else "a gradient is nan or inf"
+                    if on_nonfinite == "raise" or nonfinite_parameters(model):
+                        raise diverged(what if on_nonfinite == "raise" else "the weights are nan or inf",
+                                       history.step + 1)
+                    history.skipped_steps += 1
+                    say(f"step {history.step + 1:,}: {what}; skipped ({history.skipped_steps} so far)")
                 history.step += 1
                 history.tokens += x.numel()
                 batch_in_epoch = i + 1
                 bar.update(1)
                 if history.step % eval_freq == 0:
-                    run_eval()
+                    evaluate_and_record()
                     last_eval_step = history.step
                 if start_context is not None and history.step % sample_freq == 0:
-                    run_sample()
+                    with _rng_untouched(device):
+                        text = generate_sample(model, tokenizer, start_context, sample_tokens)
+                    history.samples.append((history.step, text))
+                    say(f"  sample: {text}")
                 out_of_time = max_seconds is not None and time.perf_counter() - started >= max_seconds
-                stop = history.step >= total or out_of_time
+                stop = history.step >= total or out_of_time or interrupt["stop"]
                 if checkpoint_path is not None and (history.step % checkpoint_freq == 0 or stop):
-                    save()  # (epoch, batch_in_epoch): where a resumed run picks up
-                if stop:
-                    break
-            else:
-                epoch, batch_in_epoch = epoch + 1, 0
-                continue
-            break
-        if last_eval_step != history.step and history.step > 0:
-            run_eval()  # a last measurement, after the final checkpoint (see the module docstring)
-    history.seconds = seconds_before + time.perf_counter() - started
-    model.eval()
+                    save(checkpoint_path)  # (epoch, batch_in_epoch): where a resumed run picks up
+                    saved_step = history.step
+            if interrupt["stop"]:
+                history.interrupted = True
+                say(f"interrupted: stopped after step {history.step:,}"
+                    + (f"; saved {checkpoint_path}" if checkpoint_path is not None else ""))
+            if last_eval_step != history.step and history.step > 0:
+                evaluate_and_record()  # a last measurement, after the final checkpoint (see the module docstring)
+    except KeyboardInterrupt:  # the second Ctrl-C: stop now; the step may be half done, so nothing is saved
+        history.interrupted = True
+        say(f"interrupted at once after step {history.step:,}; the history so far is returned"
+            + (f", and the last checkpoint ({checkpoint_path}, step {saved_step}) is kept" if saved_step else ""))
+    finally:
+        if bar.total != bar.n:
+            bar.total = bar.n  # a run that stopped early shows the steps it took, not the steps planned
+            bar.refresh()
+        bar.close()
+        history.seconds = seconds_before + time.perf_counter() - started
+        model.eval()
     return history
 
 

@@ -196,3 +196,150 @@ def test_bad_arguments():
         save_checkpoint("x.pt", "not a model")
     with pytest.raises(ValueError, match="step"):
         save_checkpoint("x.pt", model, step=-1)
+
+
+# --------------------------------------------------------------------------- #
+# Reliability: damaged bits, foreign optimizers, diverged weights, killed saves, full disks
+# --------------------------------------------------------------------------- #
+import errno  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import zipfile  # noqa: E402
+
+from course_lib.checkpoint import NonFiniteError, atomic_write  # noqa: E402
+
+
+def _flip_a_bit_in_the_largest_tensor(path):
+    with zipfile.ZipFile(path) as zf:
+        info = max(zf.infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len = int.from_bytes(data[info.header_offset + 26: info.header_offset + 28], "little")
+    extra_len = int.from_bytes(data[info.header_offset + 28: info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.file_size // 2] ^= 0x04
+    path.write_bytes(bytes(data))
+    return info.filename
+
+
+def test_a_flipped_bit_in_the_tensor_data_is_caught_on_load(tmp_path):
+    model, opt = _trained()
+    path = save_checkpoint(tmp_path / "run.pt", model, opt, step=3)
+    member = _flip_a_bit_in_the_largest_tensor(path)
+    torch.load(path, weights_only=True)  # torch itself reads the damaged file without complaint
+    with pytest.raises(CheckpointError, match=rf"run.pt is damaged.*{member}.*CRC"):
+        load_checkpoint(path, GPTModel(CFG))
+    with pytest.raises(CheckpointError, match="CRC"):
+        model_from_checkpoint(path)
+
+
+def test_an_optimizer_state_of_another_kind_is_a_named_mismatch_and_changes_nothing(tmp_path):
+    model, adamw = _trained()
+    path = save_checkpoint(tmp_path / "run.pt", model, adamw, step=3)
+    target = GPTModel(CFG)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    sgd = torch.optim.SGD(target.parameters(), lr=0.5)
+    with pytest.raises(CheckpointMismatchError, match=r"torch.optim.adamw.AdamW, not a torch.optim.sgd.SGD"):
+        load_checkpoint(path, target, sgd)
+    assert sgd.param_groups[0]["lr"] == 0.5  # the SGD's learning rate was not replaced by AdamW's
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    load_checkpoint(path, target)  # the weights alone still load
+
+
+def test_an_older_checkpoint_without_the_optimizer_type_is_still_checked(tmp_path):
+    model, adamw = _trained()
+    path = save_checkpoint(tmp_path / "run.pt", model, adamw, step=3)
+    payload = torch.load(path, weights_only=True)
+    del payload["optimizer_type"]  # as written before the type was stored
+    torch.save(payload, path)
+    with pytest.raises(CheckpointMismatchError, match="another kind of optimizer"):
+        load_checkpoint(path, GPTModel(CFG), torch.optim.SGD(GPTModel(CFG).parameters(), lr=0.5))
+    model2 = GPTModel(CFG)
+    load_checkpoint(path, model2, torch.optim.AdamW(model2.parameters()))
+
+
+def test_non_finite_weights_are_never_saved_over_a_good_checkpoint(tmp_path):
+    model, opt = _trained()
+    path = save_checkpoint(tmp_path / "run.pt", model, opt, step=3)
+    before = path.read_bytes()
+    with torch.no_grad():
+        model.trf_blocks[0].att.W_query.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"not saving .*run.pt.*trf_blocks.0.att.W_query.weight"):
+        save_checkpoint(path, model, opt, step=4, overwrite=True)
+    assert path.read_bytes() == before
+    save_checkpoint(tmp_path / "broken.pt", model, allow_nonfinite=True)  # on purpose, for inspection
+
+
+def test_a_killed_save_leaves_no_temporary_file_after_the_next_save(tmp_path):
+    target = tmp_path / "run.pt"
+    script = (f"import time; from course_lib.checkpoint import atomic_write\n"
+              f"atomic_write({str(target)!r}, lambda fh: (fh.write(b'x' * 100_000), fh.flush(), time.sleep(60)))")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.time() + 60
+        while not list(tmp_path.glob(".run.pt.*.tmp")) and time.time() < deadline:
+            time.sleep(0.05)
+        assert list(tmp_path.glob(".run.pt.*.tmp")), "the child never started writing"
+    finally:
+        proc.kill()  # kill -9: no cleanup code runs
+        proc.wait()
+    assert list(tmp_path.glob(".run.pt.*.tmp")), "the killed save should have left its temporary file"
+    live = tmp_path / f".run.pt.{os.getpid()}.inprogress.tmp"  # a save still running in this process
+    live.write_bytes(b"partial")
+    model, _ = _trained()
+    save_checkpoint(target, model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "run.pt"]
+
+
+def test_checkpoints_get_normal_file_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        model, _ = _trained()
+        path = save_checkpoint(tmp_path / "run.pt", model)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_unwritable_destinations_are_clear_errors(tmp_path):
+    model, _ = _trained()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"afile is a file, not a folder"):
+        save_checkpoint(tmp_path / "afile" / "sub" / "run.pt", model)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        save_checkpoint(tmp_path, model, overwrite=True)
+
+
+def test_a_full_disk_is_named_and_the_old_file_is_kept(tmp_path, monkeypatch):
+    model, opt = _trained()
+    path = save_checkpoint(tmp_path / "run.pt", model, opt, step=3)
+    before = path.read_bytes()
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, fh):
+            self.fh, self.written = fh, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 10_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.fh.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match="no space left on the device") as info:
+        save_checkpoint(path, model, opt, step=4, overwrite=True)
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]

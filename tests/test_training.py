@@ -210,3 +210,250 @@ def test_history_round_trips_through_a_dict_and_plots():
     ax = plot_losses(h)
     assert [line.get_label() for line in ax.get_lines()] == ["training loss", "validation loss"]
     assert list(ax.get_lines()[1].get_ydata()) == [3.1, 2.5]
+
+
+# --------------------------------------------------------------------------- #
+# Reliability: divergence, Ctrl-C, unwritable paths, foreign checkpoints
+# --------------------------------------------------------------------------- #
+import signal  # noqa: E402
+
+from course_lib.checkpoint import (CheckpointError, CheckpointMismatchError, NonFiniteError,  # noqa: E402
+                                   load_checkpoint, save_checkpoint)
+
+
+class OverflowAt(torch.optim.AdamW):
+    """AdamW whose update number ``bad_step`` overflows a weight to inf (a learning-rate blow-up)."""
+
+    def __init__(self, params, bad_step, **kw):
+        super().__init__(params, **kw)
+        self.bad_step, self.calls = bad_step, 0
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        self.calls += 1
+        if self.calls == self.bad_step:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].mul_(float("inf"))
+        return out
+
+
+def _overflowing(bad_step, seed=0):
+    torch.manual_seed(seed)
+    model = GPTModel(CFG)
+    return model, OverflowAt(model.parameters(), bad_step, lr=3e-3, weight_decay=0.1)
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    model, opt = _overflowing(bad_step=25)
+    train_loader, val_loader = _loaders()
+    path = tmp_path / "run.pt"
+    with pytest.raises(NonFiniteError, match="step 26") as info:
+        train(model, train_loader, val_loader, opt, max_steps=40, eval_freq=10, eval_iter=1,
+              checkpoint_path=path, checkpoint_freq=10, progress=False, verbose=False)
+    assert "run.pt (step 20)" in str(info.value)
+    assert info.value.history.step == 25  # the history so far is reachable from the error
+    state = load_checkpoint(path)
+    assert state["step"] == 20
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert not model.training
+
+
+def test_weights_that_overflow_right_before_a_save_are_never_saved(tmp_path):
+    model, opt = _overflowing(bad_step=20)  # the update of step 20 overflows; step 20 is a save point
+    train_loader, val_loader = _loaders()
+    path = tmp_path / "run.pt"
+    with pytest.raises(NonFiniteError, match="weights became nan or inf at step 20"):
+        train(model, train_loader, val_loader, opt, max_steps=40, eval_freq=10, eval_iter=1,
+              checkpoint_path=path, checkpoint_freq=10, progress=False, verbose=False)
+    assert load_checkpoint(path)["step"] == 10
+
+
+class NanOnCalls(nn.Module):
+    """Wraps a model; its training forward passes number ``bad`` return nan logits."""
+
+    def __init__(self, inner, bad):
+        super().__init__()
+        self.inner, self.bad, self.calls = inner, set(bad), 0
+        self.cfg = inner.cfg
+
+    def forward(self, idx):
+        out = self.inner(idx)
+        if self.training:
+            self.calls += 1
+            if self.calls in self.bad:
+                out = out * float("nan")
+        return out
+
+
+def test_skip_mode_skips_and_counts_non_finite_batches_without_touching_the_weights():
+    model, _ = _model_and_opt()
+    wrapped = NanOnCalls(model, bad={3, 7})
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=3e-3)
+    train_loader, val_loader = _loaders()
+    h = train(wrapped, train_loader, val_loader, opt, max_steps=10, eval_freq=5, eval_iter=1,
+              on_nonfinite="skip", progress=False, verbose=False)
+    assert h.step == 10 and h.skipped_steps == 2
+    assert all(int(s["step"]) == 8 for s in opt.state.values())  # 8 updates, not 10
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(math.isfinite(v) for v in h.val_losses)
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        train(wrapped, train_loader, val_loader, opt, max_steps=1, on_nonfinite="ignore", progress=False)
+
+
+def test_skip_mode_still_stops_when_the_weights_themselves_are_broken():
+    model, opt = _overflowing(bad_step=3)
+    train_loader, val_loader = _loaders()
+    with pytest.raises(NonFiniteError, match="weights are nan or inf at step 4"):
+        train(model, train_loader, val_loader, opt, max_steps=10, eval_freq=5, eval_iter=1,
+              on_nonfinite="skip", progress=False, verbose=False)
+
+
+def test_the_best_validation_checkpoint_is_kept_beside_the_last_one(tmp_path):
+    model, opt = _model_and_opt()
+    opt.param_groups[0]["lr"] = 3e-2  # high enough to overfit and climb again within 40 steps
+    train_loader, val_loader = _loaders()
+    path = tmp_path / "run.pt"
+    h = train(model, train_loader, val_loader, opt, max_steps=40, eval_freq=4, eval_iter=2,
+              checkpoint_path=path, checkpoint_freq=8, progress=False, verbose=False)
+    best = load_checkpoint(tmp_path / "run.best.pt")
+    best_i = min(range(len(h.val_losses)), key=h.val_losses.__getitem__)
+    assert best["step"] == h.steps[best_i]
+    assert load_checkpoint(path)["step"] == 40
+    # the best file holds the weights that gave the best validation loss
+    best_model = GPTModel(CFG)
+    load_checkpoint(tmp_path / "run.best.pt", best_model)
+    best_model.eval()
+    from course_lib.training import calc_loss_loader
+    assert calc_loss_loader(val_loader, best_model, num_batches=2) == pytest.approx(h.val_losses[best_i], abs=1e-6)
+    # a new run never overwrites an old run's best checkpoint, even if the last one was deleted
+    path.unlink()
+    with pytest.raises(FileExistsError, match="run.best.pt"):
+        train(model, train_loader, val_loader, opt, max_steps=2, checkpoint_path=path, progress=False)
+
+
+def _interrupt_on_training_forward(model, at_calls):
+    """Send SIGINT (as Ctrl-C does) during the training forward passes numbered ``at_calls``."""
+    calls = {"n": 0}
+
+    def hook(module, args):
+        if module.training:
+            calls["n"] += 1
+            for _ in range(at_calls.count(calls["n"])):
+                signal.raise_signal(signal.SIGINT)
+
+    return model.register_forward_pre_hook(hook)
+
+
+def _train_interrupted(model, *args, **kwargs):
+    try:
+        return train(model, *args, **kwargs)
+    except KeyboardInterrupt:  # without this a regression would end the whole pytest session
+        pytest.fail("Ctrl-C escaped train() instead of returning the history")
+
+
+def test_ctrl_c_stops_after_the_step_saves_and_returns_the_history_and_resume_is_exact(tmp_path):
+    full_model, full = _train_chunk(tmp_path, "full.pt", 20)
+
+    model, opt = _model_and_opt()
+    train_loader, val_loader = _loaders(seed=7)
+    handle = _interrupt_on_training_forward(model, [9])
+    h = _train_interrupted(model, train_loader, val_loader, opt, max_steps=20, eval_freq=3, eval_iter=2,
+                           checkpoint_path=tmp_path / "part.pt", checkpoint_freq=4, progress=False, verbose=False)
+    handle.remove()
+    assert h.interrupted and h.step == 9
+    assert not model.training
+    assert load_checkpoint(tmp_path / "part.pt")["step"] == 9  # saved before leaving
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+    resumed_model, resumed = _train_chunk(tmp_path, "part.pt", 20, resume=True, init_seed=5)
+    assert resumed.train_losses == full.train_losses and resumed.val_losses == full.val_losses
+    for (name, a), (_, b) in zip(full_model.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_ctrl_c_without_a_checkpoint_path_returns_the_history():
+    model, opt = _model_and_opt()
+    train_loader, val_loader = _loaders()
+    handle = _interrupt_on_training_forward(model, [5])
+    h = _train_interrupted(model, train_loader, val_loader, opt, max_steps=20, eval_freq=2, eval_iter=1,
+                           progress=False, verbose=False)
+    handle.remove()
+    assert h.interrupted and h.step == 5 and h.steps == [2, 4, 5]
+    assert not model.training
+
+
+def test_a_second_ctrl_c_stops_at_once_and_never_saves_a_half_done_step(tmp_path):
+    model, opt = _model_and_opt()
+    train_loader, val_loader = _loaders()
+    handle = _interrupt_on_training_forward(model, [6, 6])  # pressed twice during step 6
+    h = _train_interrupted(model, train_loader, val_loader, opt, max_steps=20, eval_freq=2, eval_iter=1,
+                           checkpoint_path=tmp_path / "run.pt", checkpoint_freq=4, progress=False, verbose=False)
+    handle.remove()
+    assert h.interrupted and h.step == 5  # step 6 never completed
+    assert load_checkpoint(tmp_path / "run.pt")["step"] == 4  # the last complete save
+    assert not model.training
+
+
+def test_an_unwritable_checkpoint_path_fails_before_the_first_step(tmp_path):
+    model, opt = _model_and_opt()
+    train_loader, val_loader = _loaders()
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="afile is a file"):
+        train(model, train_loader, val_loader, opt, max_steps=2, progress=False,
+              checkpoint_path=tmp_path / "afile" / "run.pt")
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        train(model, train_loader, val_loader, opt, max_steps=2, progress=False, checkpoint_path=tmp_path)
+    assert not opt.state  # no step was taken
+
+
+def test_resuming_a_checkpoint_train_did_not_write_is_a_clear_error(tmp_path):
+    model, opt = _model_and_opt()
+    train_loader, val_loader = _loaders()
+    save_checkpoint(tmp_path / "plain.pt", model, opt)
+    with pytest.raises(CheckpointError, match=r"not written by train\(\).*training position"):
+        train(model, train_loader, val_loader, opt, max_steps=2, checkpoint_path=tmp_path / "plain.pt",
+              resume=True, progress=False)
+    save_checkpoint(tmp_path / "norng.pt", model, opt, include_rng=False,
+                    extra={"history": History().to_dict(), "epoch": 0, "batch_in_epoch": 0, "seed": 1})
+    with pytest.raises(CheckpointError, match="random state") as info:
+        train(model, train_loader, val_loader, opt, max_steps=2, checkpoint_path=tmp_path / "norng.pt",
+              resume=True, progress=False)
+    assert "restore_rng" not in str(info.value)  # no advice naming an option train() lacks
+
+
+def test_resuming_with_another_kind_of_optimizer_is_refused_and_changes_nothing(tmp_path):
+    _train_chunk(tmp_path, "run.pt", 4)
+    model, _ = _model_and_opt(seed=3)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_loader, val_loader = _loaders()
+    with pytest.raises(CheckpointMismatchError, match="AdamW, not a torch.optim.sgd.SGD"):
+        train(model, train_loader, val_loader, sgd, max_steps=8, checkpoint_path=tmp_path / "run.pt",
+              resume=True, progress=False)
+    assert sgd.param_groups[0]["lr"] == 0.5
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_perplexity_of_nan_is_nan():
+    assert math.isnan(perplexity(float("nan")))
+    assert math.isnan(perplexity(torch.tensor(float("nan"))))
+    assert perplexity(float("inf")) == math.inf
+
+
+def test_the_progress_bar_ends_at_the_steps_taken_not_the_steps_planned(monkeypatch):
+    import tqdm.auto
+
+    bars = []
+
+    class Recording(tqdm.auto.tqdm):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    model, opt = _model_and_opt()
+    train_loader, val_loader = _loaders()
+    h = train(model, train_loader, val_loader, opt, num_epochs=100, eval_freq=1000, eval_iter=1,
+              max_seconds=0.0, progress=True, verbose=False)
+    assert h.step == 1
+    assert (bars[0].n, bars[0].total) == (1, 1)
