@@ -5,6 +5,11 @@
 * ``--exercise-file`` / ``--exercise-report`` are the options ``course check`` passes to the
   exercise tests (see ``course_lib/checker.py``).
 * At the end, the time each notebook took is reported against its two-minute budget.
+* Property tests (hypothesis) draw new random examples on every local run (profile ``dev``)
+  but the same examples on every CI run (profile ``ci``, chosen when the environment
+  variable ``CI`` is set to anything but ``false``/``0``, as CI services do), so CI never
+  fails on a new draw. ``HYPOTHESIS_PROFILE=ci`` or ``=dev`` chooses one by hand. A failure prints a
+  ``@reproduce_failure`` blob: paste it above the test to replay the example.
 """
 
 from __future__ import annotations
@@ -18,6 +23,33 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("TQDM_MININTERVAL", "5")
 
 NOTEBOOK_BUDGET_S = 120.0
+
+
+def _hypothesis_profiles() -> None:
+    try:
+        from hypothesis import HealthCheck, settings
+        from hypothesis.errors import InvalidArgument
+    except ImportError:  # the dev extras are not installed: no property tests to set up
+        return
+    # Both from hypothesis's "default", not from whatever hypothesis loaded on import (it
+    # loads its own "ci" profile when it sees CI variables).
+    default = settings.get_profile("default")
+    settings.register_profile("dev", default, print_blob=True)
+    # Derandomized: the examples follow from each test's name, so every CI run draws the
+    # same ones. No database (nothing to replay) and no timing checks (a loaded machine).
+    settings.register_profile("ci", default, derandomize=True, print_blob=True, deadline=None, database=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    in_ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    name = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if in_ci else "dev")
+    try:
+        settings.load_profile(name)
+    except InvalidArgument:
+        raise ValueError(f"HYPOTHESIS_PROFILE={name!r} is not a hypothesis profile: use 'ci' (the same "
+                         f"examples every run) or 'dev' (new random examples)") from None
+
+
+_hypothesis_profiles()
+
 _nb_times: dict[str, float] = defaultdict(float)
 _nb_failed: dict[str, int] = defaultdict(int)
 

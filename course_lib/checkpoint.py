@@ -126,24 +126,17 @@ def check_writable(path: str | os.PathLike, what: str = "path") -> Path:
         NotADirectoryError: a parent of ``path`` is a file.
         PermissionError: the folder cannot be written (or created).
     """
+    from .paths import writable_problem
+
     path = Path(path).expanduser()
     if path.is_dir():
         raise IsADirectoryError(f"{what} {path} is a folder; give a file name inside it, e.g. {path / 'run.pt'}")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise NotADirectoryError(f"cannot write {what} {path}: {parent} is a file, not a folder; "
-                                         "choose another path")
-            break
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.probe.", suffix=".tmp")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        reason = err.strerror or type(err).__name__
-        raise PermissionError(f"cannot write {what} {path}: the folder {path.parent} is not writable ({reason}); "
-                              "choose a path in a folder you can write to") from err
+    problem = writable_problem(path.parent)
+    if problem is not None:
+        error = NotADirectoryError if "is a file" in problem else PermissionError
+        raise error(f"cannot write {what} {path}: the folder {path.parent} {problem}; choose a path in a folder "
+                    "you can write to")
+    path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -583,7 +576,12 @@ def model_from_checkpoint(path: str | os.PathLike, device: Any = None) -> nn.Mod
     if not payload.get("config"):
         raise CheckpointError(f"{path} stores no model configuration; build the model yourself and call "
                               "load_checkpoint(path, model)")
-    model = GPTModel(GPTConfig(**payload["config"]), tie_weights=bool(payload.get("tie_weights", False)))
+    try:
+        cfg = GPTConfig.from_dict(payload["config"], source=str(path))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{err}; the checkpoint's stored configuration is damaged: build the model yourself "
+                              "and call load_checkpoint(path, model)") from None
+    model = GPTModel(cfg, tie_weights=bool(payload.get("tie_weights", False)))
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as err:

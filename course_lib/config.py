@@ -15,10 +15,12 @@ Everything a notebook needs to know before it builds anything:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import platform
 import random
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -45,6 +47,14 @@ DEFAULT_SEED = 123
 # --------------------------------------------------------------------------- #
 # Model configurations
 # --------------------------------------------------------------------------- #
+def _describe(value: Any) -> str:
+    """``"the str '0.1'"``: a value and its type, for error messages."""
+    if value is None:
+        return "None"
+    text = repr(value)
+    return f"the {type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     """The hyper-parameters of a GPT model.
@@ -60,8 +70,15 @@ class GPTConfig:
             (GPT-2 has one; models trained from scratch often leave it out).
 
     Raises:
-        ValueError: a size that is not a positive integer, ``emb_dim`` not
-            divisible by ``n_heads``, or ``drop_rate`` outside ``[0, 1)``.
+        TypeError: a size that is not an integer (``bool`` is not one), ``drop_rate``
+            not a real number, or ``qkv_bias`` not ``True``/``False`` (a string such as
+            ``"no"`` is refused, not read as true).
+        ValueError: a size below 1, ``emb_dim`` not divisible by ``n_heads``, or
+            ``drop_rate`` outside ``[0, 1)``.
+
+    Integers of other types (``numpy.int64``) become ``int``, real numbers ``float``
+    and ``numpy.bool_`` ``bool``, so a config read back from JSON or NumPy compares equal.
+    To build one from a dict read from a file, use :meth:`from_dict`.
     """
 
     vocab_size: int = 50257
@@ -75,15 +92,56 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"GPTConfig.{name} must be an int, got {_describe(value)}; "
+                                f"pass a whole number such as {getattr(GPTConfig, name)}")
+            if value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
         if self.emb_dim % self.n_heads != 0:
             raise ValueError(
                 f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}); "
                 f"try n_heads in {[h for h in range(1, 33) if self.emb_dim % h == 0]}"
             )
-        if not (0.0 <= float(self.drop_rate) < 1.0):
-            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        rate = self.drop_rate
+        if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, numbers.Real):
+            raise TypeError(f"GPTConfig.drop_rate must be a number in [0, 1), got {_describe(rate)}; "
+                            f"pass e.g. drop_rate=0.1 (or 0.0 for no dropout)")
+        if not (0.0 <= float(rate) < 1.0):
+            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {rate!r}")
+        object.__setattr__(self, "drop_rate", float(rate))
+        if not isinstance(self.qkv_bias, (bool, np.bool_)):
+            raise TypeError(f"GPTConfig.qkv_bias must be True or False, got {_describe(self.qkv_bias)}")
+        object.__setattr__(self, "qkv_bias", bool(self.qkv_bias))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "the config") -> "GPTConfig":
+        """The config stored in ``data`` (as written by :meth:`to_dict`, e.g. read from a
+        checkpoint or a JSON file), with every field required and checked.
+
+        Args:
+            data: field name -> value, all seven fields.
+            source: where ``data`` came from (a file name), used in error messages.
+
+        Raises:
+            TypeError: ``data`` is not a dict, or a value has the wrong type.
+            ValueError: a field is missing or unknown, or a value is out of range.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"{source}: a GPTConfig must be stored as a dict of its fields, "
+                            f"got {type(data).__name__}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(str(k) for k in data if k not in fields)
+        missing = [f for f in fields if f not in data]
+        if unknown or missing:
+            wrong = ([f"unknown field(s) {unknown}"] if unknown else []) + \
+                    ([f"missing field(s) {missing}"] if missing else [])
+            raise ValueError(f"{source}: not a GPTConfig ({'; '.join(wrong)}); a config has exactly "
+                             f"the fields {fields}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{source}: {err}") from None
 
     @property
     def head_dim(self) -> int:
@@ -91,7 +149,16 @@ class GPTConfig:
         return self.emb_dim // self.n_heads
 
     def replace(self, **changes: Any) -> "GPTConfig":
-        """A copy with some fields changed, e.g. ``cfg.replace(context_length=256)``."""
+        """A copy with some fields changed, e.g. ``cfg.replace(context_length=256)``.
+
+        Raises:
+            TypeError: a name that is not a field, or a value of the wrong type.
+            ValueError: a value out of range (see :class:`GPTConfig`).
+        """
+        fields = [f.name for f in dataclasses.fields(self)]
+        unknown = [k for k in changes if k not in fields]
+        if unknown:
+            raise TypeError(f"GPTConfig has no field {unknown[0]!r}; the fields are {fields}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,8 +183,9 @@ def get_config(name: str, **overrides: Any) -> GPTConfig:
 
     Raises:
         ValueError: unknown name; the message lists the valid ones.
+        TypeError: an override that is not a field, or of the wrong type.
     """
-    if name not in GPT_CONFIGS:
+    if not isinstance(name, str) or name not in GPT_CONFIGS:
         raise ValueError(f"unknown config {name!r}; choose one of {sorted(GPT_CONFIGS)}")
     cfg = GPT_CONFIGS[name]
     return cfg.replace(**overrides) if overrides else cfg

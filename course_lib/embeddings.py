@@ -49,8 +49,9 @@ def _check_ids(ids, vocab_size: int, name: str = "ids") -> None:
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integer token ids, got {type(ids).__name__}; "
                         "wrap a list with torch.tensor(...)")
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}; use {name}.long()")
+    if ids.dtype not in (torch.long, torch.int32):  # what nn.Embedding takes; smaller types wrap large ids
+        raise TypeError(f"{name} must hold integer token ids of dtype torch.long (or int32), got {ids.dtype}; "
+                        f"use {name}.long()")
     if ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= vocab_size:
@@ -76,8 +77,8 @@ def one_hot_embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ``[..., emb_dim]``.
 
     Raises:
-        TypeError: ``ids`` not an integer tensor or ``weight`` not a tensor.
-        ValueError: ``weight`` not 2-D, or an id out of range.
+        TypeError: ``ids`` not a tensor of ``torch.long`` (or ``int32``) ids.
+        ValueError: ``weight`` not a 2-D tensor, or an id out of range.
     """
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
@@ -141,7 +142,7 @@ class GPTEmbedding(nn.Module):
     Raises:
         ValueError: non-positive sizes, ``dropout`` outside ``[0, 1)``; in ``forward``,
             an input that is not ``[batch, tokens]``, too many tokens, or an id out of range.
-        TypeError: ``ids`` not an integer tensor.
+        TypeError: ``ids`` not a tensor of ``torch.long`` (or ``int32``) ids.
     """
 
     def __init__(self, vocab_size: int, emb_dim: int, context_length: int, dropout: float = 0.0):

@@ -29,7 +29,10 @@ Choices worth knowing (``generate``):
   Otherwise the logits are divided by the temperature, filtered by top-k and then top-p
   (in that order), and the next token is drawn from the softmax with ``torch.multinomial``
   — from PyTorch's global generator (``torch.manual_seed`` makes it repeat) or from
-  ``generator=``.
+  ``generator=``. A tiny temperature (``1e-45``) approaches greedy decoding instead of
+  overflowing (see :func:`sample_next_token`).
+* **Logits that are NaN or inf are an error** naming the step, in both decoders: a
+  diverged model would otherwise "choose" token 0 again and again.
 * **Top-k keeps ties**: every token whose logit equals the k-th largest survives.
   **Top-p** keeps the smallest set of most likely tokens whose probabilities add up to at
   least ``top_p`` (always at least the most likely one).
@@ -53,6 +56,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .model import _ID_DTYPES
+
 __all__ = ["generate_text_simple", "text_to_token_ids", "token_ids_to_text", "generate", "top_k_filter",
            "top_p_filter", "sample_next_token"]
 
@@ -72,13 +77,30 @@ def _check_ids(idx, name: str = "idx") -> None:
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids with shape [batch, tokens], got "
                         f"{type(idx).__name__}; text_to_token_ids(text) makes one")
-    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer token ids, got dtype {idx.dtype}; use {name}.long()")
+    if idx.dtype not in _ID_DTYPES:  # uint8 and friends would also wrap the generated ids around
+        small = "" if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool else \
+            " (too small for a vocabulary: ids above its maximum wrap around)"
+        raise TypeError(f"{name} must hold integer token ids of dtype torch.long (or int32), got {idx.dtype}"
+                        f"{small}; use {name}.long()")
     if idx.ndim != 2:
         hint = f" add a batch dimension with {name}.unsqueeze(0)" if idx.ndim == 1 else ""
         raise ValueError(f"{name} must have shape [batch, tokens], got {tuple(idx.shape)};{hint}")
     if idx.shape[1] == 0:
         raise ValueError(f"{name} has no tokens; give the model a prompt of at least one token")
+
+
+def _check_logits(logits: torch.Tensor, where: str) -> None:
+    """Refuse next-token logits ``[batch, vocab]`` that no token can be chosen from: NaN or
+    ``+inf`` anywhere, or a row that is all ``-inf`` (``-inf`` alone just rules a token out)."""
+    if bool(torch.isfinite(logits.sum())):  # the usual case, in one reduction: NaN and inf carry into a sum
+        return
+    bad_rows = (logits.isnan() | logits.isposinf()).any(dim=-1) | logits.isneginf().all(dim=-1)  # [B]
+    if bool(bad_rows.any()):
+        rows = bad_rows.nonzero().flatten().tolist()
+        raise ValueError(f"{where}: the model's logits are not finite (NaN or inf) for batch row(s) {rows[:5]}, "
+                         "so no next token can be chosen. The model has most likely diverged (NaN weights "
+                         "after a training step blew up, e.g. too high a learning rate): check "
+                         "all(p.isfinite().all() for p in model.parameters()) and reload a good checkpoint")
 
 
 def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: int,
@@ -101,10 +123,12 @@ def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: in
         generated tokens.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, or ``idx`` not an integer tensor.
+        TypeError: ``model`` is not an ``nn.Module``, or ``idx`` not a tensor of
+            ``torch.long`` (or ``torch.int32``) ids.
         ValueError: ``idx`` not 2-D or empty, ``max_new_tokens`` negative, ``context_size``
-            not a positive integer (or missing for a model without ``cfg``), or a model
-            output that is not ``[batch, tokens, vocab]``.
+            not a positive integer (or missing for a model without ``cfg``), a model
+            output that is not ``[batch, tokens, vocab]``, or logits that are NaN or inf
+            (a diverged model; the message names the step).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (e.g. GPTModel), got {type(model).__name__}")
@@ -127,12 +151,13 @@ def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: in
     model.eval()  # no dropout: the same prompt always gives the same continuation
     try:
         with torch.no_grad():
-            for _ in range(max_new_tokens):
+            for step in range(max_new_tokens):
                 idx_cond = idx[:, -context_size:]               # [B, <=context_size]
                 logits = model(idx_cond)                        # [B, T, V]
                 if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
                     raise ValueError("the model must return logits of shape [batch, tokens, vocab], got "
                                      f"{getattr(logits, 'shape', type(logits).__name__)}")
+                _check_logits(logits[:, -1, :], f"generate_text_simple, new token {step + 1} of {max_new_tokens}")
                 next_id = logits[:, -1, :].argmax(dim=-1, keepdim=True)  # [B, 1]: most likely next token
                 idx = torch.cat([idx, next_id.to(idx.dtype)], dim=1)     # [B, T+1]
     finally:
@@ -155,6 +180,15 @@ def _check_sampling(temperature, top_k, top_p) -> None:
         raise ValueError(f"top_p must be None or a probability in (0, 1] (e.g. 0.9), got {top_p!r}")
 
 
+def _check_logits_tensor(logits, name: str = "logits", two_d: bool = False) -> None:
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        got = f"dtype {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise TypeError(f"{name} must be a float tensor [..., vocab], got {got}; e.g. torch.tensor([1., 3., 2.])")
+    if two_d and logits.ndim not in (1, 2):
+        raise ValueError(f"{name} must be [batch, vocab] (the last position's logits, logits[:, -1, :]), "
+                         f"got shape {tuple(logits.shape)}")
+
+
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the ``k`` largest logits in each row, set the others to ``-inf``.
 
@@ -162,8 +196,10 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
     Raises:
         ValueError: ``k`` not an integer >= 1 (a ``k`` above the vocabulary keeps everything).
+        TypeError: ``logits`` not a float tensor.
     """
     _check_sampling(1.0, k, None)
+    _check_logits_tensor(logits)
     k = min(k, logits.shape[-1])
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]          # [..., 1]: the k-th largest
     return logits.masked_fill(logits < kth, float("-inf"))
@@ -179,8 +215,10 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
     Raises:
         ValueError: ``p`` outside ``(0, 1]``.
+        TypeError: ``logits`` not a float tensor.
     """
     _check_sampling(1.0, None, p)
+    _check_logits_tensor(logits)
     if p >= 1:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
@@ -196,15 +234,41 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int
     """Choose the next token from the last position's logits ``[batch, vocab]`` -> ``[batch, 1]``.
 
     ``temperature == 0`` is ``argmax``; otherwise scale by ``1/temperature``, apply
-    :func:`top_k_filter` and :func:`top_p_filter`, and draw from the softmax.
+    :func:`top_k_filter` and :func:`top_p_filter`, and draw from the softmax. ``-inf``
+    logits rule tokens out.
+
+    The scaling is ``(logits - max) / temperature`` in float32 (the same softmax), so a tiny
+    temperature cannot overflow: it approaches greedy decoding, with exact ties drawn
+    uniformly. Temperatures below float32's smallest normal number (about ``1.2e-38``)
+    are raised to it, which is already greedy in effect.
 
     Raises:
-        ValueError: ``temperature < 0``, ``top_k < 1`` or ``top_p`` outside ``(0, 1]``.
+        ValueError: ``temperature < 0``, ``top_k < 1`` or ``top_p`` outside ``(0, 1]``;
+            logits not ``[batch, vocab]``, with NaN or ``+inf``, or a row of only ``-inf``
+            (a diverged model).
+        TypeError: ``logits`` not a float tensor, ``generator`` not a ``torch.Generator``.
     """
     _check_sampling(temperature, top_k, top_p)
+    _check_generator(generator)
+    _check_logits_tensor(logits, two_d=True)
+    _check_logits(logits, "sample_next_token")
+    return _sample(logits, temperature, top_k, top_p, generator)
+
+
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be None or a torch.Generator (e.g. torch.Generator().manual_seed(0)), "
+                        f"got {type(generator).__name__}; to seed PyTorch's global generator call torch.manual_seed")
+
+
+def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    temperature = max(float(temperature), torch.finfo(torch.float32).tiny)
+    # Shifted so that the largest is 0: dividing by a tiny temperature then gives 0 and
+    # -huge (or -inf), never +inf, whose softmax would be NaN.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
@@ -241,9 +305,12 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
         every sequence met ``eos_id``).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module`` or ``idx`` not an integer tensor.
+        TypeError: ``model`` is not an ``nn.Module``, ``idx`` not a tensor of ``torch.long``
+            (or ``torch.int32``) ids, ``use_cache`` not a bool or ``generator`` not a
+            ``torch.Generator``.
         ValueError: ``temperature < 0``, ``top_k < 1``, ``top_p`` outside ``(0, 1]``, a negative
-            ``max_new_tokens``, a bad ``context_size`` or ``eos_id``, or ``idx`` not 2-D.
+            ``max_new_tokens``, a bad ``context_size`` or ``eos_id``, ``idx`` not 2-D, or
+            logits that are NaN or inf (a diverged model; the message names the step).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (e.g. GPTModel), got {type(model).__name__}")
@@ -251,6 +318,9 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     _check_sampling(temperature, top_k, top_p)
+    _check_generator(generator)
+    if not isinstance(use_cache, bool):
+        raise TypeError(f"use_cache must be True or False, got {use_cache!r}")
     cfg = getattr(model, "cfg", None)
     model_context = getattr(cfg, "context_length", None)
     if context_size is None:
@@ -291,7 +361,9 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
                 if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
                     raise ValueError("the model must return logits of shape [batch, tokens, vocab], got "
                                      f"{getattr(logits, 'shape', type(logits).__name__)}")
-                next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # [B, 1]
+                last = logits[:, -1, :]                                              # [B, V]
+                _check_logits(last, f"generate, new token {step + 1} of {max_new_tokens}")
+                next_id = _sample(last, temperature, top_k, top_p, generator)         # [B, 1]
                 if eos_id is not None:
                     next_id = next_id.masked_fill(finished.unsqueeze(1), eos_id)  # finished rows: padding
                     finished |= next_id.squeeze(1) == eos_id
@@ -313,7 +385,8 @@ def text_to_token_ids(text: str, tokenizer: Any = None) -> torch.Tensor:
             step 2); default GPT-2's (:func:`course_lib.tokenizers.tiktoken_gpt2`).
 
     Raises:
-        TypeError: ``text`` is not a string, or ``tokenizer`` has no ``encode`` method.
+        TypeError: ``text`` is not a string, or ``tokenizer`` is not a tokenizer object with
+            an ``encode`` method (a name such as ``"gpt2"`` is refused).
     """
     from .text_data import encode_text  # step 2: handles allowed_special for every tokenizer kind
 
@@ -332,10 +405,11 @@ def token_ids_to_text(ids: torch.Tensor | list[int], tokenizer: Any = None) -> s
         tokenizer: anything with ``decode``; default GPT-2's.
 
     Raises:
-        TypeError: ``ids`` is not a tensor or list of integers, or ``tokenizer`` has no
-            ``decode`` method.
-        ValueError: a batch of more than one row (decode ``ids[i]`` for each row), or more
-            than two dimensions.
+        TypeError: ``ids`` is not a tensor or list of integers, or ``tokenizer`` is not a
+            tokenizer object with a ``decode`` method.
+        ValueError: a batch of more than one row (decode ``ids[i]`` for each row), more
+            than two dimensions, or an id outside the tokenizer's vocabulary (below 0 or
+            from its ``n_vocab`` up; the message names the id).
     """
     if isinstance(ids, torch.Tensor):
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
@@ -354,8 +428,19 @@ def token_ids_to_text(ids: torch.Tensor | list[int], tokenizer: Any = None) -> s
             raise TypeError("ids must be a list of int token ids")
     else:
         raise TypeError(f"ids must be a tensor or a list of token ids, got {type(ids).__name__}")
+    from .text_data import _tokenizer_method  # step 2, as in text_to_token_ids
+
     tokenizer = _default_tokenizer() if tokenizer is None else tokenizer
-    decode = getattr(tokenizer, "decode", None)
-    if not callable(decode):
-        raise TypeError(f"tokenizer must have a decode(ids) method, got {type(tokenizer).__name__}")
-    return decode(flat)
+    decode = _tokenizer_method(tokenizer, "decode")
+    n_vocab = getattr(tokenizer, "n_vocab", None)  # tiktoken's and ours: largest id + 1
+    hint = ("decode with the tokenizer that made the ids (a model whose vocab_size is larger than its "
+            "tokenizer's can generate ids the tokenizer does not have)")
+    if isinstance(n_vocab, int) and not isinstance(n_vocab, bool):
+        bad = next((i for i in flat if not 0 <= i < n_vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is not in the tokenizer's vocabulary of {n_vocab} ids "
+                             f"(0 to {n_vocab - 1}); {hint}")
+    try:
+        return decode(flat)
+    except (KeyError, IndexError, OverflowError) as err:  # tiktoken: KeyError, OverflowError
+        raise ValueError(f"ids could not be decoded ({type(err).__name__}: {err}); {hint}") from None

@@ -39,8 +39,9 @@ Choices worth knowing:
   N(0, 0.02/sqrt(2·n_layers)), so the stream's variance does not grow with depth.
   PyTorch's default N(0, 1) embeddings would make the first logits huge (and, with a
   tied head, make the output layer's backward pass many times slower on CPU).
-* **Input checks.** ``forward`` raises a ``ValueError`` for ids that are not a 2-D
-  integer tensor, more tokens than ``context_length`` and ids outside
+* **Input checks.** ``forward`` raises a ``TypeError`` for ids that are not a tensor of
+  ``torch.long`` or ``torch.int32`` (smaller integer types wrap large ids around), and a
+  ``ValueError`` for ids that are not 2-D, more tokens than ``context_length`` and ids outside
   ``[0, vocab_size)`` (an embedding lookup would fail with an index error deep in torch,
   or a device-side assert on a GPU). The range check reads the ids' min and max (on a
   GPU, one small synchronisation per call), so it is skipped while ``torch.compile``
@@ -78,6 +79,8 @@ __all__ = [
 LAYER_NORM_EPS = 1e-5
 #: Standard deviation of GPT-2's initial weights.
 INIT_STD = 0.02
+# Dtypes token ids may have: what nn.Embedding indexes with, wide enough for any vocabulary.
+_ID_DTYPES = (torch.long, torch.int32)
 
 
 def _positive_int(name: str, value) -> int:
@@ -292,7 +295,8 @@ class GPTModel(nn.Module):
 
     Raises:
         TypeError: ``cfg`` is not a ``GPTConfig`` (a ``dict`` gets a hint); at call time
-            ``idx`` is not an integer tensor.
+            ``idx`` is not a tensor of dtype ``torch.long`` or ``torch.int32`` (``uint8``,
+            ``int8`` and ``int16`` cannot hold a vocabulary's ids: use ``idx.long()``).
         ValueError: (at call time) ``idx`` not 2-D, with no tokens, with more tokens than
             ``context_length``, or with ids outside ``[0, vocab_size)``.
             An ``emb_dim`` not divisible by ``n_heads`` is refused by ``GPTConfig`` itself.
@@ -340,9 +344,11 @@ class GPTModel(nn.Module):
         if not isinstance(idx, torch.Tensor):
             raise TypeError(f"idx must be a torch.Tensor of token ids with shape [batch, tokens], got "
                             f"{type(idx).__name__}; e.g. torch.tensor([ids])")
-        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-            raise TypeError(f"idx must hold integer token ids (torch.long), got dtype {idx.dtype}; "
-                            "use idx.long()")
+        if idx.dtype not in _ID_DTYPES:
+            small = "" if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool else \
+                " (too small for a vocabulary: ids above its maximum wrap around)"
+            raise TypeError(f"idx must hold integer token ids of dtype torch.long (or int32), got {idx.dtype}"
+                            f"{small}; use idx.long()")
         if idx.ndim != 2:
             hint = " add a batch dimension with idx.unsqueeze(0)" if idx.ndim == 1 else ""
             raise ValueError(f"idx must have shape [batch, tokens], got {tuple(idx.shape)};{hint}")

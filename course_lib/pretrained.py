@@ -96,9 +96,14 @@ def hf_config_to_course(hf: dict[str, Any], where: str = "config.json") -> tuple
     """Read a Hugging Face GPT-2 ``config.json`` (as a dict): ``(GPTConfig, tie_weights)``.
 
     Raises:
-        ValueError: not a GPT-2 config, or a variant our model does not compute
-            (another activation, LayerNorm epsilon, feed-forward width, or attention scaling).
+        ValueError: not a GPT-2 config (not a JSON object, a size missing or of the wrong
+            type), or a variant our model does not compute (another activation, LayerNorm
+            epsilon, feed-forward width, or attention scaling); the message names ``where``.
     """
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where} holds a JSON {type(hf).__name__}, not an object of settings; "
+                         "is this a GPT-2 config.json?")
+    _check_hf_types(hf, where)
     if hf.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"{where}: model_type is {hf.get('model_type')!r}; only GPT-2 checkpoints "
                          "(model_type 'gpt2') map onto GPTModel")
@@ -117,10 +122,54 @@ def hf_config_to_course(hf: dict[str, Any], where: str = "config.json") -> tuple
         problems.append("a non-standard attention scaling")
     if problems:
         raise ValueError(f"{where} describes a GPT-2 variant GPTModel does not compute: {'; '.join(problems)}")
-    cfg = GPTConfig(vocab_size=hf["vocab_size"], context_length=hf.get("n_positions", hf.get("n_ctx", 1024)),
-                    emb_dim=d, n_heads=hf["n_head"], n_layers=hf["n_layer"],
-                    drop_rate=float(hf.get("resid_pdrop", 0.1)), qkv_bias=True)
-    return cfg, bool(hf.get("tie_word_embeddings", True))
+    try:
+        cfg = GPTConfig(vocab_size=hf["vocab_size"], context_length=hf.get("n_positions", hf.get("n_ctx", 1024)),
+                        emb_dim=d, n_heads=hf["n_head"], n_layers=hf["n_layer"],
+                        drop_rate=float(hf.get("resid_pdrop", 0.1)), qkv_bias=True)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where} does not describe a model GPTModel can build: {err}") from None
+    return cfg, hf.get("tie_word_embeddings", True)
+
+
+# config.json key -> (JSON types it may have, what to write), checked before anything is read.
+_HF_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "model_type": ((str,), "a string such as \"gpt2\""),
+    "vocab_size": ((int,), "a whole number"),
+    "n_positions": ((int,), "a whole number"),
+    "n_ctx": ((int,), "a whole number"),
+    "n_embd": ((int,), "a whole number"),
+    "n_layer": ((int,), "a whole number"),
+    "n_head": ((int,), "a whole number"),
+    "n_inner": ((int, type(None)), "a whole number or null"),
+    "activation_function": ((str,), "a string such as \"gelu_new\""),
+    "layer_norm_epsilon": ((int, float), "a number"),
+    "resid_pdrop": ((int, float), "a number in [0, 1)"),
+    "scale_attn_weights": ((bool,), "true or false"),
+    "scale_attn_by_inverse_layer_idx": ((bool,), "true or false"),
+    "tie_word_embeddings": ((bool,), "true or false"),
+}
+
+
+def _check_hf_types(hf: dict[str, Any], where: str) -> None:
+    for key, (types, wanted) in _HF_TYPES.items():
+        if key not in hf:
+            continue
+        value = hf[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ValueError(f"{where}: {key} is {json.dumps(value)[:40]}, but must be {wanted}; "
+                             "fix the file or save the model again")
+
+
+def _read_json(path: Path) -> Any:
+    """A model folder's ``config.json`` (or shard index); a clear error naming it if unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file (not UTF-8); it must be the JSON that save_pretrained "
+                         "or export_hf writes") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); it may be truncated or hand-edited: "
+                         "fix it, or save the model again") from None
 
 
 def _course_config_to_hf(cfg: GPTConfig, tied: bool) -> dict[str, Any]:
@@ -264,8 +313,14 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index = folder / _INDEX_FILE
-    files = ([folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-             if index.is_file() and not (folder / _WEIGHTS_FILE).is_file() else [folder / _WEIGHTS_FILE])
+    if index.is_file() and not (folder / _WEIGHTS_FILE).is_file():
+        data = _read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index} has no \"weight_map\" of tensor name -> file name; save the model again")
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+    else:
+        files = [folder / _WEIGHTS_FILE]
     state: dict[str, torch.Tensor] = {}
     for f in files:
         if not f.is_file():
@@ -297,7 +352,7 @@ def _resolve(name_or_path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} is missing; a Hugging Face model folder needs {_CONFIG_FILE} and "
                                 f"{_WEIGHTS_FILE}")
-    cfg, tied = hf_config_to_course(json.loads(config_file.read_text(encoding="utf-8")), str(config_file))
+    cfg, tied = hf_config_to_course(_read_json(config_file), str(config_file))
     return _read_safetensors(folder), cfg, tied, str(folder)
 
 
@@ -326,8 +381,9 @@ def load_gpt2(name_or_path: str | os.PathLike, *, device: Any = None, dtype: tor
         dtype: convert the weights (e.g. ``torch.bfloat16``). Default float32.
 
     Raises:
-        ValueError: an unknown name; a folder whose config is not GPT-2; a tensor missing,
-            misshapen or unexpected (named in the message).
+        ValueError: an unknown name; a folder whose ``config.json`` is not GPT-2's, not JSON,
+            or lacks or mistypes a setting (the file is named); a tensor missing, misshapen
+            or unexpected (named in the message).
         FileNotFoundError: the folder lacks ``config.json`` or the weights.
         course_lib.data.DataFetchError: the weights could not be fetched (the message says
             how to stage them by hand).
@@ -472,6 +528,7 @@ def base_model_path(profile: str, cache_dir: str | os.PathLike | None = None) ->
 
 def _pretrain_base(recipe: BaseModelRecipe, path: Path, verbose: bool) -> GPTModel:
     from .checkpoint import save_checkpoint
+    from .paths import writable_problem
     from .config import get_config, seed_everything
     from .data import read_text
     from .text_data import ENDOFTEXT, create_dataloader, encode_text
@@ -498,8 +555,13 @@ def _pretrain_base(recipe: BaseModelRecipe, path: Path, verbose: bool) -> GPTMod
         history = train(model, train_loader, val_loader, optimizer, torch.device("cpu"),
                         max_steps=recipe.max_steps, eval_freq=max(recipe.max_steps // 4, 1), eval_iter=5,
                         seed=recipe.seed, progress=verbose, verbose=False)
-    save_checkpoint(path, model, step=history.step, overwrite=True, include_rng=False,
-                    extra={"recipe": recipe.to_dict(), "history": history.to_dict(), "kind": "base-model"})
+    problem = writable_problem(path.parent)
+    if problem is None:
+        save_checkpoint(path, model, step=history.step, overwrite=True, include_rng=False,
+                        extra={"recipe": recipe.to_dict(), "history": history.to_dict(), "kind": "base-model"})
+    else:
+        print(f"could not cache the base model: the folder {path.parent} {problem}. It will be pretrained again "
+              "next time; set COURSE_DATA_DIR to a folder you can write to (course doctor checks it)")
     if verbose:
         print(f"base model: validation loss {history.val_losses[0]:.2f} -> {history.val_losses[-1]:.2f} "
               f"in {history.seconds:.0f} s")

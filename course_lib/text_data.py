@@ -103,22 +103,37 @@ def encode_text(text: str, tokenizer: Any = None) -> list[int]:
             written in the text by itself).
 
     Raises:
-        TypeError: ``text`` is not a string, or ``tokenizer`` has no ``encode`` method.
+        TypeError: ``text`` is not a string, or ``tokenizer`` is not a tokenizer object with
+            an ``encode`` method (a name such as ``"gpt2"`` or a tokenizer class is refused).
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     if tokenizer is None:
         from .tokenizers import tiktoken_gpt2  # same step; imported late to keep this module light
         tokenizer = tiktoken_gpt2()
-    encode = getattr(tokenizer, "encode", None)
-    if not callable(encode):
-        raise TypeError(f"tokenizer must have an encode(text) method (e.g. tiktoken_gpt2()), "
-                        f"got {type(tokenizer).__name__}")
+    encode = _tokenizer_method(tokenizer, "encode")
     if _accepts_allowed_special(encode):
         ids = encode(text, allowed_special={ENDOFTEXT})
     else:
         ids = encode(text)
     return [int(i) for i in ids]
+
+
+def _tokenizer_method(tokenizer: Any, name: str):
+    """``tokenizer.encode`` or ``.decode``; a TypeError that says what to pass instead."""
+    example = ("tiktoken.get_encoding('gpt2'), course_lib.tokenizers.tiktoken_gpt2() or "
+               "course_lib.tokenizers.GPT2Tokenizer.from_pretrained()")
+    if isinstance(tokenizer, (str, bytes, bytearray)):  # str.encode / bytes.decode exist, but are not tokenizers
+        raise TypeError(f"tokenizer must be a tokenizer object with .{name}(), such as {example}; "
+                        f"got the {type(tokenizer).__name__} {tokenizer[:30]!r}")
+    if isinstance(tokenizer, type):
+        raise TypeError(f"tokenizer must be a tokenizer object, not the class {tokenizer.__name__} itself; "
+                        f"make one first, e.g. GPT2Tokenizer.from_pretrained()")
+    method = getattr(tokenizer, name, None)
+    if not callable(method):
+        raise TypeError(f"tokenizer must have a {name}() method, such as {example}; "
+                        f"got {type(tokenizer).__name__}")
+    return method
 
 
 def _accepts_allowed_special(encode) -> bool:
@@ -242,8 +257,14 @@ def create_dataloader(text: str | Sequence[int] | torch.Tensor, tokenizer: Any =
         ValueError: the errors of :class:`GPTDataset`; ``batch_size < 1``; negative
             ``num_workers``; or ``drop_last=True`` with fewer windows than ``batch_size``
             (the loader would yield nothing).
+        TypeError: the errors of :class:`GPTDataset` (e.g. ``tokenizer="gpt2"``: pass a
+            tokenizer object, not a name); ``shuffle`` or ``drop_last`` not a bool; ``seed``
+            not an integer.
     """
     _positive_int("batch_size", batch_size)
+    for name, flag in (("shuffle", shuffle), ("drop_last", drop_last)):
+        if not isinstance(flag, bool):  # "no" would be read as True
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):

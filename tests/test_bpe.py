@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import regex
@@ -296,6 +300,65 @@ def test_load_rejects_other_files(tmp_path):
         BPETokenizer.load(bad)
 
 
+def _damage(path, **changes):
+    data = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps({**data, **changes}), encoding="utf-8")
+
+
+@pytest.mark.parametrize("changes, says", [
+    (dict(merges=["ab"]), r"merge 0 is \"ab\", not a \[left, right\] pair of strings"),  # used to load as (a, b)
+    (dict(merges=[["a", "b", "c"]]), r"merge 0 is \[\"a\", \"b\", \"c\"\]"),
+    (dict(merges=[["a", 7]]), r"merge 0 is \[\"a\", 7\]"),
+    (dict(merges=None), r"\"merges\" must be a list"),
+    (dict(special_tokens=[EOT]), r"\"special_tokens\" must be an object \{token: id\}"),
+    (dict(special_tokens={EOT: "258"}), r"\"special_tokens\" must be an object"),
+    (dict(pattern="("), r"pattern '\(' is not a valid regular expression"),
+    (dict(pattern=5), "pattern must be a str"),
+], ids=["merge-as-string", "merge-of-three", "merge-with-int", "merges-null", "specials-list",
+        "special-id-str", "bad-pattern", "pattern-int"])
+def test_load_names_the_file_and_the_damaged_entry(tmp_path, changes, says):
+    path = BPETokenizer.train("aaabdaaabac", 258).save(tmp_path / "tok.json")
+    BPETokenizer.load(path)
+    _damage(path, **changes)
+    with pytest.raises(ValueError, match=says) as err:
+        BPETokenizer.load(path)
+    assert str(err.value).startswith(f"{path} is a damaged BPETokenizer file: ")
+
+
+def test_load_of_a_binary_or_missing_file_or_a_folder(tmp_path):
+    path = tmp_path / "tok.json"
+    path.write_bytes(b"\x80\x81 not utf-8 \xff")
+    with pytest.raises(ValueError, match=f"{path} is not UTF-8 text"):
+        BPETokenizer.load(path)
+    with pytest.raises(FileNotFoundError, match="nothing.json"):
+        BPETokenizer.load(tmp_path / "nothing.json")
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        BPETokenizer.load(tmp_path)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        BPETokenizer([]).save(tmp_path)
+
+
+def test_more_bad_arguments_say_what_to_fix(verdict_tok):
+    with pytest.raises(ValueError, match="buffer_chars must be a positive int, got True"):
+        list(verdict_tok.encode_iterable(["ab"], buffer_chars=True))
+    for bad in (None, 5):
+        with pytest.raises(TypeError, match="iterable must be an iterable of str"):
+            list(verdict_tok.encode_iterable(bad))
+    with pytest.raises(TypeError, match="merges must be a sequence of \\(bytes, bytes\\) pairs, got NoneType"):
+        BPETokenizer(None)
+    with pytest.raises(TypeError, match="got a str .*call encode"):
+        verdict_tok.decode("hello")
+
+
+def test_an_invalid_pattern_is_named():
+    with pytest.raises(ValueError, match=r"pattern '\(' is not a valid regular expression"):
+        BPETokenizer.train("abc", 300, pattern="(")
+    with pytest.raises(ValueError, match=r"pattern '\[a-' is not a valid regular expression"):
+        BPETokenizer([], pattern="[a-")
+    with pytest.raises(TypeError, match="pattern must be a str"):
+        BPETokenizer.train("abc", 300, pattern=None)
+
+
 # --------------------------------------------------------------------------- #
 # Streams
 # --------------------------------------------------------------------------- #
@@ -320,6 +383,33 @@ def test_encode_iterable_equals_encode(stream_tok, parts, buffer_chars):
     for kw in ({"allowed_special": "all"}, {"disallowed_special": ()}):
         got = list(stream_tok.encode_iterable(iter(parts), buffer_chars=buffer_chars, **kw))
         assert got == stream_tok.encode(text, **kw)
+
+
+def test_encode_iterable_with_another_pattern_cuts_only_after_special_tokens():
+    # With this pattern "ab" is one piece only before "ccc": a cut that is safe for GPT-2's
+    # pattern (after "a", two characters before the end) splits it here.
+    pattern = r"ab(?=ccc)|\S|\s"
+    tok = BPETokenizer.train("abccc " * 20, 258, pattern=pattern)
+    assert tok.merges[0] == (b"a", b"b")
+    text = f"abccc ab{EOT}abccc"
+    for buffer_chars in (1, 2, 4):
+        parts = ["ab", "c", "cc ab", EOT, "ab", "c", "cc"]
+        assert list(tok.encode_iterable(parts, allowed_special="all", buffer_chars=buffer_chars)) == \
+            tok.encode(text, allowed_special="all")
+
+
+def test_property_tests_are_derandomized_in_ci():
+    """The root conftest.py: the same examples on every CI run, new ones locally."""
+    root = Path(__file__).resolve().parents[1]
+    code = ("import runpy; runpy.run_path('conftest.py'); from hypothesis import settings; "
+            "print(settings.default.derandomize)")
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "HYPOTHESIS_PROFILE")}
+    for extra, derandomized in [({"CI": "true"}, True), ({}, False), ({"CI": "false"}, False),
+                                ({"CI": "true", "HYPOTHESIS_PROFILE": "dev"}, False),
+                                ({"HYPOTHESIS_PROFILE": "ci"}, True)]:
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, env={**env, **extra},
+                             capture_output=True, text=True, check=True).stdout
+        assert out.split() == [str(derandomized)], extra
 
 
 def test_encode_iterable_streams_a_file(tmp_path, verdict, verdict_tok):

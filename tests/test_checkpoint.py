@@ -305,7 +305,7 @@ def test_checkpoints_get_normal_file_permissions(tmp_path):
 def test_unwritable_destinations_are_clear_errors(tmp_path):
     model, _ = _trained()
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(NotADirectoryError, match=r"afile is a file, not a folder"):
+    with pytest.raises(NotADirectoryError, match=r"afile is a file"):
         save_checkpoint(tmp_path / "afile" / "sub" / "run.pt", model)
     with pytest.raises(IsADirectoryError, match="is a folder"):
         save_checkpoint(tmp_path, model, overwrite=True)
@@ -343,3 +343,25 @@ def test_a_full_disk_is_named_and_the_old_file_is_kept(tmp_path, monkeypatch):
     assert info.value.errno == errno.ENOSPC
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
+
+
+@pytest.mark.parametrize("change", [{"qkv_bias": "no"}, {"n_layers": None}, {"unknown_field": 1}],
+                         ids=["string-bool", "none-size", "unknown-field"])
+def test_a_damaged_stored_config_is_named_with_its_file(tmp_path, change):
+    model, _ = _trained()
+    path = save_checkpoint(tmp_path / "run.pt", model)
+    payload = torch.load(path, weights_only=True)
+    payload["config"].update(change)
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"run.pt.*configuration is damaged"):
+        model_from_checkpoint(path)
+
+
+def test_a_config_missing_a_field_does_not_silently_take_a_default(tmp_path):
+    model, _ = _trained()
+    path = save_checkpoint(tmp_path / "run.pt", model)
+    payload = torch.load(path, weights_only=True)
+    del payload["config"]["drop_rate"]
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="missing field"):
+        model_from_checkpoint(path)

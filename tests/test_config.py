@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -90,6 +91,57 @@ def test_config_validation():
     with pytest.raises(ValueError, match="unknown config"):
         get_config("gpt5")
     assert get_config("gpt2-small", context_length=256).context_length == 256
+
+
+@pytest.mark.parametrize("field, value, error, says", [
+    ("qkv_bias", "no", TypeError, "True or False"),       # a non-empty string is truthy: it was read as True
+    ("qkv_bias", 1, TypeError, "True or False"),
+    ("qkv_bias", None, TypeError, "True or False"),
+    ("drop_rate", "0.1", TypeError, "number in \\[0, 1\\)"),
+    ("drop_rate", None, TypeError, "number in \\[0, 1\\)"),
+    ("drop_rate", True, TypeError, "number in \\[0, 1\\)"),
+    ("drop_rate", float("nan"), ValueError, "in \\[0, 1\\)"),
+    ("drop_rate", -0.1, ValueError, "in \\[0, 1\\)"),
+    ("vocab_size", True, TypeError, "must be an int"),
+    ("vocab_size", "50257", TypeError, "must be an int"),
+    ("context_length", 1024.0, TypeError, "must be an int"),
+    ("emb_dim", None, TypeError, "must be an int"),
+    ("n_layers", -2, ValueError, "positive integer"),
+    ("n_heads", 0, ValueError, "positive integer"),
+])
+def test_every_config_field_is_type_checked(field, value, error, says):
+    with pytest.raises(error, match=says) as err:
+        GPTConfig(**{field: value})
+    assert f"GPTConfig.{field}" in str(err.value)
+    with pytest.raises(error, match=f"GPTConfig.{field}"):
+        get_config("gpt-tiny", **{field: value})
+
+
+def test_config_values_from_numpy_and_json_become_plain_python():
+    cfg = GPTConfig(vocab_size=np.int64(100), context_length=np.int32(8), emb_dim=16, n_heads=2, n_layers=1,
+                    drop_rate=0, qkv_bias=np.bool_(True))
+    assert cfg == GPTConfig(100, 8, 16, 2, 1, 0.0, True)
+    assert [type(v) for v in cfg.to_dict().values()] == [int, int, int, int, int, float, bool]
+
+
+def test_config_from_dict_checks_what_a_file_stored():
+    cfg = get_config("gpt-cpu")
+    assert GPTConfig.from_dict(json.loads(json.dumps(cfg.to_dict())), "ck.pt") == cfg
+    bad = [({**cfg.to_dict(), "qkv_bias": "no"}, TypeError, "ck.pt: GPTConfig.qkv_bias"),
+           ({**cfg.to_dict(), "drop_rate": None}, TypeError, "ck.pt: GPTConfig.drop_rate"),
+           ({**cfg.to_dict(), "n_layer": 3}, ValueError, r"ck.pt: .*unknown field\(s\) \['n_layer'\]"),
+           ({k: v for k, v in cfg.to_dict().items() if k != "qkv_bias"}, ValueError, r"missing field\(s\) \['qkv_bias'\]"),
+           ([1, 2], TypeError, "ck.pt: a GPTConfig must be stored as a dict")]
+    for data, error, says in bad:
+        with pytest.raises(error, match=says):
+            GPTConfig.from_dict(data, "ck.pt")
+
+
+def test_replace_names_unknown_fields():
+    with pytest.raises(TypeError, match="no field 'n_layer'.*n_layers"):
+        get_config("gpt-tiny").replace(n_layer=3)
+    with pytest.raises(TypeError, match="no field 'layers'"):
+        get_config("gpt-tiny", layers=3)
 
 
 def test_setup_prints_profile_device_seed(capsys, monkeypatch):

@@ -145,3 +145,15 @@ def test_gpt_embedding_errors():
         args = {"vocab_size": 10, "emb_dim": 4, "context_length": 3} | kwargs
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             GPTEmbedding(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16])
+def test_small_integer_id_dtypes_are_refused_with_the_fix(dtype):
+    # nn.Embedding itself only says "Expected ... Long, Int"; uint8 ids also wrap at 256.
+    layer = GPTEmbedding(10, 4, context_length=3)
+    with pytest.raises(TypeError, match=rf"got {dtype}; use ids\.long\(\)"):
+        layer(torch.tensor([[1, 2]], dtype=dtype))
+    with pytest.raises(TypeError, match=rf"got {dtype}"):
+        one_hot_embedding(torch.tensor([1], dtype=dtype), torch.randn(10, 4))
+    ids = torch.tensor([[1, 2]])
+    torch.testing.assert_close(layer(ids.int()), layer(ids))

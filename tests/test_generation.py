@@ -147,6 +147,39 @@ def test_generation_errors():
         generate_text_simple(lambda x: x, torch.tensor([[1]]), 3, 4)
 
 
+class NaNFromStep(nn.Module):
+    """LastTokenPlusOne whose logits turn NaN once the sequence reaches ``length`` tokens."""
+
+    def __init__(self, length: int, vocab: int = 50):
+        super().__init__()
+        self.inner, self.length = LastTokenPlusOne(vocab), length
+
+    def forward(self, idx):
+        logits = self.inner(idx)
+        return logits * float("nan") if idx.shape[1] >= self.length else logits
+
+
+def test_greedy_decoding_refuses_non_finite_logits():
+    # argmax of NaN logits is token 0: without the check a diverged model "says" 0, 0, 0, ...
+    with pytest.raises(ValueError, match="new token 3 of 5: the model's logits are not finite.*diverged"):
+        generate_text_simple(NaNFromStep(length=4), torch.tensor([[1, 2]]), 5, context_size=8)
+    model = GPTModel(get_config("gpt-tiny", vocab_size=300))
+    with torch.no_grad():
+        model.final_norm.weight[0] = float("nan")
+    with pytest.raises(ValueError, match="new token 1 of 3.*not finite"):
+        generate_text_simple(model, torch.tensor([[1, 2]]), 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16])
+def test_greedy_decoding_refuses_small_id_dtypes(dtype):
+    # uint8 would wrap every generated id above 255 around, silently.
+    with pytest.raises(TypeError, match=rf"idx must hold integer token ids.*got {dtype}.*idx\.long\(\)"):
+        generate_text_simple(LastTokenPlusOne(300), torch.tensor([[100]], dtype=dtype), 3, 4)
+    model = GPTModel(get_config("gpt-tiny", vocab_size=300))
+    idx = torch.tensor([[254, 3]])
+    assert generate_text_simple(model, idx.int(), 4).tolist() == generate_text_simple(model, idx, 4).tolist()
+
+
 # --------------------------------------------------------------------------- #
 # Text helpers
 # --------------------------------------------------------------------------- #
@@ -181,6 +214,29 @@ def test_untrained_model_makes_text_of_the_right_length(gpt2_encoding):
     out = generate_text_simple(model, text_to_token_ids("Hello, I am", gpt2_encoding), 6)
     assert out.shape == (1, 4 + 6)
     assert isinstance(token_ids_to_text(out, gpt2_encoding), str)
+
+
+def test_token_ids_past_the_vocabulary_are_named(gpt2_encoding):
+    for ids in ([15496, 50257], torch.tensor([[15496, 99999]]), [-1]):
+        bad = ids[0, 1].item() if isinstance(ids, torch.Tensor) else ids[-1]
+        with pytest.raises(ValueError, match=rf"token id {bad} is not in the tokenizer's vocabulary of 50257 ids"):
+            token_ids_to_text(ids, gpt2_encoding)
+    with pytest.raises(KeyError):  # what tiktoken itself does: the reason for the check
+        gpt2_encoding.decode([15496, 50257])
+    assert token_ids_to_text([15496, 50256], gpt2_encoding) == gpt2_encoding.decode([15496, 50256])
+
+
+def test_a_tokenizer_name_or_class_is_not_a_tokenizer():
+    from course_lib.tokenizers import GPT2Tokenizer
+
+    # "gpt2" has str.encode, which used to be called with the text as its encoding name.
+    for call in (lambda: text_to_token_ids("hi", "gpt2"), lambda: text_to_token_ids("hi", b"gpt2")):
+        with pytest.raises(TypeError, match="tokenizer must be a tokenizer object with .encode.*'gpt2'"):
+            call()
+    with pytest.raises(TypeError, match="tokenizer must be a tokenizer object with .decode.*tiktoken.get_encoding"):
+        token_ids_to_text([1, 2], "gpt2")
+    with pytest.raises(TypeError, match="not the class GPT2Tokenizer"):
+        text_to_token_ids("hi", GPT2Tokenizer)
 
 
 def test_text_helper_errors(gpt2_encoding):

@@ -206,10 +206,42 @@ def test_encode_iterable_streams_a_book_like_tiktoken(tok, ref):
     assert streamed == ref.encode(path.read_text(encoding="utf-8"))
 
 
+def test_encode_iterable_found_by_hypothesis(tok, ref):
+    # A whitespace run's split depends on the character after the whole run: " \xa0" is one
+    # pre-token at the end of the text but " " + "\xa0" before "0". The old cut after "\xa0"
+    # encoded " \xa0" alone.
+    assert list(tok.encode_iterable([" \xa00:"], buffer_chars=1)) == ref.encode(" \xa00:") == [220, 1849, 15, 25]
+
+
+# Whitespace runs (Unicode spaces, newlines, tabs), contractions and digits, where the cut
+# decides how the text around it is pre-tokenized.
+STREAM_EDGE_CASES = [
+    " \xa00:", "a \xa0\xa0b", "x\n\n y", "a    1", " \u3000x", "we\u2009'll go", "it's", "x're!",
+    "we'l l", "\r\n\r\nz", "a \n\tb", "... ?", " \xa0<|endoftext|> \xa0a", "1 2\u00a03\u20034",
+    "naïve café\u202f!", "\t\t'", "a' ve", " 'll\n", "東京 \u3000 大阪", "x\u0301 \u0301",
+    "\n\na ", " \xa0a'", "\xa0\xa0'\r", "\n\xa0a\u3000", "\t\ta\n", "\n\n'\t",
+]
+
+
+@pytest.mark.parametrize("text", STREAM_EDGE_CASES, ids=[repr(t)[:30] for t in STREAM_EDGE_CASES])
+def test_encode_iterable_like_tiktoken_at_every_cut(tok, ref, text):
+    """Every way of cutting the text into two or three chunks, with cuts tried after each chunk."""
+    kw = {"allowed_special": "all"}
+    expected = ref.encode(text, **kw)
+    n = len(text)
+    for i in range(n + 1):
+        for j in range(i, n + 1):
+            parts = [text[:i], text[i:j], text[j:]]
+            for buffer_chars in (1, 2, 3):
+                got = list(tok.encode_iterable(parts, buffer_chars=buffer_chars, **kw))
+                assert got == expected, (parts, buffer_chars)
+
+
 @settings(max_examples=100, deadline=None)
 @given(parts=st.lists(st.text(max_size=8), max_size=12), buffer_chars=st.integers(1, 16))
 @example(parts=["we'l", "l go"], buffer_chars=1)
 @example(parts=["a <|endoftext|", "> b"], buffer_chars=1)
+@example(parts=[" \xa00:"], buffer_chars=1)
 def test_encode_iterable_like_tiktoken_however_the_text_is_cut(tok, ref, parts, buffer_chars):
     text = "".join(parts)
     for kw in ({"allowed_special": "all"}, {"disallowed_special": ()}):
@@ -219,6 +251,18 @@ def test_encode_iterable_like_tiktoken_however_the_text_is_cut(tok, ref, parts, 
 # --------------------------------------------------------------------------- #
 # Files and bad input
 # --------------------------------------------------------------------------- #
+def test_from_files_names_a_binary_file(tmp_path):
+    binary = tmp_path / "encoder.json"
+    binary.write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(ValueError, match="encoder_json .*encoder.json' is not JSON"):
+        GPT2Tokenizer.from_files(binary, fetch("gpt2-vocab-bpe", progress=False))
+    with pytest.raises(ValueError, match="vocab_bpe .*encoder.json' is not UTF-8"):
+        GPT2Tokenizer.from_files(fetch("gpt2-encoder", progress=False), binary)
+    binary.write_text('{"a": "0"}', encoding="utf-8")
+    with pytest.raises(ValueError, match="token -> id"):
+        GPT2Tokenizer.from_files(binary, fetch("gpt2-vocab-bpe", progress=False))
+
+
 def test_from_files_checks_its_inputs(tmp_path):
     encoder, vocab = fetch("gpt2-encoder", progress=False), fetch("gpt2-vocab-bpe", progress=False)
     with pytest.raises(ValueError, match="not JSON|swap"):

@@ -329,6 +329,16 @@ def test_clear_errors():
         FeedForward(0)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.uint16])
+def test_ids_of_small_integer_dtypes_are_refused(dtype):
+    # torch.tensor([[300]], dtype=torch.uint8) already holds 44: such ids cannot be trusted.
+    model = GPTModel(get_config("gpt-tiny", vocab_size=300)).eval()
+    with pytest.raises(TypeError, match=rf"got {dtype}.*idx\.long\(\)"):
+        model(torch.tensor([[1, 2, 3]]).to(dtype))
+    with torch.no_grad():  # int32 is what nn.Embedding takes besides int64: accepted, same logits
+        torch.testing.assert_close(model(torch.tensor([[1, 299]], dtype=torch.int32)), model(torch.tensor([[1, 299]])))
+
+
 # --------------------------------------------------------------------------- #
 # The production path: bf16 autocast and torch.compile, without changes
 # --------------------------------------------------------------------------- #

@@ -168,6 +168,43 @@ def test_bad_names_and_configs(tmp_path):
         load_gpt2(folder)
 
 
+@pytest.mark.parametrize("write, says", [
+    (lambda f, cfg: f.write_bytes(b"\xff\xfe{ not text"), "not a text file"),
+    (lambda f, cfg: f.write_text('{"n_embd": 48,', encoding="utf-8"), "not valid JSON"),
+    (lambda f, cfg: f.write_text("[48, 3]", encoding="utf-8"), "JSON list, not an object"),
+    (lambda f, cfg: f.write_text(json.dumps({k: v for k, v in cfg.items() if k != "n_embd"})), r"lacks \['n_embd'\]"),
+    (lambda f, cfg: f.write_text(json.dumps({**cfg, "n_embd": "48"})), "n_embd is \"48\", but must be a whole number"),
+    (lambda f, cfg: f.write_text(json.dumps({**cfg, "n_head": True})), "n_head is true, but must be a whole number"),
+    (lambda f, cfg: f.write_text(json.dumps({**cfg, "n_positions": None})), "n_positions is null"),
+    (lambda f, cfg: f.write_text(json.dumps({**cfg, "layer_norm_epsilon": "1e-5"})), "layer_norm_epsilon"),
+    (lambda f, cfg: f.write_text(json.dumps({**cfg, "resid_pdrop": None})), "resid_pdrop is null"),
+    (lambda f, cfg: f.write_text(json.dumps({**cfg, "tie_word_embeddings": "false"})), "must be true or false"),
+    (lambda f, cfg: f.write_text(json.dumps({**cfg, "n_head": 5})), "divisible by n_heads"),
+    (lambda f, cfg: f.write_text(json.dumps({**cfg, "n_layer": 0})), "n_layers must be a positive integer"),
+], ids=["not-utf8", "not-json", "a-list", "missing-key", "str-size", "bool-size", "null-size", "str-eps",
+        "null-dropout", "str-tie", "heads-do-not-divide", "zero-layers"])
+def test_broken_config_json_is_named(tmp_path, write, says):
+    folder = _saved(tmp_path)
+    config_file = folder / "config.json"
+    write(config_file, json.loads(config_file.read_text()))
+    with pytest.raises(ValueError, match=says) as err:
+        load_gpt2(folder)
+    assert str(config_file) in str(err.value)
+
+
+def test_broken_shard_index_is_named(tmp_path):
+    folder = _saved(tmp_path)
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    index = folder / "model.safetensors.index.json"
+    for text, says in [("{oops", "not valid JSON"), ('{"metadata": {}}', "weight_map"), ("[1]", "weight_map")]:
+        index.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=says) as err:
+            load_gpt2(folder)
+        assert str(index) in str(err.value)
+    index.write_text(json.dumps({"weight_map": {"wte.weight": "model-00001-of-00001.safetensors"}}))
+    assert load_gpt2(folder).cfg.n_layers == SMALL["n_layer"]
+
+
 # --------------------------------------------------------------------------- #
 # Ours -> Hugging Face
 # --------------------------------------------------------------------------- #
@@ -248,3 +285,15 @@ def test_base_model_is_pretrained_once_cached_and_reused(tmp_path, monkeypatch):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(AssertionError, match="reused"):
         pretrained.load_base_model("tiny", cache_dir=tmp_path, verbose=False)
+
+
+def test_an_unwritable_cache_still_gives_a_base_model_and_says_why_it_is_not_cached(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    quick = dataclasses.replace(pretrained.BASE_RECIPES["tiny"], max_chars=20_000, max_steps=2)
+    monkeypatch.setitem(pretrained.BASE_RECIPES, "tiny", quick)
+    (tmp_path / "afile").write_text("COURSE_DATA_DIR pointed at a file by mistake")
+    model = pretrained.load_base_model("tiny", cache_dir=tmp_path / "afile", verbose=False)
+    assert not model.training and model.cfg == pretrained.GPT_CONFIGS["gpt-tiny"]
+    out = capsys.readouterr().out
+    assert "could not cache the base model" in out and "afile is a file" in out and "COURSE_DATA_DIR" in out

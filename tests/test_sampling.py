@@ -173,6 +173,87 @@ def test_generation_stops_at_eos(model):
     assert row0[: stop + 1] == greedy[: stop + 1] and set(row0[stop:]) == {eos}
 
 
+def test_tiny_temperatures_approach_greedy_instead_of_failing(model):
+    idx = _prompt(2, 5)
+    greedy = generate(model, idx, 12)
+    for temperature in (1e-45, 5e-324, 1e-30):  # 1e-45 used to end in "probability tensor contains inf"
+        assert generate(model, idx, 12, temperature=temperature, top_k=5, top_p=0.9).tolist() == greedy.tolist()
+        assert generate(model, idx, 12, temperature=temperature).tolist() == greedy.tolist()
+    # Exact ties stay a fair draw among the tied tokens, as in the limit of softmax(logits / T).
+    logits = torch.tensor([[3.0e30, -1.0e30, 3.0e30, float("-inf")]])
+    draws = sample_next_token(logits.repeat(2000, 1), 1e-45, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws.flatten(), minlength=4).tolist()
+    assert counts[1] == counts[3] == 0 and 800 < counts[0] < 1200
+
+
+class _Scripted(nn.Module):
+    """Returns ``logits_at(step)`` for the last position; counts the steps."""
+
+    def __init__(self, logits_at):
+        super().__init__()
+        self.logits_at, self.calls, self.cfg = logits_at, 0, CFG
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, idx):
+        self.calls += 1
+        out = torch.zeros(idx.shape[0], idx.shape[1], CFG.vocab_size)
+        out[:, -1] = self.logits_at(self.calls)
+        return out
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_non_finite_logits_are_an_error_naming_the_step(bad, temperature):
+    def logits_at(step):
+        row = torch.randn(CFG.vocab_size)
+        if step >= 3:
+            row[7] = bad
+        return row
+
+    with pytest.raises(ValueError, match="generate, new token 3 of 10: the model's logits are not finite.*diverged"):
+        generate(_Scripted(logits_at), _prompt(), 10, temperature=temperature, use_cache=False)
+
+
+def test_minus_inf_rules_tokens_out_but_a_row_of_only_minus_inf_is_an_error():
+    logits = torch.full((2, 5), float("-inf"))
+    logits[:, 3] = 0.0
+    assert sample_next_token(logits, 1.0).flatten().tolist() == [3, 3]
+    logits[1] = float("-inf")
+    with pytest.raises(ValueError, match=r"sample_next_token: .*batch row\(s\) \[1\]"):
+        sample_next_token(logits, 1.0)
+    with pytest.raises(ValueError, match="not finite"):
+        sample_next_token(torch.tensor([[0.0, float("nan")]]), 0.0)
+
+
+def test_real_model_with_nan_weights(model):
+    broken = GPTModel(CFG).eval()
+    broken.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        broken.trf_blocks[1].ff.layers[0].weight[0, 0] = float("nan")
+    for kw in ({}, {"temperature": 0.7, "top_k": 20}):
+        with pytest.raises(ValueError, match="new token 1 of 5"):
+            generate(broken, _prompt(), 5, **kw)
+
+
+def test_bad_sampling_inputs_are_named(model):
+    with pytest.raises(TypeError, match="generator must be None or a torch.Generator"):
+        generate(model, _prompt(), 2, temperature=1.0, generator=5)
+    with pytest.raises(TypeError, match="use_cache must be True or False, got 'no'"):
+        generate(model, _prompt(), 2, use_cache="no")
+    with pytest.raises(TypeError, match="logits must be a float tensor"):
+        top_k_filter([1.0, 3.0, 2.0], 2)
+    with pytest.raises(TypeError, match="logits must be a float tensor"):
+        top_p_filter(torch.tensor([1, 3, 2]), 0.5)
+    with pytest.raises(ValueError, match=r"logits must be \[batch, vocab\].*logits\[:, -1, :\]"):
+        sample_next_token(torch.randn(1, 2, 5), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16])
+def test_small_id_dtypes_are_refused(model, dtype):
+    with pytest.raises(TypeError, match=rf"got {dtype}.*idx\.long\(\)"):
+        generate(model, _prompt().to(dtype), 3)
+
+
 @pytest.mark.parametrize("kwargs, name", [
     (dict(temperature=-0.1), "temperature"), (dict(top_k=0), "top_k"), (dict(top_k=2.5), "top_k"),
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(eos_id=CFG.vocab_size), "eos_id"),

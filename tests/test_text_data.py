@@ -140,6 +140,25 @@ def test_loader_errors():
         create_dataloader(ids, batch_size=1, max_length=4, stride=4, num_workers=-1)
 
 
+def test_a_tokenizer_name_is_not_a_tokenizer():
+    # str has an encode method: "gpt2".encode(text) used to fail with "unknown encoding: <the text>".
+    text = "It was a dark and stormy night. " * 20
+    with pytest.raises(TypeError, match=r"tokenizer must be a tokenizer object with \.encode\(\).*"
+                                        r"tiktoken\.get_encoding\('gpt2'\).*got the str 'gpt2'"):
+        create_dataloader(text, tokenizer="gpt2", batch_size=2, max_length=8, stride=8)
+    with pytest.raises(TypeError, match="tokenizer must be a tokenizer object"):
+        GPTDataset(text, max_length=8, stride=8, tokenizer=b"gpt2")
+    with pytest.raises(TypeError, match="tokenizer must be a tokenizer object"):
+        encode_text(text, "cl100k_base")
+
+
+def test_loader_flags_must_be_bools():
+    with pytest.raises(TypeError, match="shuffle must be True or False, got 'no'"):
+        create_dataloader(list(range(20)), batch_size=1, max_length=4, stride=4, shuffle="no")
+    with pytest.raises(TypeError, match="drop_last must be True or False"):
+        create_dataloader(list(range(20)), batch_size=1, max_length=4, stride=4, drop_last=None)
+
+
 # --------------------------------------------------------------------------- #
 # Tokenizing: once, with the right call
 # --------------------------------------------------------------------------- #

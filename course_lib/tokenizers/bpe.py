@@ -53,6 +53,14 @@ __all__ = ["GPT2_SPLIT_PATTERN", "ByteLevelBPE", "BPETokenizer", "bytes_to_unico
 #: ``regex`` package for ``\p{L}`` (any letter) and ``\p{N}`` (any digit).
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
+#: tiktoken's spelling of GPT-2's pattern: the same splits as :data:`GPT2_SPLIT_PATTERN`,
+#: written with possessive quantifiers so that the regex engine never backtracks.
+TIKTOKEN_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+# Patterns for which ByteLevelBPE._safe_cut's rule is proven (see its docstring).
+_STREAMABLE_PATTERNS = frozenset({GPT2_SPLIT_PATTERN, TIKTOKEN_GPT2_PATTERN})
+_WHITESPACE = regex.compile(r"\s")
+
 _CACHE_MAX = 100_000  # pre-tokens remembered by one tokenizer before the cache is emptied
 _FORMAT = "course_lib.BPETokenizer"
 
@@ -112,6 +120,18 @@ def _check_text(text: Any, name: str = "text") -> None:
         raise TypeError(f"{name} must be a str, got {type(text).__name__}{hint}")
 
 
+def _compile_pattern(pattern: Any) -> regex.Pattern:
+    """``pattern`` compiled with ``regex``; a clear error naming ``pattern`` if it is not one."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a str (a regular expression such as GPT2_SPLIT_PATTERN), "
+                        f"got {type(pattern).__name__}")
+    try:
+        return regex.compile(pattern)
+    except regex.error as err:
+        raise ValueError(f"pattern {pattern[:60]!r} is not a valid regular expression ({err}); fix it or "
+                         f"leave pattern out for GPT-2's (GPT2_SPLIT_PATTERN)") from None
+
+
 def _as_special_set(value: Any, name: str) -> frozenset[str]:
     if isinstance(value, str):
         raise TypeError(f"{name} must be 'all' or a collection of strings, e.g. {{{value!r}}}; "
@@ -151,7 +171,7 @@ class ByteLevelBPE:
         self.vocab = vocab
         self.special_tokens = dict(special_tokens)
         self.pattern = pattern
-        self._pat = regex.compile(pattern)
+        self._pat = _compile_pattern(pattern)
         self._byte_ids = list(byte_ids)
         self._pair_merges = pair_merges
         self._cache: dict[str, list[int]] = {}
@@ -310,11 +330,20 @@ class ByteLevelBPE:
         whatever text ``more`` follows (0 when no such position is known yet).
 
         Never cut inside a special token, nor where one may be starting at the end of
-        ``buf``; right after a complete special token is always safe. Otherwise keep the
-        last two pre-tokens: a pre-token's extent is decided by at most the next two
-        (``\\s+(?!\\S)`` looks one character ahead; ``'ll`` needs two after the quote).
-        This holds for GPT-2's pattern and ones like it (no look-behind, look-ahead of at
-        most one character).
+        ``buf``; right after a complete special token is always safe. Otherwise, with
+        GPT-2's pattern, cut at the start ``c`` of a pre-token such that
+
+        * the character before ``c`` is not whitespace: how ``\\s+(?!\\S)`` splits a run of
+          whitespace depends on the character after the *whole* run (``" \\xa0"`` is one
+          pre-token at the end of the text, two before a digit), so no run may touch the
+          cut;
+        * at least two characters follow ``c``: a run of letters, digits or symbols that
+          ends at ``c`` is only known to end once the next character is seen, and a lone
+          ``'`` just before ``c`` may still become ``'ll``, ``'re`` or ``'ve``.
+
+        Then every pre-token before ``c`` was decided by characters of ``buf`` and is the
+        same in ``buf[:c]``. For any other pattern no such rule is known, and
+        only the cuts after special tokens are used.
         """
         end = len(buf)
         for tok in specials:  # a special token may begin in the last len(tok) - 1 characters
@@ -326,8 +355,17 @@ class ByteLevelBPE:
         if specials:
             for m in _special_regex(specials).finditer(buf, 0, end):
                 start = m.end()
-        starts = [m.start() for m in self._pat.finditer(buf, start, end)]
-        return starts[-2] if len(starts) >= 3 else start
+        if self.pattern not in _STREAMABLE_PATTERNS:
+            return start
+        last = end - 2
+        cut = start
+        for m in self._pat.finditer(buf, start, end):
+            c = m.start()
+            if c > last:
+                break
+            if c > start and not _WHITESPACE.match(buf, c - 1):
+                cut = c
+        return cut
 
     def encode_iterable(self, iterable: Iterable[str], *,
                         allowed_special: Literal["all"] | Collection[str] = frozenset(),
@@ -338,20 +376,26 @@ class ByteLevelBPE:
         Made for files: ``with open(path) as f: ids = tok.encode_iterable(f)`` streams a
         file of any size line by line. The result equals ``encode("".join(iterable))``:
         text is held back until it can be cut where no pre-token or special token crosses
-        the cut (about ``buffer_chars`` characters are kept; more only while one pre-token
-        is longer than that).
+        the cut, whatever text comes next (about ``buffer_chars`` characters are kept; more
+        while no such cut is known, e.g. inside a long run of whitespace). With a
+        pre-tokenization pattern other than GPT-2's, text is cut only after special tokens.
 
         Raises:
             ValueError: a disallowed special token appears (see :meth:`encode`); ids before
-                it have already been yielded.
-            TypeError: an item of ``iterable`` is not a str.
+                it have already been yielded. ``buffer_chars`` not a positive int.
+            TypeError: ``iterable`` is not an iterable of str (bytes, a number).
         """
         if isinstance(iterable, (bytes, bytearray)):
             raise TypeError("iterable must yield str; open the file in text mode (open(path, encoding='utf-8'))")
         if isinstance(iterable, str):  # one string is one chunk, not a stream of characters
             iterable = [iterable]
-        if not isinstance(buffer_chars, int) or buffer_chars < 1:
+        if isinstance(buffer_chars, bool) or not isinstance(buffer_chars, int) or buffer_chars < 1:
             raise ValueError(f"buffer_chars must be a positive int, got {buffer_chars!r}")
+        try:
+            iterable = iter(iterable)
+        except TypeError:
+            raise TypeError(f"iterable must be an iterable of str (a list of strings or an open text file), "
+                            f"got {type(iterable).__name__}") from None
         allowed, disallowed = self._resolve_special(allowed_special, disallowed_special)
         watch = allowed | disallowed   # every special token whose text changes the result
         kwargs = dict(allowed_special=allowed, disallowed_special=disallowed)
@@ -383,6 +427,9 @@ class ByteLevelBPE:
         """
         if hasattr(ids, "tolist"):  # torch.Tensor, numpy array
             ids = ids.tolist()
+        if isinstance(ids, (str, bytes, bytearray)):
+            raise TypeError(f"ids must be a sequence of int token ids, got a {type(ids).__name__} "
+                            f"(to get the ids of a text, call encode)")
         vocab = self.vocab
         try:
             return b"".join([vocab[i] for i in ids])
@@ -466,13 +513,17 @@ class BPETokenizer(ByteLevelBPE):
         special_tokens (dict[str, int]): special token -> id.
 
     Raises:
-        ValueError: a merge uses something that is not yet a token.
+        ValueError: a merge uses something that is not yet a token; ``pattern`` is not a
+            valid regular expression.
+        TypeError: ``merges`` is not a sequence of pairs of bytes.
     """
 
     def __init__(self, merges: Sequence[tuple[bytes, bytes]],
                  special_tokens: Sequence[str] = ("<|endoftext|>",),
                  pattern: str = GPT2_SPLIT_PATTERN):
         specials = _check_special_tokens(special_tokens)
+        if isinstance(merges, (str, bytes)) or not isinstance(merges, Iterable):
+            raise TypeError(f"merges must be a sequence of (bytes, bytes) pairs, got {type(merges).__name__}")
         vocab = {b: bytes([b]) for b in range(256)}
         first_id = {tok: i for i, tok in vocab.items()}  # bytes -> its (first) id
         pair_merges: dict[tuple[int, int], tuple[int, int]] = {}
@@ -525,8 +576,9 @@ class BPETokenizer(ByteLevelBPE):
             vocabulary is smaller than asked.
 
         Raises:
-            ValueError: ``vocab_size`` has no room for the 256 bytes and the special tokens.
-            TypeError: ``text`` is not a str, ``vocab_size`` not an int.
+            ValueError: ``vocab_size`` has no room for the 256 bytes and the special tokens,
+                or ``pattern`` is not a valid regular expression.
+            TypeError: ``text`` or ``pattern`` is not a str, ``vocab_size`` not an int.
 
         Example::
 
@@ -539,6 +591,7 @@ class BPETokenizer(ByteLevelBPE):
         except UnicodeEncodeError:  # lone surrogates: clean up as encode() does
             text = _fix_surrogates(text)
         specials = _check_special_tokens(special_tokens)
+        pat = _compile_pattern(pattern)
         if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
             raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
         smallest = 256 + len(specials)
@@ -548,7 +601,6 @@ class BPETokenizer(ByteLevelBPE):
         n_merges = vocab_size - smallest
 
         # 1. Pre-tokenize each document and count how often each piece occurs.
-        pat = regex.compile(pattern)
         docs = _special_regex(frozenset(specials)).split(text) if specials else [text]
         piece_counts: Counter[str] = Counter()
         for doc in docs:
@@ -645,8 +697,13 @@ class BPETokenizer(ByteLevelBPE):
 
         Returns:
             the path written.
+
+        Raises:
+            IsADirectoryError: ``path`` is a folder.
         """
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder; give a file name, e.g. {path / 'tokenizer.json'}")
         header = {"format": _FORMAT, "version": 1, "byte_alphabet": "gpt2-bytes-to-unicode",
                   "pattern": self.pattern, "special_tokens": self.special_tokens}
         head = json.dumps(header, ensure_ascii=False, indent=2)[:-2]  # drop the closing "\n}"
@@ -670,26 +727,49 @@ class BPETokenizer(ByteLevelBPE):
 
         Raises:
             FileNotFoundError: no such file.
-            ValueError: the file is not a tokenizer saved by :meth:`save`, or is damaged.
+            IsADirectoryError: ``path`` is a folder.
+            ValueError: the file is not a tokenizer saved by :meth:`save` (not UTF-8 text,
+                not JSON, another format), or is damaged (a merge that is not a pair of
+                strings, special tokens that are not ``{token: id}``, an invalid pattern):
+                the message names the file and the entry.
         """
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder; give the tokenizer's file, e.g. {path / 'tokenizer.json'}")
+        damaged = f"{path} is a damaged BPETokenizer file"
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not UTF-8 text, so not a file written by BPETokenizer.save") from None
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err}); was it written by BPETokenizer.save?") from None
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a BPETokenizer file (no \"format\": \"{_FORMAT}\")")
         if data.get("version") != 1:
             raise ValueError(f"{path} has version {data.get('version')!r}; this course_lib reads version 1")
+        missing = [k for k in ("pattern", "special_tokens", "merges") if k not in data]
+        if missing:
+            raise ValueError(f"{damaged}: missing {missing}")
+        raw_merges, raw_specials, pattern = data["merges"], data["special_tokens"], data["pattern"]
+        if not isinstance(raw_merges, list):
+            raise ValueError(f"{damaged}: \"merges\" must be a list of [left, right] pairs")
+        merges = []
+        for i, pair in enumerate(raw_merges):
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise ValueError(f"{damaged}: merge {i} is {json.dumps(pair, ensure_ascii=False)[:40]}, "
+                                 f"not a [left, right] pair of strings")
+            merges.append((_from_printable(pair[0], f"{path}: merge {i}"),
+                           _from_printable(pair[1], f"{path}: merge {i}")))
+        if not (isinstance(raw_specials, dict) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                       for i in raw_specials.values())):
+            raise ValueError(f"{damaged}: \"special_tokens\" must be an object {{token: id}}, "
+                             f"got {json.dumps(raw_specials, ensure_ascii=False)[:40]}")
+        specials = sorted(raw_specials.items(), key=lambda kv: kv[1])
         try:
-            merges = [(_from_printable(a, f"{path}: merge {i}"), _from_printable(b, f"{path}: merge {i}"))
-                      for i, (a, b) in enumerate(data["merges"])]
-            specials = sorted(data["special_tokens"].items(), key=lambda kv: kv[1])
-            tok = cls(merges, [s for s, _ in specials], data["pattern"])
-        except (KeyError, TypeError, ValueError) as err:
-            detail = f"missing {err}" if isinstance(err, KeyError) else str(err)
-            raise ValueError(f"{path} is a damaged BPETokenizer file: {detail}") from None
-        if tok.special_tokens != data["special_tokens"]:
-            raise ValueError(f"{path}: special token ids {data['special_tokens']} do not follow the "
+            tok = cls(merges, [s for s, _ in specials], pattern)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{damaged}: {err}") from None
+        if tok.special_tokens != raw_specials:
+            raise ValueError(f"{path}: special token ids {raw_specials} do not follow the "
                              f"{len(merges)} merges (expected {tok.special_tokens})")
         return tok

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .bpe import GPT2_SPLIT_PATTERN, ByteLevelBPE, _from_printable
+from .bpe import GPT2_SPLIT_PATTERN, TIKTOKEN_GPT2_PATTERN, ByteLevelBPE, _from_printable
 
 if TYPE_CHECKING:  # pragma: no cover
     import tiktoken
@@ -37,10 +37,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["GPT2Tokenizer", "tiktoken_gpt2", "TIKTOKEN_GPT2_PATTERN", "ENDOFTEXT"]
 
 ENDOFTEXT = "<|endoftext|>"
-
-#: tiktoken's spelling of GPT-2's pattern: the same splits as :data:`GPT2_SPLIT_PATTERN`,
-#: written with possessive quantifiers so that the regex engine never backtracks.
-TIKTOKEN_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
 class GPT2Tokenizer(ByteLevelBPE):
@@ -112,12 +108,16 @@ class GPT2Tokenizer(ByteLevelBPE):
         """
         try:
             encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"encoder_json {str(encoder_json)!r} is not JSON ({err}); "
                              f"pass GPT-2's encoder.json") from None
-        if not isinstance(encoder, dict):
+        if not isinstance(encoder, dict) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                    for i in encoder.values()):
             raise ValueError(f"encoder_json {str(encoder_json)!r} must hold a JSON object token -> id")
-        lines = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")
+        try:
+            lines = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"vocab_bpe {str(vocab_bpe)!r} is not UTF-8 text ({err}); pass GPT-2's vocab.bpe") from None
         if not lines[0].startswith("#version"):
             raise ValueError(f"vocab_bpe {str(vocab_bpe)!r} does not start with '#version': pass GPT-2's vocab.bpe "
                              f"(did you swap the two arguments?)")
