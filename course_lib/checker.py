@@ -11,9 +11,18 @@ latest edits are always the ones checked), then prints one line per exercise:
 
 * ``passed``      — every test of that exercise passed;
 * ``failed``      — with what was expected, what came back, and a hint;
-* ``not started`` — the function still raises ``NotImplementedError``.
+* ``not started`` — the function still raises ``NotImplementedError``;
+* ``not run``     — the run was stopped (time limit) before reaching it.
 
-It never raises for a failing exercise, so a notebook keeps running.
+It never raises for a failing exercise, so a notebook keeps running. A check that runs
+past 30 s (an endless loop) fails naming its line and the exercise's other checks are
+skipped; a loop, ``sys.exit()`` or ``os._exit()`` at the top level of the file is reported
+as such.
+
+What it protects, and what not: the learner's code runs in a separate process whose
+working directory is an empty temporary folder, so relative-path writes and deletes land
+there and vanish. It is **not a sandbox**: the code has the learner's own rights, and
+absolute paths, the home folder, the network and other processes are within its reach.
 """
 
 from __future__ import annotations
@@ -28,18 +37,22 @@ from pathlib import Path
 
 from .paths import course_root
 
-__all__ = ["ExerciseResult", "CheckReport", "check", "run_checks", "exercise_file"]
+__all__ = ["ExerciseResult", "CheckReport", "check", "run_checks", "exercise_file",
+           "PASSED", "FAILED", "NOT_STARTED", "NOT_RUN"]
 
-PASSED, FAILED, NOT_STARTED = "passed", "failed", "not started"
+PASSED, FAILED, NOT_STARTED, NOT_RUN = "passed", "failed", "not started", "not run"
 
 
 @dataclass
 class ExerciseResult:
     name: str
-    status: str  # passed | failed | not started
+    status: str  # passed | failed | not started | not run
     checks: int = 0
     passed_checks: int = 0
     message: str = ""
+    skipped_checks: int = 0  # skipped after an earlier check of this exercise timed out
+    unrun_checks: int = 0    # never reached (the whole run was stopped)
+    note: str = ""
 
 
 @dataclass(repr=False)
@@ -55,7 +68,7 @@ class CheckReport:
 
     @property
     def counts(self) -> dict[str, int]:
-        out = {PASSED: 0, FAILED: 0, NOT_STARTED: 0}
+        out = {PASSED: 0, FAILED: 0, NOT_STARTED: 0, NOT_RUN: 0}
         for e in self.exercises:
             out[e.status] += 1
         return out
@@ -66,16 +79,24 @@ class CheckReport:
             lines.append(f"  could not run the checks: {self.error}")
             return "\n".join(lines)
         width = max((len(e.name) for e in self.exercises), default=10)
-        marks = {PASSED: "✔", FAILED: "✘", NOT_STARTED: "·"}
+        marks = {PASSED: "✔", FAILED: "✘", NOT_STARTED: "·", NOT_RUN: "?"}
         for e in self.exercises:
             line = f"  {marks[e.status]} {e.name:<{width}}  {e.status}"
             if e.status == PASSED:
                 line += f" ({e.checks} check{'s' if e.checks != 1 else ''})"
             elif e.status == FAILED:
-                line += f" ({e.passed_checks} of {e.checks} checks pass)"
+                skipped = f", {e.skipped_checks} skipped" if e.skipped_checks else ""
+                line += f" ({e.passed_checks} of {e.checks} checks pass{skipped})"
+            elif e.status == NOT_RUN and e.message:
+                line = f"  {marks[e.status]} {e.name:<{width}}  {e.message}"
             lines.append(line)
             if e.status == FAILED and e.message:
                 lines.extend("      " + m for m in e.message.splitlines())
+            if e.skipped_checks and e.status == FAILED:
+                lines.append(f"      ({e.skipped_checks} more check{'s' if e.skipped_checks != 1 else ''} of this "
+                             "exercise skipped after the time-out)")
+            if e.note:
+                lines.append(f"      ({e.note})")
         lines.append(self._summary() + ".")
         return "\n".join(lines)
 
@@ -83,7 +104,8 @@ class CheckReport:
         c = self.counts
         return (f"{c[PASSED]} of {len(self.exercises)} exercises passed"
                 + (f", {c[NOT_STARTED]} not started" if c[NOT_STARTED] else "")
-                + (f", {c[FAILED]} failing" if c[FAILED] else ""))
+                + (f", {c[FAILED]} failing" if c[FAILED] else "")
+                + (f", {c[NOT_RUN]} not run" if c[NOT_RUN] else ""))
 
     def __repr__(self) -> str:
         # one line: check() has already printed the full report, and a notebook shows this again
@@ -112,22 +134,59 @@ def _validate_step(step: int) -> int:
     return step
 
 
+def _read_events(path: Path) -> list[dict]:
+    """The plugin's JSON lines; a last line cut off by a kill is dropped."""
+    events = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return events
+
+
+def _validate_file(file: str | os.PathLike, step: int) -> Path:
+    target = Path(file).expanduser().resolve()
+    if target.is_dir():
+        raise ValueError(f"file {str(target)!r} is a folder: give the exercise file itself "
+                         f"(for example {target / f'step{step:02d}.py'})")
+    if not target.is_file():
+        raise ValueError(f"file {str(target)!r} does not exist: give the path of your exercise file "
+                         f"(by default the checker reads exercises/step{step:02d}.py)")
+    if target.suffix != ".py":
+        raise ValueError(f"file {str(target)!r} is not a Python file: give your exercises' .py file")
+    return target
+
+
 def run_checks(step: int, *, solutions: bool = False, file: str | os.PathLike | None = None,
                root: Path | None = None, timeout: float = 300, test_timeout: float = 30) -> CheckReport:
     """Run step ``step``'s exercise tests against a file and collect one result per exercise.
+
+    The tests run in a fresh Python process whose working directory is a new temporary
+    folder (removed afterwards), so the learner's code sees its latest edits and a relative
+    path it writes or deletes lands there. This is **not a sandbox**: the code runs with the
+    learner's own rights, and absolute paths, the home folder, the network and other
+    processes are within its reach, exactly as when the learner runs it in the notebook.
 
     Args:
         step: 1-9.
         solutions: check ``solutions/stepNN.py`` instead of ``exercises/stepNN.py``.
         file: check this file instead of either.
         root: the course folder (found automatically).
-        timeout: seconds before the whole check run is abandoned.
-        test_timeout: seconds before one check is stopped and reported as failed (the line
-            it was running is named: usually a loop that never ends). POSIX only.
+        timeout: seconds before the whole run is stopped (default 300). The results so far
+            are kept; the exercises not reached read ``not run: time limit``.
+        test_timeout: seconds before one check, or the import of the file, is stopped
+            (default 30; POSIX only). The check fails naming the line it was running
+            (usually a loop that never ends) and the exercise's other checks are skipped.
+
+    Raises:
+        ValueError: ``file`` is a folder, is missing or is not a ``.py`` file.
+        TypeError: ``step`` is not a number.
     """
     step = _validate_step(step)
     root = course_root() if root is None else Path(root)
-    target = Path(file).resolve() if file is not None else exercise_file(step, solutions, root)
+    target = _validate_file(file, step) if file is not None else exercise_file(step, solutions, root)
     report = CheckReport(step, target)
     tests = _test_file(step, root)
     if not tests.is_file():
@@ -136,33 +195,69 @@ def run_checks(step: int, *, solutions: bool = False, file: str | os.PathLike | 
     if not target.is_file():
         report.error = f"{target} does not exist"
         return report
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "report.json"
+    with tempfile.TemporaryDirectory(prefix="course-check-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="course-check-cwd-") as workdir:
+        out = Path(tmp) / "report.jsonl"
         cmd = [sys.executable, "-m", "pytest", str(tests), "-q", "-p", "no:cacheprovider",
-               "-p", "no:randomly", "-o", "addopts=", "--no-header", "--tb=no",
+               "-p", "no:randomly", "-o", "addopts=", "--no-header", "--tb=no", f"--rootdir={root}",
                f"--exercise-file={target}", f"--exercise-report={out}", f"--exercise-timeout={test_timeout}"]
         # No third-party pytest plugins: the checks need none, and skipping their start-up halves the wait.
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
         env.setdefault("COURSE_PROFILE", "tiny")
+        timed_out = False
         try:
-            proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            report.error = f"the checks took longer than {timeout:.0f} s (an infinite loop?)"
-            return report
-        if not out.is_file():
+            timed_out, proc = True, None
+        events = _read_events(out)
+    _collect(report, events, proc, timeout if timed_out else None)
+    return report
+
+
+def _collect(report: CheckReport, events: list[dict], proc, timed_out_after: float | None) -> None:
+    """Fill ``report`` from the plugin's events (see ``tests/exercises/conftest.py``)."""
+    collected = next((e["collected"] for e in events if "collected" in e), None)
+    import_error = next((e["import_error"] for e in events if "import_error" in e), "")
+    finished = any(e.get("finished") for e in events)
+    importing = any("importing" in e for e in events) and not any("imported" in e for e in events)
+    if import_error:
+        report.error = import_error
+        return
+    if collected is None:
+        if timed_out_after is not None:
+            report.error = f"the checks did not start within {timed_out_after:.0f} s"
+        else:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
             report.error = f"pytest did not produce a report (exit {proc.returncode}):\n{tail}"
-            return report
-        raw = json.loads(out.read_text())
-    if raw.get("import_error"):
-        report.error = raw["import_error"]
-        return report
+        return
+    if importing and (timed_out_after is not None or not finished):
+        report.error = (f"your file exits when imported: the checker's process ended while importing "
+                        f"{report.target.name}" if timed_out_after is None else
+                        f"importing {report.target.name} did not finish within {timed_out_after:.0f} s")
+        return
+    # The check that was running when the process died or was stopped.
+    started = {e["start"] for e in events if "start" in e}
+    done = {e["test"]["name"] for e in events if "test" in e}
+    cut_short = next(iter(started - done), None)
+    if timed_out_after is not None:
+        why = f"not run: time limit ({timed_out_after:.0f} s for the whole check)"
+    elif not finished:
+        why = f"not run: the checker's process ended early (exit {proc.returncode})"
+    else:
+        why = "not run"
+
     by_name: dict[str, ExerciseResult] = {}
-    for test in raw["tests"]:
-        res = by_name.setdefault(test["exercise"], ExerciseResult(test["exercise"], PASSED))
+    for t in collected:
+        by_name.setdefault(t["exercise"], ExerciseResult(t["exercise"], NOT_RUN))
+    for test in (e["test"] for e in events if "test" in e):
+        res = by_name.setdefault(test["exercise"], ExerciseResult(test["exercise"], NOT_RUN))
+        if res.status == NOT_RUN:
+            res.status = PASSED
         res.checks += 1
         if test["outcome"] == "passed":
             res.passed_checks += 1
+        elif test["outcome"] == "skipped":
+            res.skipped_checks += 1
         elif test["not_implemented"]:
             if res.status == PASSED:
                 res.status = NOT_STARTED
@@ -170,22 +265,45 @@ def run_checks(step: int, *, solutions: bool = False, file: str | os.PathLike | 
             res.status = FAILED
             if not res.message:
                 res.message = f"[{test['name']}] {test['message']}".strip()
+    for t in collected:
+        if t["name"] not in done:
+            res = by_name[t["exercise"]]
+            res.checks += 1
+            if t["name"] != cut_short or finished:
+                res.unrun_checks += 1
+            else:
+                res.status = FAILED
+                res.message = res.message or (
+                    f"[{t['name']}] " + ("stopped by the time limit while running this check"
+                                         if timed_out_after is not None else
+                                         f"the checker's process ended during this check (exit {proc.returncode}): "
+                                         "does your code call os._exit, or crash Python?"))
     for res in by_name.values():
         # Partly written: some checks fail with NotImplementedError, some pass.
         if res.status == NOT_STARTED and res.passed_checks:
             res.status = FAILED
             res.message = res.message or "part of it still raises NotImplementedError"
+        if res.status == PASSED and res.unrun_checks:  # cannot count as passed
+            res.status = NOT_RUN
+            res.message = f"{why}; {res.passed_checks} of {res.checks} checks passed before that"
+        elif res.status == NOT_RUN:
+            res.message = why
+        elif res.unrun_checks:
+            res.note = f"{res.unrun_checks} check{'s' if res.unrun_checks != 1 else ''} {why}"
     report.exercises = list(by_name.values())
-    return report
 
 
 def check(step: int, *, solutions: bool = False, file: str | os.PathLike | None = None,
-          quiet: bool = False) -> CheckReport:
+          quiet: bool = False, test_timeout: float = 30) -> CheckReport:
     """Check step ``step``'s exercises and print the report (the notebooks' Ha cell).
 
-    Never raises for failing exercises; returns the :class:`CheckReport`.
+    Never raises for failing exercises; returns the :class:`CheckReport`. Arguments as for
+    :func:`run_checks`; ``quiet=True`` prints nothing.
+
+    Raises:
+        ValueError: ``file`` is a folder, is missing or is not a ``.py`` file; ``step`` is not 1-9.
     """
-    report = run_checks(step, solutions=solutions, file=file)
+    report = run_checks(step, solutions=solutions, file=file, test_timeout=test_timeout)
     if not quiet:
         print(report.format())
     return report

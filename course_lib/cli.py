@@ -4,12 +4,15 @@
     course data list [--verify]        which registered files are present
     course data fetch NAME... | --all [--mirror DIR]
                                        download or stage data (a classroom: --all, once)
-    course check N [--solutions | --file F]
+    course check N [--solutions | --file F] [--timeout S]
                                        check step N's exercises
-    course run N [--profile P]         execute notebook N headless, print time per section
+    course run N [--profile P] [--out DIR]
+                                       execute notebook N headless, print time per section
     course lab [JUPYTER OPTIONS]       open the course in JupyterLab
 
 Step code is imported inside the command that needs it, so ``course --help`` is instant.
+Bad input is one ``error: ...`` line on stderr and exit status 2. Output into a closed pipe
+(``course data list -l | head``) ends quietly, as for any Unix tool.
 """
 
 from __future__ import annotations
@@ -73,10 +76,12 @@ def _cmd_data_fetch(args) -> int:
     if args.all and args.names:
         targets += [e for e in data.entries(args.names) if e not in targets]
     failed = []
+    cache = Path(args.cache).expanduser() if args.cache else data.default_cache_dir()
     for e in targets:
         try:
             path = data.fetch(e, cache_dir=args.cache, mirror=args.mirror, progress=not args.quiet)
-            print(f"OK    {e.name:<22} {path}")
+            where = "" if path == cache / e.path else f"  (the mirror's copy, used in place: {cache} cannot be written)"
+            print(f"OK    {e.name:<22} {path}{where}")
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -95,8 +100,12 @@ def _cmd_data_fetch(args) -> int:
 def _cmd_check(args) -> int:
     from .checker import check
 
+    if args.timeout is not None and not 0 < args.timeout < float("inf"):
+        print(f"error: --timeout must be a finite number of seconds above 0, got {args.timeout:g}", file=sys.stderr)
+        return 2
     try:
-        report = check(args.step, solutions=args.solutions, file=args.file)
+        report = check(args.step, solutions=args.solutions, file=args.file,
+                       test_timeout=args.timeout if args.timeout is not None else 30)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -105,15 +114,17 @@ def _cmd_check(args) -> int:
 
 def _cmd_run(args) -> int:
     from .config import get_profile
-    from .notebook_runner import run_notebook
+    from .notebook_runner import find_notebook, run_notebook
 
-    from .notebook_runner import find_notebook
+    def section_done(name: str, seconds: float) -> None:
+        print(f"  {name} ... {seconds:.1f} s", flush=True)
 
     try:
         profile = get_profile(args.profile).name if args.profile else get_profile().name
         notebook = find_notebook(args.step)
-        print(f"executing {notebook.name} with the {profile} profile...", flush=True)
-        result = run_notebook(args.step, profile, out_dir=args.out, device=args.device)
+        print(f"executing {notebook.name} with the {profile} profile (each section's time as it finishes)...",
+              flush=True)
+        result = run_notebook(args.step, profile, out_dir=args.out, device=args.device, on_section=section_done)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -124,8 +135,16 @@ def _cmd_run(args) -> int:
 def _cmd_lab(args, extra: list[str]) -> int:
     from .paths import course_root
 
-    root = course_root()
+    try:
+        root = course_root()
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     passthrough = [a for a in extra if a != "--"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and "--allow-root" not in passthrough:
+        # JupyterLab refuses root unless told; classroom VMs and containers often run as root
+        print("running as root (a container or VM?): passing --allow-root to JupyterLab", flush=True)
+        passthrough.append("--allow-root")
     cmd = [sys.executable, "-m", "jupyter", "lab", f"--ServerApp.root_dir={root}",
            "--LabApp.default_url=/lab/tree/notebooks", *passthrough]
     print("starting JupyterLab on the course folder (notebooks/, exercises/, ...):", " ".join(cmd[1:]), flush=True)
@@ -163,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--solutions", action="store_true", help="check the reference solutions instead")
     g.add_argument("--file", help="check this file instead of exercises/stepNN.py")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop a check that runs longer than this (default 30; the exercise's other checks "
+                        "are then skipped)")
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("run", help="execute step N's notebook headless and save an executed copy")
@@ -178,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _dispatch(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.func is _cmd_lab:
@@ -186,6 +208,23 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``course`` command with ``argv`` (default ``sys.argv[1:]``); return its exit status.
+
+    A reader that closes the pipe early (``course data list -l | head``) ends the command
+    quietly with status 1, the way Python's documentation on SIGPIPE recommends.
+    """
+    try:
+        status = _dispatch(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at devnull so that flush cannot fail too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ sha256, size and license. :func:`fetch` turns a name into a local path:
    a file already there and verified is returned at once;
 2. a **mirror** folder (``$COURSE_DATA_MIRROR`` or ``mirror=``), laid out like
    the cache: a classroom share, a USB stick, CI's staged copy. A verified file
-   there is copied into the cache;
+   there is copied into the cache (or, when the cache cannot be written, returned
+   where it is);
 3. a **download** from each URL in turn, with a progress bar, checked against
    the sha256 before it is moved into place.
 
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .paths import find_course_root
+from .paths import find_course_root, writable_problem
 
 __all__ = [
     "DataFile",
@@ -52,6 +53,7 @@ __all__ = [
     "get_entry",
     "fetch",
     "status",
+    "file_problem",
     "default_cache_dir",
     "default_mirror",
     "sha256_of",
@@ -294,18 +296,43 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _check(path: Path, entry: DataFile) -> str | None:
-    """``None`` if ``path`` holds ``entry``'s bytes, else the reason it does not."""
+def _check(path: Path, entry: DataFile, verify: bool = True) -> str | None:
+    """``None`` if ``path`` holds ``entry``'s bytes, else the reason it does not.
+    With ``verify=False`` only the size is compared."""
     if not path.is_file():
         return "missing"
     size = path.stat().st_size
     if entry.size is not None and size != entry.size:
         return f"size {size:,} bytes, expected {entry.size:,}"
-    if entry.sha256 is not None:
+    if verify and entry.sha256 is not None:
         got = sha256_of(path)
         if got != entry.sha256:
             return f"sha256 {got[:16]}..., expected {entry.sha256[:16]}..."
     return None
+
+
+def file_problem(path: str | os.PathLike, name: str | DataFile, verify: bool = True) -> str | None:
+    """Why the file at ``path`` is not the registered file ``name``, or ``None`` if it is.
+
+    Args:
+        path: any file (a cached copy, a mirror's copy).
+        name: a registered name or :class:`DataFile`.
+        verify: compare the sha256 too (default); ``False`` compares the size only.
+
+    Returns:
+        ``None``, ``"missing"``, or the size or checksum that differs.
+
+    Raises:
+        ValueError: ``name`` is not registered.
+    """
+    return _check(Path(path), get_entry(name), verify)
+
+
+def _cache_label(cache_dir) -> str:
+    """How the user set the cache folder, for error messages."""
+    if cache_dir is not None:
+        return "cache_dir (--cache)"
+    return "COURSE_DATA_DIR" if os.environ.get("COURSE_DATA_DIR", "").strip() else "the data folder"
 
 
 def _publish(tmp: str | os.PathLike, dest: Path) -> None:
@@ -417,8 +444,13 @@ def fetch(name: str | DataFile, *, cache_dir: str | os.PathLike | None = None,
         timeout: seconds to wait on a silent connection.
         verbose: print where the file came from.
 
+    Returns:
+        the cached copy; or the mirror's verified copy itself when the cache cannot be
+        written (``COURSE_DATA_DIR`` read-only, or a file).
+
     Raises:
-        ValueError: unknown name, or ``mirror`` is not a folder.
+        ValueError: unknown name; ``mirror`` is not a folder; or the file has to be
+            downloaded and the cache folder cannot be written (the message says which folder).
         DataFetchError: no source gave the right bytes; the message names the file,
             every URL tried and why it failed, and how to stage the file by hand.
     """
@@ -439,13 +471,25 @@ def fetch(name: str | DataFile, *, cache_dir: str | os.PathLike | None = None,
         candidate = mirror_dir / entry.path
         problem = _check(candidate, entry)
         if problem is None:
-            if candidate.resolve() != target.resolve():
+            if candidate.resolve() == target.resolve():
+                return target
+            try:
                 _atomic_copy(candidate, target)
+            except OSError as err:  # a read-only or misdirected cache: the verified copy serves as it is
+                say(f"{entry.name}: cannot write {target} ({err.strerror or err}); reading the mirror's copy in place")
+                return candidate
             say(f"{entry.name}: copied from mirror {candidate}")
             return target
         mirror_note = f"mirror {candidate}: {problem}"
     else:
         mirror_note = "no mirror set (COURSE_DATA_MIRROR)"
+
+    cache_issue = writable_problem(target.parent)
+    if cache_issue is not None:
+        raise ValueError(
+            f"cannot fetch {entry.name!r}: {_cache_label(cache_dir)} {target.parent} {cache_issue}. Point "
+            "COURSE_DATA_DIR (or --cache) at a folder you can write, or set COURSE_DATA_MIRROR to a folder that "
+            "holds the course's data (it is then read in place)")
 
     failures: list[str] = []
     label = Path(entry.path).name
@@ -493,19 +537,24 @@ def fetch(name: str | DataFile, *, cache_dir: str | os.PathLike | None = None,
 
 def status(name: str | DataFile, *, cache_dir: str | os.PathLike | None = None,
            mirror: str | os.PathLike | None = None, verify: bool = True) -> str:
-    """One word for where a file stands: ``cached``, ``corrupt``, ``in-mirror`` or ``missing``.
+    """One word for where a file stands.
 
-    With ``verify=False`` a cached file of the right size counts as ``cached`` without hashing.
+    ``cached`` (in the cache and good), ``corrupt`` (in the cache, damaged), ``in-mirror``
+    (not cached; the mirror's copy is good), ``mirror-corrupt`` (not cached; the mirror's
+    copy is damaged, so :func:`fetch` would download) or ``missing``.
+
+    Args:
+        verify: compare sha256 checksums (default). ``False`` compares sizes only (no hashing).
+        cache_dir, mirror: as for :func:`fetch`.
     """
     entry = get_entry(name)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     mirror_dir = Path(mirror) if mirror is not None else default_mirror()
     target = cache / entry.path
     if target.is_file():
-        check = entry if verify else DataFile(entry.name, entry.path, entry.urls, None, entry.size, "", "")
-        return "cached" if _check(target, check) is None else "corrupt"
+        return "cached" if _check(target, entry, verify) is None else "corrupt"
     if mirror_dir is not None and (mirror_dir / entry.path).is_file():
-        return "in-mirror"
+        return "in-mirror" if _check(mirror_dir / entry.path, entry, verify) is None else "mirror-corrupt"
     return "missing"
 
 

@@ -4,6 +4,10 @@ Cross-cutting; step code (config) is imported inside the checks that need it.
 Exit status is non-zero when any line says FAIL. WARN is for something that works now but
 may not later: with a data mirror set (an offline classroom), a file that is neither
 downloaded nor in the mirror would need the internet on first use.
+
+Data files are hashed (sha256) where they would be read from: the cached copy, else the
+mirror's copy; files over 100 MiB (GPT-2's weights) by size only. The course's ~17 MB of
+text hashes in well under a second, so nothing is cached between runs.
 """
 
 from __future__ import annotations
@@ -74,25 +78,61 @@ def _package_checks() -> list[Check]:
     return checks
 
 
+def _data_folder_check(mirror_usable: bool) -> Check:
+    """Can ``fetch`` write the data folder? A file there, or a read-only folder with no mirror
+    to read from, is a FAIL; read-only with a mirror is a WARN (mirror files are read in place)."""
+    import os
+
+    from .data import default_cache_dir
+    from .paths import writable_problem
+
+    cache = default_cache_dir()
+    from_env = bool(os.environ.get("COURSE_DATA_DIR", "").strip())
+    problem = writable_problem(cache)
+    if problem is None:
+        return Check(True, "data folder", f"{cache} (writable)")
+    name = f"COURSE_DATA_DIR={cache}" if from_env else f"the data folder {cache}"
+    read_only = "is read-only" in problem
+    if from_env:
+        fix = "point COURSE_DATA_DIR at a folder you can write, or unset it"
+    elif read_only:
+        fix = f"make it writable (chmod u+w {cache}) or set COURSE_DATA_DIR to a folder you can write"
+    else:
+        fix = "move that file away, or set COURSE_DATA_DIR to a folder you can write"
+    if not read_only or not mirror_usable:
+        return Check(False, "data folder", f"{name} {problem}: `course data fetch` cannot save files there; {fix}")
+    return Check(True, "data folder", f"{name} {problem}: files are read from the mirror in place, but nothing "
+                 f"else can be downloaded or cached; {fix}", warn=True)
+
+
 def _data_checks() -> list[Check]:
     from . import data
 
     checks = []
     mirror = data.default_mirror()
+    usable = mirror if mirror is not None and mirror.is_dir() else None
+    checks.append(_data_folder_check(usable is not None))
     for entry in data.entries():
         big = entry.size is None or entry.size > _BIG_FILE
+        how = " (size checked)" if big else " (sha256 verified)"
         try:
-            state = data.status(entry, verify=not big, mirror=mirror if mirror and mirror.is_dir() else None)
+            state = data.status(entry, verify=not big, mirror=usable)
         except OSError as err:
             checks.append(Check(False, f"data {entry.name}", f"cannot read: {err}"))
             continue
         if state == "cached":
-            checks.append(Check(True, f"data {entry.name}", "present" + (" (size checked)" if big else " (sha256 verified)")))
+            checks.append(Check(True, f"data {entry.name}", "present" + how))
         elif state == "corrupt":
             checks.append(Check(False, f"data {entry.name}", f"{data.default_cache_dir() / entry.path} is damaged: "
                                                             f"delete it and run `course data fetch {entry.name}`"))
         elif state == "in-mirror":
-            checks.append(Check(True, f"data {entry.name}", f"in the mirror {mirror} (copied on first use)"))
+            checks.append(Check(True, f"data {entry.name}", f"in the mirror {mirror}{how}, copied on first use"))
+        elif state == "mirror-corrupt":
+            copy = usable / entry.path
+            problem = data.file_problem(copy, entry, verify=not big)
+            checks.append(Check(False, f"data {entry.name}", f"the mirror's copy {copy} is damaged ({problem}): "
+                                f"replace it with a good copy (on a connected machine: `course data fetch "
+                                f"{entry.name} --cache <mirror folder>`), or delete it to download instead"))
         elif mirror is not None and not entry.optional:
             # an offline room relies on its mirror: say now what the first use would have to download
             who = " (GPT-2's weights: only the gpu profile loads them)" if entry.group == "weights" else ""

@@ -3,7 +3,7 @@
 Cross-cutting (imports nothing from the steps). What an instructor runs on the GPU box
 before class: the notebook is executed top to bottom with ``COURSE_PROFILE`` set, an
 executed copy is written **outside** ``notebooks/`` (default ``runs/<profile>/``), and the
-time spent in each section (the notebook's ``##`` headings) is printed.
+time spent in each section (the notebook's ``##`` headings) is printed, each as it finishes.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
-from .paths import course_root
+from .paths import course_root, writable_problem
 
 __all__ = ["find_notebook", "run_notebook", "section_times", "RunResult"]
 
@@ -49,6 +50,16 @@ def _duration(cell) -> float:
     return max(0.0, (parse(end) - parse(start)).total_seconds())
 
 
+def _heading(cell, first: bool) -> str | None:
+    """The section a markdown cell opens (a ``##`` heading; a ``#`` one except in the first section)."""
+    if cell.cell_type != "markdown":
+        return None
+    for line in cell.source.splitlines():
+        if line.startswith("## ") or (line.startswith("# ") and not first):
+            return line.lstrip("#").strip()
+    return None
+
+
 def section_times(nb) -> list[tuple[str, float]]:
     """``[(section heading, seconds)]`` for an executed notebook, split at ``#``/``##`` headings.
 
@@ -56,15 +67,54 @@ def section_times(nb) -> list[tuple[str, float]]:
     sections: list[list] = [["(setup)", None, False]]  # name, seconds (None: nothing ran), has code
     for cell in nb.cells:
         if cell.cell_type == "markdown":
-            for line in cell.source.splitlines():
-                if line.startswith("## ") or (line.startswith("# ") and len(sections) > 1):
-                    sections.append([line.lstrip("#").strip(), None, False])
-                    break
+            name = _heading(cell, first=len(sections) == 1)
+            if name is not None:
+                sections.append([name, None, False])
         elif cell.cell_type == "code":
             sections[-1][2] = True
             if cell.get("metadata", {}).get("execution"):
                 sections[-1][1] = (sections[-1][1] or 0.0) + _duration(cell)
     return [(name, seconds) for name, seconds, has_code in sections if has_code]
+
+
+class _SectionClock:
+    """Times sections live from nbclient's ``on_cell_start`` / ``on_cell_executed`` hooks and
+    reports each one (``report(name, seconds)``) when the next section starts, or at :meth:`finish`."""
+
+    def __init__(self, report: Callable[[str, float], None]):
+        self.report = report
+        self.name, self.first, self.seconds, self.has_code = "(setup)", True, 0.0, False
+        self.cell_start: float | None = None
+
+    def _close_cell(self) -> None:
+        if self.cell_start is not None:
+            self.seconds += time.perf_counter() - self.cell_start
+            self.cell_start = None
+
+    def on_cell_executed(self, **_) -> None:
+        self._close_cell()
+
+    def on_cell_start(self, cell, cell_index=None, **_) -> None:
+        self._close_cell()
+        name = _heading(cell, self.first)
+        if name is not None:
+            self.finish()
+            self.name, self.first, self.seconds, self.has_code = name, False, 0.0, False
+        elif cell.cell_type == "code" and cell.source.strip():
+            self.has_code, self.cell_start = True, time.perf_counter()
+
+    def finish(self) -> None:
+        self._close_cell()
+        if self.has_code:
+            self.report(self.name, self.seconds)
+            self.has_code = False
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    problem = writable_problem(out_dir)
+    if problem is not None:
+        raise ValueError(f"the output folder {out_dir} (--out / out_dir) {problem}: give a folder you can write "
+                         "for the executed copy, or leave it out to use runs/<profile>/")
 
 
 @dataclass
@@ -89,7 +139,8 @@ class RunResult:
 
 def run_notebook(step: int, profile: str = "cpu", out_dir: str | os.PathLike | None = None,
                  timeout_per_cell: int | None = None, root: Path | None = None,
-                 device: str | None = None) -> RunResult:
+                 device: str | None = None,
+                 on_section: Callable[[str, float], None] | None = None) -> RunResult:
     """Execute step ``step``'s notebook with ``COURSE_PROFILE=profile`` and save the executed copy.
 
     Args:
@@ -98,9 +149,15 @@ def run_notebook(step: int, profile: str = "cpu", out_dir: str | os.PathLike | N
         out_dir: where the executed copy goes; default ``runs/<profile>/`` in the course folder.
         timeout_per_cell: seconds before a single cell is abandoned (default: no limit).
         device: sets ``COURSE_DEVICE`` for the run.
+        on_section: called as ``on_section(heading, seconds)`` as each section with code
+            finishes (the last one too, even after a failure); default: nothing.
 
     The executed copy is written atomically. When a cell fails, the copy goes to
     ``NN_name.FAILED.ipynb`` (the error is visible in it) and the last good copy is kept.
+
+    Raises:
+        ValueError: an unknown profile or step, ``out_dir`` inside ``notebooks/``, or an
+            ``out_dir`` that cannot be written (a file, read-only); checked before running.
     """
     import nbformat
     from nbclient import NotebookClient
@@ -110,11 +167,12 @@ def run_notebook(step: int, profile: str = "cpu", out_dir: str | os.PathLike | N
         raise ValueError(f"unknown profile {profile!r}; valid profiles are: tiny, cpu, gpu")
     root = course_root() if root is None else Path(root)
     source = find_notebook(step, root)
-    out_dir = Path(out_dir) if out_dir is not None else root / "runs" / profile
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir).expanduser() if out_dir is not None else root / "runs" / profile
     output = out_dir / source.name
     if output.resolve().parent == (root / "notebooks").resolve():
         raise ValueError("out_dir must not be notebooks/: executed copies never overwrite the course's notebooks")
+    _check_out_dir(out_dir)  # before a run of minutes, not after it
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     nb = nbformat.read(source, as_version=4)
     saved = {k: os.environ.get(k) for k in ("COURSE_PROFILE", "COURSE_DEVICE")}
@@ -124,6 +182,9 @@ def run_notebook(step: int, profile: str = "cpu", out_dir: str | os.PathLike | N
     client = NotebookClient(nb, timeout=timeout_per_cell, kernel_name="python3",
                             resources={"metadata": {"path": str(source.parent)}}, record_timing=True,
                             extra_arguments=["--IPKernelApp.log_level=ERROR"])
+    clock = _SectionClock(on_section) if on_section is not None else None
+    if clock is not None:
+        client.on_cell_start, client.on_cell_executed = clock.on_cell_start, clock.on_cell_executed
     error = ""
     start = time.perf_counter()
     try:
@@ -132,6 +193,8 @@ def run_notebook(step: int, profile: str = "cpu", out_dir: str | os.PathLike | N
         text = _ANSI.sub("", str(err)).strip()
         error = text.splitlines()[-1] if text else repr(err)
     finally:
+        if clock is not None:
+            clock.finish()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

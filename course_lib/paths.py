@@ -8,9 +8,10 @@ that folder so that ``course check`` and ``course run`` work from anywhere.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
-__all__ = ["course_root", "find_course_root"]
+__all__ = ["course_root", "find_course_root", "writable_problem"]
 
 _MARKERS = ("notebooks", "exercises", "pyproject.toml")
 
@@ -44,3 +45,31 @@ def course_root() -> Path:
             "Run this from inside your clone of the course, or set COURSE_ROOT=/path/to/the/clone."
         )
     return root
+
+
+def writable_problem(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written in ``folder``, or ``None`` when they can.
+
+    ``folder`` need not exist yet: then its nearest existing parent must accept a new
+    entry. Writability is tested by creating (and removing) a small temporary file, so
+    read-only mounts, permissions and full quotas are all caught.
+
+    Returns:
+        ``None``, or a short reason to put after the folder's name: ``"is a file, not a
+        folder"``, ``"cannot be created: /x is a file"``, ``"is read-only (Permission denied)"``.
+    """
+    target = Path(folder).expanduser()
+    existing = target
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return "is a file, not a folder" if existing == target else f"cannot be created: {existing} is a file"
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test.")
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        return (f"is read-only ({reason})" if existing == target
+                else f"cannot be created: {existing} is read-only ({reason})")
+    os.close(fd)
+    os.unlink(probe)
+    return None

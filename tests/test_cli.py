@@ -121,3 +121,114 @@ def test_run_missing_notebook_and_bad_profile():
 def test_help_and_list(args):
     r = course(*args)
     assert r.returncode == 0
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`course data list -l | head`: the reader leaves early; no BrokenPipeError traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line is written
+    try:
+        r = subprocess.run([sys.executable, "-m", "course_lib.cli", "data", "list", "-l"], cwd=ROOT,
+                           stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert r.stderr == "" and r.returncode == 1
+
+
+@pytest.mark.parametrize("kind", ["folder", "missing"])
+def test_check_file_that_is_not_a_file_is_one_line(tmp_path, kind):
+    target = tmp_path if kind == "folder" else tmp_path / "step01.py"
+    r = course("check", "1", "--file", str(target))
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: file ")
+    if kind == "folder":
+        assert "is a folder" in r.stderr and str(tmp_path / "step01.py") in r.stderr  # the fix: the file inside
+    else:
+        assert "does not exist" in r.stderr and "exercises/step01.py" in r.stderr
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "setitimer"), reason="per-check timeout is POSIX only")
+def test_check_an_endless_loop_skips_the_exercises_other_checks(tmp_path):
+    mine = tmp_path / "step01.py"
+    mine.write_text((ROOT / "solutions" / "step01.py").read_text()
+                    + "\n\ndef sample_with_temperature(*args, **kwargs):\n    while True:\n        pass\n")
+    r = course("check", "1", "--file", str(mine), "--timeout", "1")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "✘ sample_with_temperature  failed (0 of 7 checks pass, 6 skipped)" in r.stdout, r.stdout
+    assert "still running after 1 s" in r.stdout and "while True" in r.stdout
+    assert "6 more checks of this exercise skipped" in r.stdout
+    assert "✔ count_parameters" in r.stdout
+
+
+def _fake_course(tmp_path, cells) -> Path:
+    root = tmp_path / "course"
+    for sub in ("notebooks", "exercises"):
+        (root / sub).mkdir(parents=True)
+    (root / "pyproject.toml").write_text("")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = cells
+    nbformat.write(nb, root / "notebooks" / "07_demo.ipynb")
+    return root
+
+
+@pytest.mark.parametrize("kind", ["file", "under-a-file"])
+def test_run_out_that_cannot_be_a_folder_is_one_line_before_running(tmp_path, kind):
+    root = _fake_course(tmp_path, [nbformat.v4.new_code_cell("raise SystemExit('must not run')")])
+    afile = tmp_path / "notes.txt"
+    afile.write_text("a learner's notes")
+    out = afile if kind == "file" else afile / "runs"
+    r = course("run", "7", "--profile", "tiny", "--out", str(out), env={"COURSE_ROOT": str(root)}, cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "--out" in r.stderr
+    assert "is a file" in r.stderr and "give a folder you can write" in r.stderr
+    assert afile.read_text() == "a learner's notes"
+
+
+def test_run_prints_each_section_as_it_finishes(tmp_path):
+    """The first section's line must arrive while the notebook is still running: its last cell
+    waits for a flag file that this test creates only after reading that line."""
+    flag = tmp_path / "go"
+    root = _fake_course(tmp_path, [
+        nbformat.v4.new_markdown_cell("# Step 7 — demo"),
+        nbformat.v4.new_markdown_cell("## Shu — first"),
+        nbformat.v4.new_code_cell("x = 1"),
+        nbformat.v4.new_markdown_cell("## Ri — waits for the test"),
+        nbformat.v4.new_code_cell(f"import os, time\nt = time.time()\nwhile not os.path.exists({str(flag)!r}):\n"
+                                  "    assert time.time() - t < 60, 'no flag: sections are not printed live'\n"
+                                  "    time.sleep(0.05)"),
+    ])
+    proc = subprocess.Popen([sys.executable, "-m", "course_lib.cli", "run", "7", "--profile", "tiny"], cwd=tmp_path,
+                            env=dict(os.environ, COURSE_ROOT=str(root)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("  Shu — first ... "):
+                assert proc.poll() is None
+                flag.touch()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    out = "\n".join(lines)
+    assert flag.exists() and proc.returncode == 0, out
+    live = [ln for ln in lines if " ... " in ln and ln.endswith(" s")]
+    assert [ln.split(" ... ")[0].strip() for ln in live] == ["Shu — first", "Ri — waits for the test"], out
+    assert "total" in out  # ...and the table at the end, as before
+
+
+@pytest.mark.parametrize("euid", [0, 1000])
+def test_lab_as_root_passes_allow_root(monkeypatch, capsys, euid):
+    from course_lib import cli
+
+    calls = []
+    monkeypatch.setattr(cli.os, "geteuid", lambda: euid, raising=False)
+    monkeypatch.setattr(cli.os, "execv", lambda exe, argv: calls.append(argv))
+    assert cli.main(["lab", "--no-browser"]) == 0
+    (argv,) = calls
+    out = capsys.readouterr().out
+    assert argv[1:4] == ["-m", "jupyter", "lab"] and "--no-browser" in argv
+    if euid == 0:
+        assert argv.count("--allow-root") == 1 and "running as root" in out and "--allow-root" in out
+    else:
+        assert "--allow-root" not in argv and "running as root" not in out

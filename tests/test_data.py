@@ -217,3 +217,135 @@ def test_cli_stages_every_mirrored_file(tmp_path, capsys):
         staged = tmp_path / e.path
         assert data.sha256_of(staged) == data.sha256_of(SHARED / e.path)
     assert f"{len(names)} of {len(names)} files staged" in out
+
+
+# --------------------------------------------------------------------------- #
+# An unusable data folder (COURSE_DATA_DIR a file, or read-only) and a damaged mirror
+# --------------------------------------------------------------------------- #
+from _readonly import read_only  # noqa: E402,F401  (a fixture)
+
+
+def test_writable_problem_names_files_and_read_only_folders(tmp_path, read_only):
+    from course_lib.paths import writable_problem
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert writable_problem(tmp_path) is None
+    assert writable_problem(tmp_path / "not" / "yet") is None  # created later by whoever writes
+    assert writable_problem(afile) == "is a file, not a folder"
+    assert writable_problem(afile / "sub") == f"cannot be created: {afile} is a file"
+    ro = read_only(tmp_path / "ro")
+    assert writable_problem(ro).startswith("is read-only (")
+    assert writable_problem(ro / "sub").startswith(f"cannot be created: {ro} is read-only (")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "ro"]  # the probe leaves nothing behind
+
+
+def _mirror_with(tmp_path, payload=GOOD) -> Path:
+    mirror = tmp_path / "mirror"
+    (mirror / "sub").mkdir(parents=True)
+    (mirror / "sub" / "demo.txt").write_bytes(payload)
+    return mirror
+
+
+def test_cache_dir_that_is_a_file_reads_the_verified_mirror_copy_in_place(closed_port_url, tmp_path):
+    mirror = _mirror_with(tmp_path)
+    afile = tmp_path / "not-a-folder"
+    afile.write_text("a learner's notes")
+    path = fetch(entry(closed_port_url), cache_dir=afile, mirror=mirror, progress=False)
+    assert path == mirror / "sub" / "demo.txt" and path.read_bytes() == GOOD
+    assert afile.read_text() == "a learner's notes"
+
+
+def test_read_only_cache_reads_the_verified_mirror_copy_in_place(closed_port_url, tmp_path, read_only):
+    mirror = _mirror_with(tmp_path)
+    cache = read_only(tmp_path / "cache")
+    path = fetch(entry(closed_port_url), cache_dir=cache, mirror=mirror, progress=False)
+    assert path == mirror / "sub" / "demo.txt" and path.read_bytes() == GOOD
+    assert list(cache.iterdir()) == []
+
+
+def test_read_only_cache_does_not_serve_a_damaged_mirror_copy(closed_port_url, tmp_path, read_only):
+    mirror = _mirror_with(tmp_path, GOOD[:-1] + b"!")
+    cache = read_only(tmp_path / "cache")
+    with pytest.raises(ValueError, match="read-only"):
+        fetch(entry(closed_port_url), cache_dir=cache, mirror=mirror, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["file", "read-only"])
+def test_unwritable_cache_without_mirror_is_one_clear_error(closed_port_url, tmp_path, monkeypatch, read_only, kind):
+    if kind == "file":
+        cache = tmp_path / "data"
+        cache.write_text("x")
+    else:
+        cache = read_only(tmp_path / "data")
+    monkeypatch.setenv("COURSE_DATA_DIR", str(cache))
+    monkeypatch.delenv("COURSE_DATA_MIRROR", raising=False)
+    with pytest.raises(ValueError) as err:
+        fetch(entry(closed_port_url), progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg and f"COURSE_DATA_DIR {cache}" in msg
+    assert ("is a file" if kind == "file" else "is read-only") in msg
+    assert "folder you can write" in msg and "COURSE_DATA_MIRROR" in msg  # the fixes
+
+
+def test_cli_fetch_into_a_file_is_one_line_on_stderr(tmp_path, capsys, monkeypatch):
+    from course_lib.cli import main
+
+    cache = tmp_path / "data"
+    cache.write_text("x")
+    monkeypatch.delenv("COURSE_DATA_MIRROR", raising=False)
+    rc = main(["data", "fetch", "the-verdict", "--cache", str(cache), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and "cache_dir (--cache)" in err
+    assert cache.read_text() == "x"
+
+
+def test_status_tells_a_damaged_mirror_copy_from_a_good_one(tmp_path):
+    e = entry("http://127.0.0.1:9/x")
+    good, bad = _mirror_with(tmp_path / "a"), _mirror_with(tmp_path / "b", GOOD[:-1] + b"!")  # same size
+    assert data.status(e, cache_dir=tmp_path / "cache", mirror=good) == "in-mirror"
+    assert data.status(e, cache_dir=tmp_path / "cache", mirror=bad) == "mirror-corrupt"
+    assert data.status(e, cache_dir=tmp_path / "cache", mirror=bad, verify=False) == "in-mirror"  # sizes only
+    assert data.file_problem(bad / "sub" / "demo.txt", e).startswith("sha256 ")
+
+
+def _doctor_data_lines(monkeypatch, cache, mirror=None):
+    from course_lib import doctor
+
+    monkeypatch.setenv("COURSE_DATA_DIR", str(cache))
+    if mirror is None:
+        monkeypatch.delenv("COURSE_DATA_MIRROR", raising=False)
+    else:
+        monkeypatch.setenv("COURSE_DATA_MIRROR", str(mirror))
+    return {c.what: c for c in doctor._data_checks()}
+
+
+def test_doctor_fails_a_damaged_mirror_copy_naming_it_and_the_fix(tmp_path, monkeypatch):
+    e = data.REGISTRY["the-verdict"]
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / e.path).write_bytes(b"X" * e.size)  # the right size, the wrong bytes
+    checks = _doctor_data_lines(monkeypatch, tmp_path / "cache", mirror)
+    line = checks["data the-verdict"]
+    assert line.level == "FAIL", str(line)
+    assert str(mirror / e.path) in line.detail and "damaged" in line.detail and "sha256" in line.detail
+    assert "course data fetch the-verdict" in line.detail
+
+
+def test_doctor_data_folder_a_file_fails_naming_course_data_dir(tmp_path, monkeypatch):
+    afile = tmp_path / "data"
+    afile.write_text("x")
+    line = _doctor_data_lines(monkeypatch, afile)["data folder"]
+    assert line.level == "FAIL" and f"COURSE_DATA_DIR={afile} is a file" in line.detail
+    assert "point COURSE_DATA_DIR at a folder you can write" in line.detail
+
+
+def test_doctor_data_folder_read_only(tmp_path, monkeypatch, read_only):
+    cache = read_only(tmp_path / "data")
+    line = _doctor_data_lines(monkeypatch, cache)["data folder"]
+    assert line.level == "FAIL" and "is read-only" in line.detail and "COURSE_DATA_DIR" in line.detail, str(line)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    line = _doctor_data_lines(monkeypatch, cache, mirror)["data folder"]  # fetch reads the mirror in place
+    assert line.level == "WARN" and "read from the mirror in place" in line.detail, str(line)
+    assert _doctor_data_lines(monkeypatch, tmp_path / "fresh")["data folder"].level == "OK"

@@ -1,0 +1,54 @@
+"""`course run`'s runner on small synthetic notebooks (the real ones are executed by nbval)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from _readonly import read_only  # noqa: F401  (a fixture)
+
+from course_lib.notebook_runner import run_notebook
+
+
+def fake_course(tmp_path, cells) -> Path:
+    root = tmp_path / "course"
+    for sub in ("notebooks", "exercises"):
+        (root / sub).mkdir(parents=True)
+    (root / "pyproject.toml").write_text("")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = cells
+    nbformat.write(nb, root / "notebooks" / "07_demo.ipynb")
+    return root
+
+
+def test_a_read_only_out_dir_is_refused_before_running(tmp_path, read_only):
+    flag = tmp_path / "ran"
+    root = fake_course(tmp_path, [nbformat.v4.new_code_cell(f"open({str(flag)!r}, 'w').close()")])
+    out = read_only(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"the output folder .*out \(--out / out_dir\) is read-only"):
+        run_notebook(7, "tiny", out_dir=out, root=root)
+    assert not flag.exists(), "the notebook ran although its copy could not be saved"
+    with pytest.raises(ValueError, match="cannot be created: .* is read-only"):
+        run_notebook(7, "tiny", out_dir=out / "sub", root=root)
+
+
+def test_sections_are_reported_as_they_finish_up_to_a_failure(tmp_path):
+    root = fake_course(tmp_path, [
+        nbformat.v4.new_markdown_cell("# Step 7 — demo"),
+        nbformat.v4.new_code_cell("import time"),
+        nbformat.v4.new_markdown_cell("## Shu — no code here"),
+        nbformat.v4.new_markdown_cell("## Shu — sleeps"),
+        nbformat.v4.new_code_cell("time.sleep(0.5)"),
+        nbformat.v4.new_markdown_cell("## Ha — fails"),
+        nbformat.v4.new_code_cell("1 / 0"),
+        nbformat.v4.new_markdown_cell("## Ri — never reached"),
+        nbformat.v4.new_code_cell("x = 1"),
+    ])
+    seen = []
+    result = run_notebook(7, "tiny", root=root, on_section=lambda name, s: seen.append((name, s)))
+    assert result.error and "ZeroDivisionError" in result.error
+    assert [name for name, _ in seen] == ["(setup)", "Shu — sleeps", "Ha — fails"]
+    assert 0.5 <= seen[1][1] < 5
+    table = dict(result.sections)
+    assert table["Ri — never reached"] is None and abs(table["Shu — sleeps"] - seen[1][1]) < 0.3
