@@ -7,6 +7,7 @@ negative log-likelihood, perplexity) — which makes it the baseline every later
 course must beat.
 
 Tokens can be any hashable symbols: characters (``list(text)``) or words (``text.split()``).
+:func:`join_words` turns a list of word and punctuation tokens back into readable text.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-__all__ = ["BigramLM", "apply_temperature"]
+__all__ = ["BigramLM", "apply_temperature", "join_words"]
 
 
 def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -39,6 +40,28 @@ def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     # Work in log space so small probabilities raised to a large power do not underflow to 0/0.
     logits = torch.log(probs.clamp_min(0)) / temperature
     return torch.softmax(logits, dim=-1)
+
+
+# Punctuation that hugs the word before it ("end." not "end ."), and brackets that hug the word after.
+_NO_SPACE_BEFORE = frozenset(".,;:!?)]}%")
+_NO_SPACE_AFTER = frozenset("([{")
+
+
+def join_words(tokens: Sequence[Hashable]) -> str:
+    """Word-level tokens back into text: one space between words, none before punctuation.
+
+    ``join_words(["Yes", ",", "I", "said", "so", "."]) == "Yes, I said so."`` — for ordinary prose,
+    the reverse of splitting it into words and marks (``re.findall(r"[A-Za-z']+|[.,;!?]", text)``).
+    A token made only of closing punctuation (``. , ; : ! ? ) ] } %``) joins the token before it;
+    an opening bracket joins the token after it. Non-string tokens are written with ``str``.
+    """
+    if isinstance(tokens, str):
+        raise TypeError("tokens must be a sequence of tokens (e.g. a list of words), not one string")
+    out: list[str] = []
+    for token in map(str, tokens):
+        glue = not out or (token and set(token) <= _NO_SPACE_BEFORE) or out[-1][-1:] in _NO_SPACE_AFTER
+        out.append(token if glue else " " + token)
+    return "".join(out)
 
 
 class BigramLM:

@@ -15,7 +15,6 @@ Everything a notebook needs to know before it builds anything:
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import os
 import platform
 import random
@@ -25,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .checks import boolean, integer, positive_int, probability
 
 __all__ = [
     "GPTConfig",
@@ -47,14 +48,6 @@ DEFAULT_SEED = 123
 # --------------------------------------------------------------------------- #
 # Model configurations
 # --------------------------------------------------------------------------- #
-def _describe(value: Any) -> str:
-    """``"the str '0.1'"``: a value and its type, for error messages."""
-    if value is None:
-        return "None"
-    text = repr(value)
-    return f"the {type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
-
-
 @dataclass(frozen=True)
 class GPTConfig:
     """The hyper-parameters of a GPT model.
@@ -91,28 +84,17 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-            value = getattr(self, name)
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"GPTConfig.{name} must be an int, got {_describe(value)}; "
-                                f"pass a whole number such as {getattr(GPTConfig, name)}")
-            if value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-            object.__setattr__(self, name, int(value))
+            field = f"GPTConfig.{name}"
+            value = integer(field, getattr(self, name), hint=f"; pass a whole number such as {getattr(GPTConfig, name)}")
+            object.__setattr__(self, name, positive_int(field, value))
         if self.emb_dim % self.n_heads != 0:
             raise ValueError(
                 f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}); "
                 f"try n_heads in {[h for h in range(1, 33) if self.emb_dim % h == 0]}"
             )
-        rate = self.drop_rate
-        if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, numbers.Real):
-            raise TypeError(f"GPTConfig.drop_rate must be a number in [0, 1), got {_describe(rate)}; "
-                            f"pass e.g. drop_rate=0.1 (or 0.0 for no dropout)")
-        if not (0.0 <= float(rate) < 1.0):
-            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {rate!r}")
-        object.__setattr__(self, "drop_rate", float(rate))
-        if not isinstance(self.qkv_bias, (bool, np.bool_)):
-            raise TypeError(f"GPTConfig.qkv_bias must be True or False, got {_describe(self.qkv_bias)}")
-        object.__setattr__(self, "qkv_bias", bool(self.qkv_bias))
+        object.__setattr__(self, "drop_rate", probability(
+            "GPTConfig.drop_rate", self.drop_rate, strict=True, hint="; pass e.g. drop_rate=0.1 (or 0.0 for no dropout)"))
+        object.__setattr__(self, "qkv_bias", boolean("GPTConfig.qkv_bias", self.qkv_bias))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "the config") -> "GPTConfig":
@@ -219,7 +201,7 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "tiny": Profile("tiny", "gpt-tiny", "CI smoke run: every notebook in well under two minutes on 2 CPU cores"),
+    "tiny": Profile("tiny", "gpt-tiny", "CI smoke run: every notebook in well under a minute on 2 CPU cores"),
     "cpu": Profile("cpu", "gpt-cpu", "a laptop: real results in minutes"),
     "gpu": Profile("gpu", "gpt2-small", "a GPU: GPT-2 sizes and real corpora"),
 }
@@ -323,9 +305,7 @@ def seed_everything(seed: int = DEFAULT_SEED) -> int:
     Raises:
         TypeError: ``seed`` is not an integer.
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
-    seed = int(seed)
+    seed = integer("seed", seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

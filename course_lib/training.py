@@ -64,6 +64,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import NonFiniteError
+from .checks import positive_int
 from .config import DEFAULT_SEED
 
 __all__ = [
@@ -225,9 +226,10 @@ def evaluate(model: nn.Module, train_loader, val_loader, device=None, eval_iter:
 
 def generate_sample(model: nn.Module, tokenizer, start_context: str, max_new_tokens: int = 50,
                     **generate_kwargs) -> str:
-    """Continue ``start_context`` with :func:`course_lib.generation.generate` (greedy by default)
+    """Continue ``start_context`` with :func:`course_lib.inference.generate` (greedy by default)
     and return the decoded text, on one line."""
-    from .generation import generate, text_to_token_ids, token_ids_to_text
+    from .generation import text_to_token_ids, token_ids_to_text
+    from .inference import generate
 
     idx = text_to_token_ids(start_context, tokenizer)
     out = generate(model, idx, max_new_tokens, **generate_kwargs)
@@ -294,14 +296,6 @@ class History:
 # --------------------------------------------------------------------------- #
 # The training loop
 # --------------------------------------------------------------------------- #
-def _check_positive(name: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be a positive integer{extra}, got {value!r}")
-
-
 def _seed_epoch(loader, seed: int, epoch: int) -> None:
     """Make the order of ``loader``'s batches in ``epoch`` a function of ``(seed, epoch)`` only."""
     sampler = getattr(loader, "sampler", None)
@@ -379,10 +373,6 @@ def _graceful_interrupt():
         signal.signal(signal.SIGINT, previous)
 
 
-def _best_path(checkpoint_path: Path) -> Path:
-    return checkpoint_path.with_name(f"{checkpoint_path.stem}.best{checkpoint_path.suffix or '.pt'}")
-
-
 def _restore(path: Path, model, optimizer, device) -> tuple[History, int, int, int]:
     """Load a checkpoint written by :func:`train`: weights, optimizer, random state, history and
     position. Returns ``(history, epoch, batch_in_epoch, seed)``."""
@@ -410,10 +400,68 @@ def _save(path: Path, model, optimizer, history: History, epoch: int, batch_in_e
                            "seed": seed})
 
 
-def _check_nonfinite_option(on_nonfinite) -> None:
+def _check_train_args(model, train_loader, optimizer, num_epochs, max_steps, eval_freq, eval_iter, sample_freq,
+                      checkpoint_freq, on_nonfinite, seed) -> None:
+    _check_model(model)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if num_epochs is None and max_steps is None:
+        raise ValueError("give num_epochs (passes over the data) or max_steps (optimizer steps), or both")
+    positive_int("num_epochs", num_epochs, allow_none=True)
+    positive_int("max_steps", max_steps, allow_none=True)
+    positive_int("eval_freq", eval_freq)
+    positive_int("eval_iter", eval_iter, allow_none=True)
+    positive_int("sample_freq", sample_freq, allow_none=True)
+    positive_int("checkpoint_freq", checkpoint_freq, allow_none=True)
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' (stop the run with an error) or 'skip' (skip the step "
                          f"and count it), got {on_nonfinite!r}")
+    if len(train_loader) == 0:
+        raise ValueError("train_loader yields no batches; use more text, a smaller batch_size or drop_last=False")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+
+
+def _checkpoint_paths(checkpoint_path, keep_best: bool, resume: bool) -> tuple[Path | None, Path | None]:
+    """The run's checkpoint and best-validation checkpoint, checked for writability; an existing
+    file without ``resume`` is refused (a learner's checkpoint is never replaced by accident)."""
+    from .checkpoint import check_writable
+
+    if checkpoint_path is None:
+        return None, None
+    checkpoint_path = check_writable(checkpoint_path, "checkpoint_path")
+    best_path = checkpoint_path.with_name(f"{checkpoint_path.stem}.best{checkpoint_path.suffix or '.pt'}") \
+        if keep_best else None
+    for existing in (checkpoint_path, best_path):
+        if not resume and existing is not None and existing.exists():
+            raise FileExistsError(f"a checkpoint already exists at {existing}; pass resume=True to continue that "
+                                  "run, or give another checkpoint_path (or delete the file) to start a new one")
+    return checkpoint_path, best_path
+
+
+def _start(checkpoint_path: Path | None, resume: bool, model, optimizer, device, seed: int, verbose: bool
+           ) -> tuple[History, int, int, int]:
+    """Where the run starts: ``(history, epoch, batch_in_epoch, seed)`` of a new run, or the
+    ones stored in the checkpoint being resumed."""
+    if checkpoint_path is None or not resume or not checkpoint_path.exists():
+        return History(), 0, 0, seed
+    history, epoch, batch_in_epoch, seed = _restore(checkpoint_path, model, optimizer, device)
+    if verbose:
+        print(f"resumed from {checkpoint_path} at step {history.step:,} "
+              f"(epoch {epoch + 1}, batch {batch_in_epoch}, {history.tokens:,} tokens seen)")
+    return history, epoch, batch_in_epoch, seed
+
+
+def _diverged(what: str, history: History, epoch: int, batch: int, checkpoint_path, saved_step,
+              step: int | None = None) -> NonFiniteError:
+    where = f"the last good checkpoint is {checkpoint_path} (step {saved_step})" if saved_step is not None \
+        else "no checkpoint was saved"
+    err = NonFiniteError(f"{what} at step {step or history.step:,} (epoch {epoch + 1}, batch {batch + 1}): training "
+                         f"diverged and stopped; {where}, and nothing non-finite was saved. Lower the learning rate "
+                         "(or add warm-up or gradient clipping) and resume or start again, or pass "
+                         "on_nonfinite='skip' to skip batches with a nan/inf loss or gradient")
+    err.history = history
+    return err
 
 
 def train(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer,
@@ -462,8 +510,8 @@ def train(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Opt
             on resume.
         max_seconds: stop (after the current step) once training has taken this long.
             Default ``None``.
-        progress: show a ``tqdm`` progress bar, sized to the steps planned. verbose: print
-            evaluations and samples.
+        progress: show a ``tqdm`` progress bar, sized to the steps planned, and a line with
+            the steps, tokens and seconds at the end. verbose: print evaluations and samples.
 
     Returns:
         a :class:`History` (also stored in the checkpoint). Ctrl-C returns it too: the first
@@ -485,46 +533,15 @@ def train(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Opt
     """
     from tqdm.auto import tqdm
 
-    from .checkpoint import check_writable, nonfinite_parameters
+    from .checkpoint import nonfinite_parameters
 
-    _check_model(model)
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if num_epochs is None and max_steps is None:
-        raise ValueError("give num_epochs (passes over the data) or max_steps (optimizer steps), or both")
-    _check_positive("num_epochs", num_epochs, allow_none=True)
-    _check_positive("max_steps", max_steps, allow_none=True)
-    _check_positive("eval_freq", eval_freq)
-    _check_positive("eval_iter", eval_iter, allow_none=True)
-    _check_positive("sample_freq", sample_freq, allow_none=True)
-    _check_positive("checkpoint_freq", checkpoint_freq, allow_none=True)
-    _check_nonfinite_option(on_nonfinite)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ValueError("train_loader yields no batches; use more text, a smaller batch_size or drop_last=False")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+    _check_train_args(model, train_loader, optimizer, num_epochs, max_steps, eval_freq, eval_iter, sample_freq,
+                      checkpoint_freq, on_nonfinite, seed)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    sample_freq = sample_freq or eval_freq
-    checkpoint_freq = checkpoint_freq or eval_freq
-
-    # ---- where the run starts: a new run, or the position stored in the checkpoint
-    history, epoch, batch_in_epoch = History(), 0, 0
-    best_path = None
-    if checkpoint_path is not None:
-        checkpoint_path = check_writable(checkpoint_path, "checkpoint_path")
-        best_path = _best_path(checkpoint_path) if keep_best else None
-        if not resume:
-            for existing in (checkpoint_path, best_path):
-                if existing is not None and existing.exists():
-                    raise FileExistsError(
-                        f"a checkpoint already exists at {existing}; pass resume=True to continue that run, "
-                        "or give another checkpoint_path (or delete the file) to start a new one")
-        elif checkpoint_path.exists():
-            history, epoch, batch_in_epoch, seed = _restore(checkpoint_path, model, optimizer, device)
-            if verbose:
-                print(f"resumed from {checkpoint_path} at step {history.step:,} "
-                      f"(epoch {epoch + 1}, batch {batch_in_epoch}, {history.tokens:,} tokens seen)")
+    sample_freq, checkpoint_freq = sample_freq or eval_freq, checkpoint_freq or eval_freq
+    checkpoint_path, best_path = _checkpoint_paths(checkpoint_path, keep_best, resume)
+    history, epoch, batch_in_epoch, seed = _start(checkpoint_path, resume, model, optimizer, device, seed, verbose)
+    steps_per_epoch = len(train_loader)
     if batch_in_epoch >= steps_per_epoch:
         epoch, batch_in_epoch = epoch + 1, 0
     total = min(x for x in (max_steps, num_epochs and num_epochs * steps_per_epoch) if x)
@@ -538,7 +555,7 @@ def train(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Opt
         try:
             _save(path, model, optimizer, history, epoch, batch_in_epoch, seed)
         except NonFiniteError:  # an update overflowed without a nan loss or gradient (yet)
-            raise diverged("the weights became nan or inf", history.step) from None
+            raise _diverged("the weights became nan or inf", history, epoch, i, checkpoint_path, saved_step) from None
 
     def evaluate_and_record() -> None:
         best_before = history.best_val_loss
@@ -550,58 +567,44 @@ def train(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Opt
         if best_path is not None and math.isfinite(va) and not va >= best_before:
             save(best_path)
 
-    def diverged(what: str, step: int) -> NonFiniteError:
-        where = f"the last good checkpoint is {checkpoint_path} (step {saved_step})" if saved_step is not None \
-            else "no checkpoint was saved"
-        err = NonFiniteError(f"{what} at step {step:,} (epoch {epoch + 1}, batch {i + 1}): training diverged and "
-                             f"stopped; {where}, and nothing non-finite was saved. Lower the learning rate (or add "
-                             "warm-up or gradient clipping) and resume or start again, or pass on_nonfinite='skip' "
-                             "to skip batches with a nan/inf loss or gradient")
-        err.history = history
-        return err
-
-    # ---- the loop
     started, seconds_before = time.perf_counter(), history.seconds
     saved_step = history.step if checkpoint_path is not None and checkpoint_path.exists() else None
     last_eval_step = history.steps[-1] if history.steps else None
     i = batch_in_epoch - 1
+    bar = tqdm(total=total, initial=min(history.step, total), desc="training", unit="step", disable=not progress,
+               dynamic_ncols=True)
     model.train()
-    bar = tqdm(total=total, initial=min(history.step, total), desc="training", unit="step",
-               disable=not progress, dynamic_ncols=True)
     try:
         with _graceful_interrupt() as interrupt:
-            stop = history.step >= total
-            batches = _batches(train_loader, seed, epoch, batch_in_epoch, num_epochs)
-            while not stop:
-                try:
-                    epoch, i, x, y = next(batches)
-                except StopIteration:
-                    break
+            batches = _batches(train_loader, seed, epoch, batch_in_epoch, num_epochs) if history.step < total else ()
+            for epoch, i, x, y in batches:
                 loss, stepped = train_step(model, optimizer, x, y, device)
                 if not stepped:
                     what = f"the loss is {loss}" if not math.isfinite(loss) else "a gradient is nan or inf"
                     if on_nonfinite == "raise" or nonfinite_parameters(model):
-                        raise diverged(what if on_nonfinite == "raise" else "the weights are nan or inf",
-                                       history.step + 1)
+                        what = what if on_nonfinite == "raise" else "the weights are nan or inf"
+                        raise _diverged(what, history, epoch, i, checkpoint_path, saved_step, step=history.step + 1)
                     history.skipped_steps += 1
                     say(f"step {history.step + 1:,}: {what}; skipped ({history.skipped_steps} so far)")
                 history.step += 1
                 history.tokens += x.numel()
-                batch_in_epoch = i + 1
+                batch_in_epoch = i + 1  # (epoch, batch_in_epoch): where a resumed run picks up
                 bar.update(1)
                 if history.step % eval_freq == 0:
                     evaluate_and_record()
                     last_eval_step = history.step
                 if start_context is not None and history.step % sample_freq == 0:
                     with _rng_untouched(device):
-                        text = generate_sample(model, tokenizer, start_context, sample_tokens)
-                    history.samples.append((history.step, text))
-                    say(f"  sample: {text}")
+                        history.samples.append((history.step, generate_sample(model, tokenizer, start_context,
+                                                                              sample_tokens)))
+                    say(f"  sample: {history.samples[-1][1]}")
                 out_of_time = max_seconds is not None and time.perf_counter() - started >= max_seconds
                 stop = history.step >= total or out_of_time or interrupt["stop"]
                 if checkpoint_path is not None and (history.step % checkpoint_freq == 0 or stop):
-                    save(checkpoint_path)  # (epoch, batch_in_epoch): where a resumed run picks up
+                    save(checkpoint_path)
                     saved_step = history.step
+                if stop:
+                    break
             if interrupt["stop"]:
                 history.interrupted = True
                 say(f"interrupted: stopped after step {history.step:,}"
@@ -619,6 +622,9 @@ def train(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Opt
         bar.close()
         history.seconds = seconds_before + time.perf_counter() - started
         model.eval()
+    if progress:  # a saved notebook keeps only a widget's first text ("0/N"): say where the run ended
+        print(f"training: {history.step:,}/{total:,} steps, {history.tokens:,} tokens, "
+              f"{time.perf_counter() - started:.1f} s" + (" (interrupted)" if history.interrupted else ""))
     return history
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 
 import pytest
 import torch
 
-from course_lib.bigram import BigramLM, apply_temperature
+from course_lib.bigram import BigramLM, apply_temperature, join_words
 
 
 def test_probabilities_are_normalised_counts():
@@ -59,3 +60,21 @@ def test_errors():
     lm = BigramLM().fit(list("abc"))
     with pytest.raises(ValueError, match="never appeared"):
         lm.next_token_probs("z")
+
+
+def test_join_words_puts_no_space_before_punctuation():
+    # the split notebook 01 uses for its word model, undone
+    text = "Well, I said it: she was gone (for good). Wasn't she? Yes!"
+    tokens = re.findall(r"[A-Za-z']+|[.,;:!?()]", text)
+    assert join_words(tokens) == text
+    assert join_words(["I", ",", "too", "."]) == "I, too."
+    assert join_words([]) == ""
+    with pytest.raises(TypeError, match="sequence of tokens"):
+        join_words("not a list")
+
+
+def test_word_samples_read_like_text():
+    words = re.findall(r"[A-Za-z']+|[.,;!?]", "I saw it. I did, and I said so! Did you?")
+    lm = BigramLM(smoothing=0.0).fit(words)
+    text = join_words(lm.sample("I", 40, generator=torch.Generator().manual_seed(0)))
+    assert not re.search(r" [.,;!?]", text), text

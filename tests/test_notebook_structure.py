@@ -72,3 +72,22 @@ def test_committed_without_outputs(nb):
         if cell["cell_type"] == "code":
             assert not cell.get("outputs"), f"{nb.name}: cell {i} has stored outputs; clear them before committing"
             assert cell.get("execution_count") is None, f"{nb.name}: cell {i} has an execution count"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_heatmaps_have_a_colour_scale(nb):
+    """A heatmap without a colourbar shows which cells are bright, not how much they hold."""
+    for i, cell in enumerate(_cells(nb)):
+        src = _src(cell)
+        if cell["cell_type"] == "code" and "imshow(" in src:
+            assert "colorbar(" in src, f"{nb.name}: cell {i} draws a heatmap (imshow) without a colorbar"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_training_is_budgeted_in_steps_not_seconds(nb):
+    """A budget in seconds trains a fast machine longer than a slow one (scores stop comparing across
+    machines) and sizes progress bars for work that never runs; budget in steps or tokens instead."""
+    for i, cell in enumerate(_cells(nb)):
+        if cell["cell_type"] == "code":
+            assert "max_seconds" not in _src(cell), \
+                f"{nb.name}: cell {i} limits training by time (max_seconds); give max_steps from a token budget"

@@ -457,3 +457,11 @@ def test_the_progress_bar_ends_at_the_steps_taken_not_the_steps_planned(monkeypa
               max_seconds=0.0, progress=True, verbose=False)
     assert h.step == 1
     assert (bars[0].n, bars[0].total) == (1, 1)
+
+
+def test_a_run_with_progress_ends_with_a_plain_text_summary(capsys):
+    model, opt = _model_and_opt()
+    train_loader, val_loader = _loaders()
+    train(model, train_loader, val_loader, opt, max_steps=3, eval_freq=10, eval_iter=1, progress=True,
+          verbose=False)
+    assert "training: 3/3 steps, 192 tokens" in capsys.readouterr().out
