@@ -6,15 +6,16 @@ built as a ``course_lib`` ``GPTModel``, exported with ``export_hf`` and loaded b
 two decode the same greedy tokens, it times batch-1 greedy generation of ``--new-tokens``
 tokens after a ``--prompt-tokens`` prompt, float32 on CPU:
 
-* ``ours, no cache``  — ``generate(..., use_cache=False)``: the whole window re-encoded per token;
-* ``ours, KV cache``  — ``generate(..., use_cache=True)``;
-* ``... plain nn.Linear`` — the same inside ``course_lib.attention.few_rows_route(False)``: every
+* ``ours, no cache``  — ``course_lib.inference.generate(..., use_cache=False)``: the whole window
+  re-encoded per token;
+* ``ours, KV cache``  — ``generate(..., use_cache=True)`` (one prefill, then one token per step);
+* ``... plain nn.Linear`` — the same inside ``course_lib.inference.few_rows_route(False)``: every
   linear layer computed by ``nn.Linear.forward`` (shows what ``few_rows_linear`` buys);
 * ``transformers``    — ``GPT2LMHeadModel.generate(do_sample=False)`` with its own cache.
 
-Each cell is the best of ``--repeats`` runs (the contestants take turns). Targets (issue 6):
-the cache at least 3x faster than no cache at GPT-2 small's shape, and ours at least as
-fast as transformers'.
+Each cell is the best of ``--repeats`` runs (the contestants take turns). Targets (issues 6 and 11):
+the cache at least 3x faster than no cache at GPT-2 small's shape, and ours at least 1.5x
+as fast as transformers'.
 
     python benchmarks/bench_generation.py                     # gpt-cpu and gpt2-small shapes
     python benchmarks/bench_generation.py --models gpt-tiny --new-tokens 50
@@ -30,9 +31,9 @@ import time
 
 import torch
 
-import course_lib.attention as attention
+import course_lib.inference as inference
 from course_lib.config import get_config
-from course_lib.generation import generate
+from course_lib.inference import generate
 from course_lib.model import GPTModel
 from course_lib.pretrained import export_hf
 
@@ -66,7 +67,7 @@ def bench(name: str, new_tokens: int, prompt_tokens: int, repeats: int, no_cache
     check = 20
     same = generate(ours, prompt, check).tolist() == run_hf(check).tolist()
     def run_plain():
-        with attention.few_rows_route(False):
+        with inference.few_rows_route(False):
             return generate(ours, prompt, new_tokens, use_cache=True)
 
     cache_s, plain_s, hf_s, nocache_s = [], [], [], []
@@ -92,7 +93,7 @@ def bench_matmuls(repeats: int = 20) -> None:
     weights = [(torch.randn(o, i) * 0.02, torch.randn(o)) for i, o in shapes]
     xs = {i: torch.randn(1, i) for i in (d, 4 * d)}
     routes = {"F.linear(x, W, b), 1 row (nn.Linear)": F.linear,
-              "few_rows_linear: W @ [x; x].T, first column, + bias": attention.few_rows_linear}
+              "few_rows_linear: W @ [x; x].T, first column, + bias": inference.few_rows_linear}
     print(f"\n| route | ms per token (all matrices, best of {repeats}) |\n|---|---:|")
     with torch.no_grad():
         for name, fn in routes.items():
@@ -112,21 +113,21 @@ def main() -> None:
     parser.add_argument("--no-cache-repeats", type=int, default=1, help="runs of the slow no-cache path")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--min-size", type=int, default=None,
-                        help="set course_lib.attention.FEW_ROWS_MIN_SIZE (the smallest weight on the few-rows route)")
+                        help="set course_lib.inference.FEW_ROWS_MIN_SIZE (the smallest weight on the few-rows route)")
     parser.add_argument("--matmuls", action="store_true",
                         help="only time one token through GPT-2 small's matrices: nn.Linear's route against ours")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.min_size is not None:
-        attention.FEW_ROWS_MIN_SIZE = args.min_size
+        inference.FEW_ROWS_MIN_SIZE = args.min_size
     if args.matmuls:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
         bench_matmuls()
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch 1, prompt {args.prompt_tokens} "
           f"tokens, {args.new_tokens} new tokens, greedy, float32, CPU; tokens/s (best of {args.repeats}); "
-          f"FEW_ROWS_MIN_SIZE={attention.FEW_ROWS_MIN_SIZE}")
+          f"FEW_ROWS_MIN_SIZE={inference.FEW_ROWS_MIN_SIZE}")
     rows = [bench(m.strip(), args.new_tokens, args.prompt_tokens, args.repeats, args.no_cache_repeats)
             for m in args.models.split(",")]
     print(f"\n| model | params | same tokens | ours, no cache | ours, KV cache | ... plain nn.Linear | transformers "

@@ -34,24 +34,20 @@ Choices worth knowing:
 * :class:`MultiHeadAttentionWrapper` gives each head ``d_out // num_heads`` columns, so
   its output is ``d_out`` wide like :class:`MultiHeadAttention`'s (it has no output
   projection); with ``out_proj`` set to the identity the two compute the same thing.
-
-Step 5 adds :class:`KVCache`: when a model generates one token at a time, the keys and
-values of the tokens already seen do not change, so they are kept (in tensors allocated
-once) and only the new token's are computed. ``MultiHeadAttention.forward(x, kv_cache,
-layer)`` writes the new keys and values into the cache and attends over everything in it.
-It also adds :class:`Linear`, ``nn.Linear`` with a quicker route for the one-row products
-of token-by-token decoding (:func:`few_rows_linear` says why; :func:`few_rows_route`
-switches it off to compare).
+* ``MultiHeadAttention.forward`` takes an optional ``kv_cache`` (``None`` in steps 3 and
+  4): step 5's :class:`course_lib.inference.KVCache`, which keeps the keys and values of
+  the tokens already seen while a model writes text.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .checks import positive_int, probability
 
 __all__ = [
     "SimplifiedSelfAttention",
@@ -61,28 +57,13 @@ __all__ = [
     "MultiHeadAttentionWrapper",
     "MultiHeadAttention",
     "causal_mask",
-    "KVCache",
-    "Linear",
-    "few_rows_linear",
-    "FEW_ROWS",
-    "FEW_ROWS_MIN_SIZE",
-    "few_rows_route",
 ]
 
 
 # --------------------------------------------------------------------------- #
 # Argument checks shared by the classes (clear errors instead of torch tracebacks)
 # --------------------------------------------------------------------------- #
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _dropout_p(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {value!r}; use 0.0 to turn it off")
-    return float(value)
+_DROPOUT_HINT = "; use 0.0 to turn it off"
 
 
 def _check_input(x, d_in: int, context_length: int | None = None) -> None:
@@ -105,7 +86,7 @@ def causal_mask(context_length: int, device=None) -> torch.Tensor:
 
     ``mask[i, j]`` is ``True`` where query ``i`` must not see key ``j`` (``j > i``).
     """
-    _positive_int("context_length", context_length)
+    positive_int("context_length", context_length)
     ones = torch.ones(context_length, context_length, dtype=torch.bool, device=device)
     return torch.triu(ones, diagonal=1)
 
@@ -145,7 +126,7 @@ class SelfAttentionParams(nn.Module):
 
     def __init__(self, d_in: int, d_out: int):
         super().__init__()
-        self.d_in, self.d_out = _positive_int("d_in", d_in), _positive_int("d_out", d_out)
+        self.d_in, self.d_out = positive_int("d_in", d_in), positive_int("d_out", d_out)
         self.W_query = nn.Parameter(torch.rand(d_in, d_out))
         self.W_key = nn.Parameter(torch.rand(d_in, d_out))
         self.W_value = nn.Parameter(torch.rand(d_in, d_out))
@@ -175,7 +156,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, qkv_bias: bool = False):
         super().__init__()
-        self.d_in, self.d_out = _positive_int("d_in", d_in), _positive_int("d_out", d_out)
+        self.d_in, self.d_out = positive_int("d_in", d_in), positive_int("d_out", d_out)
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
@@ -217,12 +198,12 @@ class CausalAttention(nn.Module):
     def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float = 0.0,
                  qkv_bias: bool = False):
         super().__init__()
-        self.d_in, self.d_out = _positive_int("d_in", d_in), _positive_int("d_out", d_out)
-        self.context_length = _positive_int("context_length", context_length)
+        self.d_in, self.d_out = positive_int("d_in", d_in), positive_int("d_out", d_out)
+        self.context_length = positive_int("context_length", context_length)
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.dropout = nn.Dropout(_dropout_p(dropout))
+        self.dropout = nn.Dropout(probability("dropout", dropout, hint=_DROPOUT_HINT))
         self.register_buffer("mask", causal_mask(context_length), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,8 +236,8 @@ class MultiHeadAttentionWrapper(nn.Module):
     def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
                  qkv_bias: bool = False):
         super().__init__()
-        _positive_int("d_out", d_out)
-        self.num_heads = _positive_int("num_heads", num_heads)
+        positive_int("d_out", d_out)
+        self.num_heads = positive_int("num_heads", num_heads)
         if d_out % num_heads:
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads}); try num_heads "
                              f"in {[h for h in range(1, min(d_out, 64) + 1) if d_out % h == 0]}")
@@ -266,167 +247,6 @@ class MultiHeadAttentionWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([head(x) for head in self.heads], dim=-1)  # [B, T, d_out]
-
-
-# --------------------------------------------------------------------------- #
-# The KV cache (step 5): keys and values of earlier tokens, kept between calls
-# --------------------------------------------------------------------------- #
-class KVCache:
-    """Preallocated keys and values for every attention layer of a model.
-
-    When a GPT generates text, token ``t`` attends to the keys and values of tokens
-    ``0..t``, and those of tokens ``0..t-1`` are the same as at the previous step. The cache
-    keeps them, so each step computes queries, keys and values for the new token only:
-    ``O(T)`` work per token instead of ``O(T^2)``.
-
-    The tensors are allocated once, ``[n_layers, batch, num_heads, max_len, head_dim]`` for
-    keys and the same for values, and filled from the left; ``pos`` counts the positions
-    filled. Layer ``i`` calls :meth:`update` with the new tokens' keys and values and gets
-    back everything cached so far; the model calls :meth:`advance` once all its layers have
-    seen the new tokens. :meth:`reset` empties the cache for the next prompt (the memory is
-    kept).
-
-    Args:
-        n_layers, batch_size, num_heads, head_dim: the model's shape.
-        max_len: the most positions the cache holds (at most the model's context length).
-        device, dtype: where and how the tensors live (match the model's).
-
-    Raises:
-        ValueError: a size that is not a positive integer; (in :meth:`update`) more tokens
-            than ``max_len`` in all, or keys of the wrong shape.
-    """
-
-    def __init__(self, n_layers: int, batch_size: int, num_heads: int, head_dim: int, max_len: int,
-                 device=None, dtype: torch.dtype = torch.float32):
-        for name, value in (("n_layers", n_layers), ("batch_size", batch_size), ("num_heads", num_heads),
-                            ("head_dim", head_dim), ("max_len", max_len)):
-            _positive_int(name, value)
-        shape = (n_layers, batch_size, num_heads, max_len, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)    # [L, B, H, max_len, D]
-        self.values = torch.zeros(shape, device=device, dtype=dtype)  # [L, B, H, max_len, D]
-        self.pos = 0  # positions filled, in every layer
-
-    @property
-    def max_len(self) -> int:
-        return self.keys.shape[3]
-
-    @property
-    def batch_size(self) -> int:
-        return self.keys.shape[1]
-
-    def reset(self) -> None:
-        """Forget every cached position (the next call starts at position 0)."""
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store keys and values ``[B, H, T, D]`` of ``T`` new tokens at positions ``pos..pos+T-1``
-        of ``layer``; return the keys and values of positions ``0..pos+T-1`` (views, no copy)."""
-        B, H, T, D = k.shape
-        end = self.pos + T
-        if end > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} positions and {self.pos} are filled, so "
-                             f"{T} more do not fit; reset() it, or crop the sequence to the context length")
-        if (B, H, D) != (self.keys.shape[1], self.keys.shape[2], self.keys.shape[4]):
-            raise ValueError(f"keys of shape {tuple(k.shape)} do not fit a cache built for batch "
-                             f"{self.keys.shape[1]}, {self.keys.shape[2]} heads of {self.keys.shape[4]}")
-        self.keys[layer, :, :, self.pos:end] = k
-        self.values[layer, :, :, self.pos:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # [B, H, pos+T, D]
-
-    def advance(self, num_tokens: int) -> None:
-        """Mark ``num_tokens`` more positions as filled (the model calls this after its last layer)."""
-        self.pos += num_tokens
-
-    def __repr__(self) -> str:
-        L, B, H, M, D = self.keys.shape
-        return f"KVCache(layers={L}, batch={B}, heads={H}, head_dim={D}, filled={self.pos}/{M})"
-
-
-# --------------------------------------------------------------------------- #
-# Decoding speed (step 5): nn.Linear, with a faster route for a few rows at a time
-# --------------------------------------------------------------------------- #
-FEW_ROWS = 64
-"""Inputs with at most this many rows take :func:`few_rows_linear` in :class:`Linear`."""
-FEW_ROWS_MIN_SIZE = 2**18
-"""... and weights of at least this many numbers (1 MB in float32). Smaller matrices stay in
-the CPU's cache, where the matrix-vector route is as fast and the extra steps cost more than
-they save."""
-
-
-def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` computed as ``weight @ x.T``, for inputs of a few rows.
-
-    When a GPT generates text with a KV cache, every layer sees one new token: each matmul
-    is *one row* times a weight matrix, and its time is the time to read the weights from
-    memory. On CPU, PyTorch's BLAS (MKL on x86) runs that case as a matrix-vector product
-    that reads them at roughly half the speed it reaches in ``weight @ x.T`` — the same
-    numbers, with the weight on the left and at least two columns on the right. So a single
-    row is duplicated (the extra column costs nothing: the time is in reading ``weight``),
-    the product taken that way round, and the first column kept. For GPT-2 small this makes
-    each generated token about 1.8x faster; see ``benchmarks/README.md``, step 5.
-
-    Args:
-        x: ``[..., in_features]``.
-        weight: ``[out_features, in_features]``, as in ``nn.Linear``.
-        bias: ``[out_features]`` or ``None``.
-
-    Returns:
-        ``[..., out_features]``, contiguous, equal to ``F.linear(x, weight, bias)`` up to
-        float rounding (the sums are taken in a different order).
-    """
-    rows = x.numel() // x.shape[-1] if x.ndim and x.shape[-1] else 0
-    if rows == 0 or x.shape[-1] != weight.shape[1]:
-        return F.linear(x, weight, bias)      # nothing to gain; F.linear gives its usual errors
-    x2 = x.reshape(rows, x.shape[-1])         # [N, in]
-    if rows == 1:
-        x2 = torch.cat([x2, x2])              # two columns: BLAS's matrix-matrix route
-    y = (weight @ x2.t())[:, :rows].t()       # [out, N] -> [N, out]
-    if bias is not None:
-        y = y + bias
-    return y.contiguous().view(*x.shape[:-1], weight.shape[0])
-
-
-class Linear(nn.Linear):
-    """``nn.Linear``, faster for a few rows when no gradient is needed.
-
-    Same arguments, parameters, ``state_dict`` and results as ``nn.Linear``. On CPU, in
-    float32, for an input of at most :data:`FEW_ROWS` rows, a weight of at least
-    :data:`FEW_ROWS_MIN_SIZE` numbers and no gradient wanted (text generation, evaluation of a
-    single prompt), it computes with :func:`few_rows_linear`; everything else — training, long
-    inputs, small layers, GPUs, other dtypes, autocast, ``torch.compile`` — is
-    ``nn.Linear.forward`` itself. The attention and feed-forward layers of steps 3 and 4 and
-    the model's output head use it.
-
-    Shape:
-        x: ``[..., in_features]`` -> ``[..., out_features]``.
-    """
-
-    def _takes_few_rows(self, x) -> bool:
-        wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        return (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
-                and 0 < x.numel() <= FEW_ROWS * self.in_features and self.weight.numel() >= FEW_ROWS_MIN_SIZE
-                and not wants_grad and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, torch.Tensor) and self._takes_few_rows(x):
-            return few_rows_linear(x, self.weight, self.bias)
-        return super().forward(x)
-
-
-@contextlib.contextmanager
-def few_rows_route(enabled: bool = True):
-    """Turn :class:`Linear`'s few-rows route on or off inside a ``with`` block (to compare)::
-
-        with few_rows_route(False):     # every Linear runs nn.Linear.forward
-            generate(model, idx, 50)
-    """
-    global FEW_ROWS
-    saved = FEW_ROWS
-    FEW_ROWS = saved if enabled else 0
-    try:
-        yield
-    finally:
-        FEW_ROWS = saved
 
 
 # --------------------------------------------------------------------------- #
@@ -454,9 +274,8 @@ class MultiHeadAttention(nn.Module):
             ``mha.use_sdpa = False`` switches an existing module.
 
     Attributes:
-        W_query, W_key, W_value: ``nn.Linear(d_in, d_out, bias=qkv_bias)`` (as
-            :class:`Linear`, which is ``nn.Linear`` with a faster route for generation).
-        out_proj: ``nn.Linear(d_out, d_out)`` (likewise).
+        W_query, W_key, W_value: ``nn.Linear(d_in, d_out, bias=qkv_bias)``.
+        out_proj: ``nn.Linear(d_out, d_out)``.
         mask: boolean ``[context_length, context_length]`` buffer, ``True`` above the
             diagonal; not saved in ``state_dict()`` (``persistent=False``).
 
@@ -473,52 +292,64 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
                  qkv_bias: bool = False, use_sdpa: bool = True):
         super().__init__()
-        self.d_in, self.d_out = _positive_int("d_in", d_in), _positive_int("d_out", d_out)
-        self.context_length = _positive_int("context_length", context_length)
-        self.num_heads = _positive_int("num_heads", num_heads)
+        self.d_in, self.d_out = positive_int("d_in", d_in), positive_int("d_out", d_out)
+        self.context_length = positive_int("context_length", context_length)
+        self.num_heads = positive_int("num_heads", num_heads)
         if d_out % num_heads:
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads}); try num_heads "
                              f"in {[h for h in range(1, min(d_out, 64) + 1) if d_out % h == 0]}")
         self.head_dim = d_out // num_heads
-        self.W_query = Linear(d_in, d_out, bias=qkv_bias)  # nn.Linear, faster when generating
-        self.W_key = Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = Linear(d_out, d_out)
-        self.dropout = nn.Dropout(_dropout_p(dropout))
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(probability("dropout", dropout, hint=_DROPOUT_HINT))
         self.register_buffer("mask", causal_mask(context_length), persistent=False)
         self.use_sdpa = bool(use_sdpa)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        """Attend causally over ``x`` ``[B, T, d_in]``; with a ``kv_cache``, ``x`` holds the next
-        ``T`` tokens after the ``kv_cache.pos`` already cached (stored in slot ``layer``)."""
-        start = 0 if kv_cache is None else kv_cache.pos
+    def forward(self, x: torch.Tensor, kv_cache=None, layer: int = 0) -> torch.Tensor:
+        """Attend causally over ``x`` ``[B, T, d_in]`` -> ``[B, T, d_out]``.
+
+        Args:
+            kv_cache: ``None`` (steps 3 and 4), or a cache of the keys and values of earlier
+                tokens (step 5, :class:`course_lib.inference.KVCache`): ``x`` then holds the
+                next tokens. ``kv_cache.update(layer, k, v)`` stores the new keys and values
+                ``[B, H, T, D]`` and returns all of them ``[B, H, S, D]`` with an attention
+                mask: ``None`` when the ``T`` queries are the last ``T`` of the ``S``
+                positions (the causal mask applies), else a boolean ``[B, 1, T, S]``,
+                ``True`` = may look.
+            layer: the slot of this layer in ``kv_cache``.
+        """
         _check_input(x, self.d_in, self.context_length)
-        if start + x.shape[1] > self.context_length:
-            raise ValueError(f"the KV cache already holds {start} positions, so {x.shape[1]} more tokens would "
-                             f"exceed context_length={self.context_length}; reset the cache and feed the last "
-                             f"{self.context_length} tokens instead")
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         # project, then split d_out into H heads of D: [B, T, d_out] -> [B, H, T, D]
         q = self.W_query(x).view(B, T, H, D).transpose(1, 2)
         k = self.W_key(x).view(B, T, H, D).transpose(1, 2)
         v = self.W_value(x).view(B, T, H, D).transpose(1, 2)
+        visible = None                                # None: the usual causal mask
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)       # [B, H, S, D]: all S = start + T positions so far
-        S = start + T
-        # query i sits at position start + i and may look at keys 0..start + i
-        mask = self.mask[start:S, :S]                 # [T, S], True = may not look
+            k, v, visible = kv_cache.update(layer, k, v)  # [B, H, S, D]: earlier tokens' too
+        S = k.shape[2]
+        start = S - T                                 # the position of the first query
+        if S > self.context_length:
+            raise ValueError(f"the KV cache already holds {start} positions, so {T} more tokens would "
+                             f"exceed context_length={self.context_length}; reset the cache and feed the last "
+                             f"{self.context_length} tokens instead")
         if self.use_sdpa:
             p = self.dropout.p if self.training else 0.0
-            if start == 0:    # a fresh sequence: the usual triangle
+            if visible is not None:   # rows of a batch at different positions (step 5)
+                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=p)
+            elif start == 0:          # a fresh sequence: the usual triangle
                 ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)    # [B, H, T, D]
-            elif T == 1:      # one new token sees every cached one: no mask at all
+            elif T == 1:              # one new token sees every cached one: no mask at all
                 ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-            else:             # several new tokens after a cached prefix
-                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=~mask, dropout_p=p)
+            else:                     # several new tokens after a cached prefix
+                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=~self.mask[start:S, :S], dropout_p=p)
         else:
+            hidden = self.mask[start:S, :S] if visible is None else ~visible  # True = may not look
             scores = q @ k.transpose(-2, -1) / math.sqrt(D)                # [B, H, T, S]
-            scores = scores.masked_fill(mask, float("-inf"))               # no looking ahead
+            scores = scores.masked_fill(hidden, float("-inf"))             # no looking ahead
             weights = self.dropout(torch.softmax(scores, dim=-1))          # rows sum to 1 (before dropout)
             ctx = weights @ v                                              # [B, H, T, D]
         # merge the heads back: [B, H, T, D] -> [B, T, H*D]

@@ -48,12 +48,9 @@ Choices worth knowing:
 
 from __future__ import annotations
 
-import errno
-import math
 import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -61,6 +58,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+
+from .files import atomic_write, check_writable
 
 __all__ = [
     "CheckpointError",
@@ -106,154 +105,6 @@ def nonfinite_parameters(model: nn.Module) -> list[str]:
     """Names of ``model``'s parameters and buffers that hold a ``nan`` or ``inf`` (floating point only)."""
     tensors = [*model.named_parameters(), *model.named_buffers()]
     return [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-
-
-# --------------------------------------------------------------------------- #
-# Atomic file writes
-# --------------------------------------------------------------------------- #
-def check_writable(path: str | os.PathLike, what: str = "path") -> Path:
-    """Make sure a file can be written at ``path`` (creating its missing folders) before work
-    that would otherwise fail only when it saves.
-
-    Creates and removes a temporary file in the folder, so a read-only file system or a
-    folder without write permission is caught whoever runs it.
-
-    Returns:
-        ``path`` as an expanded :class:`~pathlib.Path`.
-
-    Raises:
-        IsADirectoryError: ``path`` is a folder.
-        NotADirectoryError: a parent of ``path`` is a file.
-        PermissionError: the folder cannot be written (or created).
-    """
-    from .paths import writable_problem
-
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise IsADirectoryError(f"{what} {path} is a folder; give a file name inside it, e.g. {path / 'run.pt'}")
-    problem = writable_problem(path.parent)
-    if problem is not None:
-        error = NotADirectoryError if "is a file" in problem else PermissionError
-        raise error(f"cannot write {what} {path}: the folder {path.parent} {problem}; choose a path in a folder "
-                    "you can write to")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _pid_alive(pid: int) -> bool:
-    if os.name != "posix":
-        return True  # cannot tell cheaply: keep the file (only POSIX cleans by process id)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Delete temporary files left by earlier saves to ``path`` whose process is gone (killed mid-save).
-
-    A temporary file is named ``.<name>.<pid>.<random>.tmp``; one whose process still runs is
-    another save in progress and is left alone.
-    """
-    prefix = f".{path.name}."
-    try:
-        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")]
-    except OSError:
-        return
-    for tmp in candidates:
-        pid = tmp.name[len(prefix):].split(".", 1)[0]
-        if pid.isdigit() and _pid_alive(int(pid)):
-            continue
-        tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-class _WriteRecorder:
-    """A binary file wrapper that remembers the first ``OSError`` a write raised.
-
-    ``torch.save`` turns a failed write into ``RuntimeError: ... unexpected pos``; the
-    recorded error lets :func:`atomic_write` say what really happened (a full disk)."""
-
-    def __init__(self, fh):
-        self._fh, self.error = fh, None
-
-    def write(self, data):
-        try:
-            return self._fh.write(data)
-        except OSError as err:
-            self.error = self.error or err
-            raise
-
-    def __getattr__(self, name):
-        return getattr(self._fh, name)
-
-
-def atomic_write(path: str | os.PathLike, write, overwrite: bool = False) -> Path:
-    """Call ``write(file_object)`` on a temporary file, then move it to ``path`` in one step.
-
-    The temporary file lives in ``path``'s folder (so the final ``os.replace`` is a rename on
-    one file system), is flushed and ``fsync``-ed before the rename, and is deleted if
-    ``write`` raises: ``path`` is either the old file or the complete new one, never half.
-    Temporary files of earlier saves to ``path`` that were killed outright are removed
-    first. The new file gets the permissions of any new file (``0o666`` less the umask).
-
-    Args:
-        path: the destination file; missing parent folders are created.
-        write: a function taking a binary file object.
-        overwrite: replace an existing ``path``. Default ``False``.
-
-    Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is ``False``.
-        IsADirectoryError, NotADirectoryError, PermissionError: as :func:`check_writable`.
-        OSError: the disk is full (``errno.ENOSPC``) or another write failed; the message
-            names the file, and the previous file at ``path`` is kept.
-    """
-    path = Path(path).expanduser()
-    if path.exists() and not overwrite and not path.is_dir():
-        raise FileExistsError(f"{path} already exists and was not overwritten; pass overwrite=True to replace "
-                              "it, or choose another file name")
-    check_writable(path, "the file")
-    _remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            fh = _WriteRecorder(raw)
-            try:
-                write(fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            except Exception as err:
-                failed = fh.error or (err if isinstance(err, OSError) else None)
-                if failed is None:
-                    raise
-                if failed.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise OSError(failed.errno, f"no space left on the device holding {path.parent} while writing "
-                                  f"{path.name}; the previous file (if any) is kept unchanged. Free some space "
-                                  "or write somewhere else, then save again") from err
-                raise OSError(failed.errno, f"could not write {path}: {failed.strerror or failed}; the previous "
-                              "file (if any) is kept unchanged") from err
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable (not possible on every OS / file system)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
 
 
 # --------------------------------------------------------------------------- #

@@ -13,9 +13,11 @@ sha256, size and license. :func:`fetch` turns a name into a local path:
 3. a **download** from each URL in turn, with a progress bar, checked against
    the sha256 before it is moved into place.
 
-Every write goes to a temporary file in the destination folder and is renamed
-over the target only once it has been verified, so an interrupted or corrupt
-download never replaces a good file and never leaves a half-written one behind.
+Every write goes through :func:`course_lib.files.atomic_write`: a temporary
+``.part`` file in the destination folder, renamed over the target only once it has
+been verified, so an interrupted or corrupt download never replaces a good file and
+never leaves a half-written one behind (the ``.part`` file of a download that was
+killed outright is removed by the next fetch of that file).
 
 Decisions:
 
@@ -35,7 +37,6 @@ import http.client
 import os
 import shutil
 import socket
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from .files import atomic_write, scratch_file
 from .paths import find_course_root, writable_problem
 
 __all__ = [
@@ -335,62 +337,54 @@ def _cache_label(cache_dir) -> str:
     return "COURSE_DATA_DIR" if os.environ.get("COURSE_DATA_DIR", "").strip() else "the data folder"
 
 
-def _publish(tmp: str | os.PathLike, dest: Path) -> None:
-    """Give a finished temporary file the usual permissions (mkstemp makes it owner-only,
-    which would make a classroom mirror unreadable to learners) and rename it into place."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, dest)
-
-
-def _atomic_copy(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+def _copy_from(src: Path):
+    """A writer for :func:`~course_lib.files.atomic_write` that copies ``src``."""
+    def write(out) -> None:
+        with open(src, "rb") as inp:
             shutil.copyfileobj(inp, out, _CHUNK)
-        _publish(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return write
 
 
 # --------------------------------------------------------------------------- #
 # Downloading
 # --------------------------------------------------------------------------- #
-def _download(url: str, dest_dir: Path, label: str, progress: bool, timeout: float) -> Path:
-    """Stream ``url`` into a temporary file in ``dest_dir``; return its path.
+class _Rejected(Exception):
+    """A download arrived whole but is not the registered file (wrong size or sha256)."""
 
-    Raises ``OSError`` subclasses (HTTPError, URLError, IncompleteRead, timeouts) on failure,
-    always removing the partial file first.
+
+def _verifier(entry: DataFile):
+    """A ``check`` for :func:`~course_lib.files.atomic_write`: refuse bytes that are not ``entry``'s."""
+    def check(path: Path) -> None:
+        problem = _check(path, entry)
+        if problem is not None:
+            raise _Rejected(problem)
+    return check
+
+
+def _download(url: str, out, label: str, progress: bool, timeout: float) -> None:
+    """Stream ``url`` into the binary file ``out``.
+
+    Raises ``OSError`` subclasses (HTTPError, URLError, timeouts) or ``http.client``
+    exceptions (IncompleteRead: fewer bytes than ``Content-Length`` promised) on failure.
     """
     from tqdm.auto import tqdm
 
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{label}.", suffix=".part")
-    tmp_path = Path(tmp)
-    try:
-        request = urllib.request.Request(url, headers={"User-Agent": "course-lib (LLM Sovereignty Stack)"})
-        with urllib.request.urlopen(request, timeout=timeout) as response, os.fdopen(fd, "wb") as out:
-            length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-            received = 0
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
-                      disable=not progress, leave=False) as bar:
-                while True:
-                    chunk = response.read(_CHUNK)
-                    if not chunk:
-                        break
-                    out.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-            if total is not None and received != total:
-                raise http.client.IncompleteRead(b"", total - received)
-        return tmp_path
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+    request = urllib.request.Request(url, headers={"User-Agent": "course-lib (LLM Sovereignty Stack)"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        received = 0
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
+                  disable=not progress, leave=False) as bar:
+            while True:
+                chunk = response.read(_CHUNK)
+                if not chunk:
+                    break
+                out.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+        if total is not None and received != total:
+            raise http.client.IncompleteRead(b"", total - received)
 
 
 def _describe(err: BaseException) -> str:
@@ -410,19 +404,32 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def _extract_member(archive: Path, member: str, dest_dir: Path, label: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{label}.", suffix=".part")
-    try:
-        with zipfile.ZipFile(archive) as zf, os.fdopen(fd, "wb") as out:
+def _extract_member(archive: Path, member: str):
+    """A writer for :func:`~course_lib.files.atomic_write` that copies ``member`` out of the zip ``archive``.
+
+    Raises ``zipfile.BadZipFile`` for a file that is not a zip or lacks the member."""
+    def write(out) -> None:
+        with zipfile.ZipFile(archive) as zf:
             names = [n for n in zf.namelist() if n == member or n.endswith("/" + member)]
             if not names:
                 raise zipfile.BadZipFile(f"archive has no member {member!r}")
             with zf.open(names[0]) as src:
                 shutil.copyfileobj(src, out, _CHUNK)
-        return Path(tmp)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return write
+
+
+def _fetch_from(url: str, entry: DataFile, target: Path, progress: bool, timeout: float) -> None:
+    """Download ``url`` (and extract ``entry.archive_member``) into ``target``, verified before the rename."""
+    label = target.name
+    if entry.archive_member is None:
+        atomic_write(target, lambda out: _download(url, out, label, progress, timeout), overwrite=True,
+                     check=_verifier(entry), suffix=".part")
+        return
+    with scratch_file(target) as archive:  # the zip itself is never kept
+        with open(archive, "wb") as out:
+            _download(url, out, label, progress, timeout)
+        atomic_write(target, _extract_member(archive, entry.archive_member), overwrite=True,
+                     check=_verifier(entry), suffix=".part")
 
 
 # --------------------------------------------------------------------------- #
@@ -474,7 +481,7 @@ def fetch(name: str | DataFile, *, cache_dir: str | os.PathLike | None = None,
             if candidate.resolve() == target.resolve():
                 return target
             try:
-                _atomic_copy(candidate, target)
+                atomic_write(target, _copy_from(candidate), overwrite=True, suffix=".part")
             except OSError as err:  # a read-only or misdirected cache: the verified copy serves as it is
                 say(f"{entry.name}: cannot write {target} ({err.strerror or err}); reading the mirror's copy in place")
                 return candidate
@@ -492,30 +499,19 @@ def fetch(name: str | DataFile, *, cache_dir: str | os.PathLike | None = None,
             "holds the course's data (it is then read in place)")
 
     failures: list[str] = []
-    label = Path(entry.path).name
+    target.parent.mkdir(parents=True, exist_ok=True)
     for url in entry.urls:
         try:
-            downloaded = _download(url, target.parent, label, progress, timeout)
+            _fetch_from(url, entry, target, progress, timeout)
+        except _Rejected as err:
+            failures.append(f"{url}: downloaded file rejected, {err}")
+            continue
+        except zipfile.BadZipFile as err:
+            failures.append(f"{url}: not a usable zip archive ({err})")
+            continue
         except (OSError, http.client.HTTPException) as err:
             failures.append(f"{url}: {_describe(err)}")
             continue
-        try:
-            if entry.archive_member is not None:
-                try:
-                    member = _extract_member(downloaded, entry.archive_member, target.parent, label)
-                except zipfile.BadZipFile as err:
-                    failures.append(f"{url}: not a usable zip archive ({err})")
-                    continue
-            else:
-                member = downloaded
-            problem = _check(member, entry)
-            if problem is not None:
-                member.unlink(missing_ok=True)
-                failures.append(f"{url}: downloaded file rejected, {problem}")
-                continue
-            _publish(member, target)
-        finally:
-            downloaded.unlink(missing_ok=True)
         if entry.sha256 is None:
             say(f"{entry.name}: no published sha256, checked by size only")
         say(f"{entry.name}: downloaded from {url}")

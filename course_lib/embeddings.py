@@ -31,18 +31,13 @@ Choices worth knowing:
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import positive_int, probability
+
 __all__ = ["GPTEmbedding", "sinusoidal_positions", "one_hot_embedding"]
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def _check_ids(ids, vocab_size: int, name: str = "ids") -> None:
@@ -108,8 +103,8 @@ def sinusoidal_positions(context_length: int, emb_dim: int, base: float = 10000.
     Raises:
         ValueError: sizes below 1 or ``base <= 1``.
     """
-    _positive_int("context_length", context_length)
-    _positive_int("emb_dim", emb_dim)
+    context_length = positive_int("context_length", context_length)
+    emb_dim = positive_int("emb_dim", emb_dim)
     if not isinstance(base, (int, float)) or isinstance(base, bool) or base <= 1:
         raise ValueError(f"base must be a number > 1 (10000 in the paper), got {base!r}")
     pos = torch.arange(context_length, dtype=torch.float64).unsqueeze(1)  # [T, 1]
@@ -147,14 +142,12 @@ class GPTEmbedding(nn.Module):
 
     def __init__(self, vocab_size: int, emb_dim: int, context_length: int, dropout: float = 0.0):
         super().__init__()
-        self.vocab_size = _positive_int("vocab_size", vocab_size)
-        self.emb_dim = _positive_int("emb_dim", emb_dim)
-        self.context_length = _positive_int("context_length", context_length)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}; use 0.0 to turn it off")
-        self.tok_emb = nn.Embedding(vocab_size, emb_dim)
-        self.pos_emb = nn.Embedding(context_length, emb_dim)
-        self.drop = nn.Dropout(dropout)
+        self.vocab_size = positive_int("vocab_size", vocab_size)
+        self.emb_dim = positive_int("emb_dim", emb_dim)
+        self.context_length = positive_int("context_length", context_length)
+        self.tok_emb = nn.Embedding(self.vocab_size, self.emb_dim)
+        self.pos_emb = nn.Embedding(self.context_length, self.emb_dim)
+        self.drop = nn.Dropout(probability("dropout", dropout, hint="; use 0.0 to turn it off"))
         for table in (self.tok_emb, self.pos_emb):
             nn.init.normal_(table.weight, mean=0.0, std=0.02)
 

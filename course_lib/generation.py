@@ -15,38 +15,11 @@ Choices worth knowing:
   can be passed straight to a model on a GPU; the result lives on the model's device.
 * ``<|endoftext|>`` in a prompt is read as GPT-2's special token (id 50256), as in the
   training data of step 2.
+* Logits that are NaN or inf are an error naming the step: a diverged model would
+  otherwise "choose" token 0 again and again.
 
-Step 5 adds:
-
-* :func:`generate` — the full decoder: greedy or sampled (temperature, top-k, top-p), an
-  end-of-text stop, and a KV cache (``use_cache=True``, the default).
-* :func:`top_k_filter`, :func:`top_p_filter`, :func:`sample_next_token` — the sampling
-  steps on their own, for the notebook and for anyone building a decoder.
-
-Choices worth knowing (``generate``):
-
-* **Temperature 0 means greedy** (``argmax``; ``top_k``/``top_p`` then change nothing).
-  Otherwise the logits are divided by the temperature, filtered by top-k and then top-p
-  (in that order), and the next token is drawn from the softmax with ``torch.multinomial``
-  — from PyTorch's global generator (``torch.manual_seed`` makes it repeat) or from
-  ``generator=``. A tiny temperature (``1e-45``) approaches greedy decoding instead of
-  overflowing (see :func:`sample_next_token`).
-* **Logits that are NaN or inf are an error** naming the step, in both decoders: a
-  diverged model would otherwise "choose" token 0 again and again.
-* **Top-k keeps ties**: every token whose logit equals the k-th largest survives.
-  **Top-p** keeps the smallest set of most likely tokens whose probabilities add up to at
-  least ``top_p`` (always at least the most likely one).
-* **The KV cache** (:class:`~course_lib.attention.KVCache`) is allocated once per call
-  for ``min(context_size, prompt + max_new_tokens)`` positions, so nothing carries over
-  from one prompt to the next. Models without ``new_kv_cache`` are run without it.
-* **Past the context length** the cache cannot be reused: the model's positions are
-  absolute (learned per position), so when the window slides by one token every cached key
-  belongs to a different position. ``generate`` then does what ``generate_text_simple``
-  does — re-encodes the last ``context_size`` tokens for each new token — which keeps the
-  output identical with and without the cache, at the speed of no cache beyond that point.
-* **End of text**: with ``eos_id``, a sequence that produces it stops; in a batch the
-  finished rows are padded with ``eos_id`` until every row has finished (or
-  ``max_new_tokens`` is reached). The ``eos_id`` token is kept in the output.
+Sampling (temperature, top-k, top-p), the KV cache and fast decoding are step 5's, in
+:mod:`course_lib.inference`.
 """
 
 from __future__ import annotations
@@ -56,10 +29,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .checks import non_negative_int, positive_int
 from .model import _ID_DTYPES
 
-__all__ = ["generate_text_simple", "text_to_token_ids", "token_ids_to_text", "generate", "top_k_filter",
-           "top_p_filter", "sample_next_token"]
+__all__ = ["generate_text_simple", "text_to_token_ids", "token_ids_to_text"]
 
 
 def _default_tokenizer():
@@ -133,16 +106,14 @@ def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: in
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (e.g. GPTModel), got {type(model).__name__}")
     _check_ids(idx)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    non_negative_int("max_new_tokens", max_new_tokens)
     if context_size is None:
         cfg = getattr(model, "cfg", None)
         context_size = getattr(cfg, "context_length", None)
         if context_size is None:
             raise ValueError("context_size is required for a model without cfg.context_length; "
                              "pass the longest sequence the model accepts")
-    if isinstance(context_size, bool) or not isinstance(context_size, int) or context_size < 1:
-        raise ValueError(f"context_size must be a positive integer, got {context_size!r}")
+    positive_int("context_size", context_size)
 
     device = _model_device(model)
     if device is not None:
@@ -160,216 +131,6 @@ def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: in
                 _check_logits(logits[:, -1, :], f"generate_text_simple, new token {step + 1} of {max_new_tokens}")
                 next_id = logits[:, -1, :].argmax(dim=-1, keepdim=True)  # [B, 1]: most likely next token
                 idx = torch.cat([idx, next_id.to(idx.dtype)], dim=1)     # [B, T+1]
-    finally:
-        model.train(was_training)
-    return idx
-
-
-# --------------------------------------------------------------------------- #
-# Step 5 — sampling
-# --------------------------------------------------------------------------- #
-def _check_sampling(temperature, top_k, top_p) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0 \
-            or temperature == float("inf"):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy, 1 = the model's own "
-                         f"distribution), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None (no limit) or an integer >= 1, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                              or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be None or a probability in (0, 1] (e.g. 0.9), got {top_p!r}")
-
-
-def _check_logits_tensor(logits, name: str = "logits", two_d: bool = False) -> None:
-    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        got = f"dtype {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise TypeError(f"{name} must be a float tensor [..., vocab], got {got}; e.g. torch.tensor([1., 3., 2.])")
-    if two_d and logits.ndim not in (1, 2):
-        raise ValueError(f"{name} must be [batch, vocab] (the last position's logits, logits[:, -1, :]), "
-                         f"got shape {tuple(logits.shape)}")
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the ``k`` largest logits in each row, set the others to ``-inf``.
-
-    Shape: ``[..., vocab]`` -> same. Ties with the k-th largest value are kept.
-
-    Raises:
-        ValueError: ``k`` not an integer >= 1 (a ``k`` above the vocabulary keeps everything).
-        TypeError: ``logits`` not a float tensor.
-    """
-    _check_sampling(1.0, k, None)
-    _check_logits_tensor(logits)
-    k = min(k, logits.shape[-1])
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]          # [..., 1]: the k-th largest
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filtering: keep the most likely tokens until their probabilities reach ``p``.
-
-    In each row the tokens are sorted by probability; a token is kept if the probability of
-    the tokens *before* it adds up to less than ``p`` (so the most likely token always stays).
-
-    Shape: ``[..., vocab]`` -> same, with the dropped logits set to ``-inf``.
-
-    Raises:
-        ValueError: ``p`` outside ``(0, 1]``.
-        TypeError: ``logits`` not a float tensor.
-    """
-    _check_sampling(1.0, None, p)
-    _check_logits_tensor(logits)
-    if p >= 1:
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits.float(), dim=-1)
-    before = probs.cumsum(dim=-1) - probs                           # mass of the tokens ranked above
-    drop_sorted = before >= p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Choose the next token from the last position's logits ``[batch, vocab]`` -> ``[batch, 1]``.
-
-    ``temperature == 0`` is ``argmax``; otherwise scale by ``1/temperature``, apply
-    :func:`top_k_filter` and :func:`top_p_filter`, and draw from the softmax. ``-inf``
-    logits rule tokens out.
-
-    The scaling is ``(logits - max) / temperature`` in float32 (the same softmax), so a tiny
-    temperature cannot overflow: it approaches greedy decoding, with exact ties drawn
-    uniformly. Temperatures below float32's smallest normal number (about ``1.2e-38``)
-    are raised to it, which is already greedy in effect.
-
-    Raises:
-        ValueError: ``temperature < 0``, ``top_k < 1`` or ``top_p`` outside ``(0, 1]``;
-            logits not ``[batch, vocab]``, with NaN or ``+inf``, or a row of only ``-inf``
-            (a diverged model).
-        TypeError: ``logits`` not a float tensor, ``generator`` not a ``torch.Generator``.
-    """
-    _check_sampling(temperature, top_k, top_p)
-    _check_generator(generator)
-    _check_logits_tensor(logits, two_d=True)
-    _check_logits(logits, "sample_next_token")
-    return _sample(logits, temperature, top_k, top_p, generator)
-
-
-def _check_generator(generator) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be None or a torch.Generator (e.g. torch.Generator().manual_seed(0)), "
-                        f"got {type(generator).__name__}; to seed PyTorch's global generator call torch.manual_seed")
-
-
-def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float()
-    temperature = max(float(temperature), torch.finfo(torch.float32).tiny)
-    # Shifted so that the largest is 0: dividing by a tiny temperature then gives 0 and
-    # -huge (or -inf), never +inf, whose softmax would be NaN.
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # [B, 1]
-
-
-def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Extend ``idx`` by up to ``max_new_tokens`` tokens, greedily or by sampling.
-
-    Args:
-        model: maps ``[batch, tokens]`` ids to ``[batch, tokens, vocab]`` logits; a
-            :class:`~course_lib.model.GPTModel` (anything with ``new_kv_cache``) uses the
-            KV cache.
-        idx: the prompt, ``[batch, tokens]`` integer ids.
-        max_new_tokens: the most tokens to add.
-        context_size: the most tokens the model sees at once; default ``cfg.context_length``.
-        temperature: 0 (default) picks the most likely token; above 0, sample from
-            ``softmax(logits / temperature)`` — below 1 sharper, above 1 flatter.
-        top_k: sample only among the ``k`` most likely tokens. Default ``None``.
-        top_p: sample only among the most likely tokens that together reach probability
-            ``top_p``. Default ``None``.
-        eos_id: stop a sequence when it produces this id (e.g. 50256, ``<|endoftext|>``).
-        use_cache: keep keys and values between steps (see the module docstring). The
-            output is the same either way; the cache is faster.
-        generator: a ``torch.Generator`` for the samples; default PyTorch's global one.
-
-    Returns:
-        ``[batch, tokens + n]`` ids on the model's device, ``n <= max_new_tokens`` (fewer when
-        every sequence met ``eos_id``).
-
-    Raises:
-        TypeError: ``model`` is not an ``nn.Module``, ``idx`` not a tensor of ``torch.long``
-            (or ``torch.int32``) ids, ``use_cache`` not a bool or ``generator`` not a
-            ``torch.Generator``.
-        ValueError: ``temperature < 0``, ``top_k < 1``, ``top_p`` outside ``(0, 1]``, a negative
-            ``max_new_tokens``, a bad ``context_size`` or ``eos_id``, ``idx`` not 2-D, or
-            logits that are NaN or inf (a diverged model; the message names the step).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module (e.g. GPTModel), got {type(model).__name__}")
-    _check_ids(idx)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    _check_sampling(temperature, top_k, top_p)
-    _check_generator(generator)
-    if not isinstance(use_cache, bool):
-        raise TypeError(f"use_cache must be True or False, got {use_cache!r}")
-    cfg = getattr(model, "cfg", None)
-    model_context = getattr(cfg, "context_length", None)
-    if context_size is None:
-        context_size = model_context
-        if context_size is None:
-            raise ValueError("context_size is required for a model without cfg.context_length; "
-                             "pass the longest sequence the model accepts")
-    if isinstance(context_size, bool) or not isinstance(context_size, int) or context_size < 1:
-        raise ValueError(f"context_size must be a positive integer, got {context_size!r}")
-    if model_context is not None and context_size > model_context:
-        raise ValueError(f"context_size ({context_size}) is larger than the model's context_length "
-                         f"({model_context}); leave it out or lower it")
-    vocab = getattr(cfg, "vocab_size", None)
-    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int) or eos_id < 0
-                               or (vocab is not None and eos_id >= vocab)):
-        raise ValueError(f"eos_id must be None or a token id in [0, {vocab or 'vocab_size'}), got {eos_id!r}")
-
-    device = _model_device(model)
-    if device is not None:
-        idx = idx.to(device)
-    cached = bool(use_cache) and callable(getattr(model, "new_kv_cache", None))
-    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            cache = None
-            for step in range(max_new_tokens):
-                if cached and step == 0:          # prefill: the prompt's keys and values, once
-                    window = idx[:, -context_size:]
-                    cache = model.new_kv_cache(idx.shape[0], min(context_size, window.shape[1] + max_new_tokens))
-                    logits = model(window, kv_cache=cache)
-                elif cache is not None and cache.pos < cache.max_len:
-                    logits = model(idx[:, -1:], kv_cache=cache)  # only the newest token  [B, 1, V]
-                else:                             # no cache, or the window slides: re-encode it
-                    cache = None
-                    logits = model(idx[:, -context_size:])
-                if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
-                    raise ValueError("the model must return logits of shape [batch, tokens, vocab], got "
-                                     f"{getattr(logits, 'shape', type(logits).__name__)}")
-                last = logits[:, -1, :]                                              # [B, V]
-                _check_logits(last, f"generate, new token {step + 1} of {max_new_tokens}")
-                next_id = _sample(last, temperature, top_k, top_p, generator)         # [B, 1]
-                if eos_id is not None:
-                    next_id = next_id.masked_fill(finished.unsqueeze(1), eos_id)  # finished rows: padding
-                    finished |= next_id.squeeze(1) == eos_id
-                idx = torch.cat([idx, next_id.to(idx.dtype)], dim=1)              # [B, T+1]
-                if eos_id is not None and bool(finished.all()):
-                    break
     finally:
         model.train(was_training)
     return idx

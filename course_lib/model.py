@@ -49,7 +49,8 @@ Choices worth knowing:
   everything else is unchanged under ``torch.compile`` and autocast.
 * **Positions are looked up in one place** (:meth:`GPTModel.embed`), with
   ``torch.arange(start_pos, start_pos + tokens)``: ``start_pos`` is 0 unless a KV cache
-  (step 5, :meth:`GPTModel.new_kv_cache`) already holds the tokens before these.
+  (step 5, :class:`course_lib.inference.KVCache`, passed as ``model(idx, kv_cache=cache)``)
+  already holds the tokens before these.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import KVCache, Linear, MultiHeadAttention
+from .attention import MultiHeadAttention
+from .checks import positive_int
 from .config import GPTConfig
 
 __all__ = [
@@ -81,12 +83,6 @@ LAYER_NORM_EPS = 1e-5
 INIT_STD = 0.02
 # Dtypes token ids may have: what nn.Embedding indexes with, wide enough for any vocabulary.
 _ID_DTYPES = (torch.long, torch.int32)
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def _check_features(x, emb_dim: int, what: str) -> None:
@@ -126,7 +122,7 @@ class LayerNorm(nn.Module):
 
     def __init__(self, emb_dim: int, eps: float = LAYER_NORM_EPS):
         super().__init__()
-        self.emb_dim = _positive_int("emb_dim", emb_dim)
+        self.emb_dim = positive_int("emb_dim", emb_dim)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"eps must be a small positive number such as 1e-5, got {eps!r}")
         self.eps = float(eps)
@@ -177,8 +173,7 @@ class FeedForward(nn.Module):
         hidden_dim: width of the middle layer. Default ``4 * emb_dim`` (GPT-2).
 
     Attributes:
-        layers: ``nn.Sequential(nn.Linear(emb_dim, hidden_dim), GELU(), nn.Linear(hidden_dim, emb_dim))``
-            (each linear a :class:`~course_lib.attention.Linear`: ``nn.Linear``, faster when generating);
+        layers: ``nn.Sequential(nn.Linear(emb_dim, hidden_dim), GELU(), nn.Linear(hidden_dim, emb_dim))``;
             both linear layers have a bias.
 
     Shape:
@@ -191,12 +186,12 @@ class FeedForward(nn.Module):
 
     def __init__(self, emb_dim: int, hidden_dim: int | None = None):
         super().__init__()
-        self.emb_dim = _positive_int("emb_dim", emb_dim)
-        hidden_dim = 4 * emb_dim if hidden_dim is None else _positive_int("hidden_dim", hidden_dim)
+        self.emb_dim = positive_int("emb_dim", emb_dim)
+        hidden_dim = 4 * emb_dim if hidden_dim is None else positive_int("hidden_dim", hidden_dim)
         self.layers = nn.Sequential(
-            Linear(emb_dim, hidden_dim),      # expand:   [.., d] -> [.., 4d]
+            nn.Linear(emb_dim, hidden_dim),   # expand:   [.., d] -> [.., 4d]
             GELU(),
-            Linear(hidden_dim, emb_dim),      # contract: [.., 4d] -> [.., d]
+            nn.Linear(hidden_dim, emb_dim),   # contract: [.., 4d] -> [.., d]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -245,7 +240,8 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(d)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache=None, layer: int = 0) -> torch.Tensor:
+        """``kv_cache`` and ``layer`` are passed to the attention (step 5; ``None`` here)."""
         x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache, layer))  # [B, T, d]: mix across tokens
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))   # [B, T, d]: transform each token on its own
         return x
@@ -314,7 +310,7 @@ class GPTModel(nn.Module):
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = LayerNorm(cfg.emb_dim)
-        self.out_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)  # nn.Linear (see attention.Linear)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if tie_weights:
             self.out_head.weight = self.tok_emb.weight  # one tensor, two uses
         self.reset_parameters()
@@ -339,7 +335,7 @@ class GPTModel(nn.Module):
             nn.init.normal_(block.ff.layers[2].weight, mean=0.0, std=residual_std)
 
     # -- forward -------------------------------------------------------------
-    def _check_idx(self, idx, start: int = 0) -> None:
+    def _check_idx(self, idx, start=0) -> None:
         cfg = self.cfg
         if not isinstance(idx, torch.Tensor):
             raise TypeError(f"idx must be a torch.Tensor of token ids with shape [batch, tokens], got "
@@ -355,6 +351,10 @@ class GPTModel(nn.Module):
         T = idx.shape[1]
         if T == 0:
             raise ValueError("idx has no tokens (shape [batch, 0]); give the model at least one token")
+        if isinstance(start, torch.Tensor):  # one start per row: check the furthest
+            if start.shape != (idx.shape[0],):
+                raise ValueError(f"idx has a batch of {idx.shape[0]} but the KV cache holds {start.numel()} rows")
+            start = int(start.max())
         if start and start + T > cfg.context_length:
             raise ValueError(f"the KV cache holds {start} positions, so {T} more tokens would exceed the model's "
                              f"context_length of {cfg.context_length}; reset the cache (or make a new one) and "
@@ -370,21 +370,28 @@ class GPTModel(nn.Module):
                 raise ValueError(f"idx contains the token id {bad}, outside the vocabulary [0, {cfg.vocab_size}); "
                                  "was it made by a tokenizer with a larger vocabulary than cfg.vocab_size?")
 
-    def embed(self, idx: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def embed(self, idx: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         """Token plus position embeddings: ``[B, T]`` ids -> ``[B, T, emb_dim]`` (no dropout).
 
-        ``start_pos`` is the position of the first token (non-zero when a KV cache holds the
-        tokens before it)."""
+        ``start_pos`` is the position of the first token: 0, or the number of tokens a KV
+        cache already holds; a ``[B]`` tensor when the rows of the batch are at different
+        positions."""
         T = idx.shape[1]
-        pos = torch.arange(start_pos, start_pos + T, device=idx.device)  # [T]: positions of these tokens
-        return self.tok_emb(idx) + self.pos_emb(pos)      # [B, T, d] + [T, d] (broadcast)
+        if isinstance(start_pos, torch.Tensor):  # one start per row: positions [B, T]
+            pos = start_pos.view(-1, 1) + torch.arange(T, device=idx.device)
+        else:
+            pos = torch.arange(start_pos, start_pos + T, device=idx.device)  # [T]: positions of these tokens
+        return self.tok_emb(idx) + self.pos_emb(pos)      # [B, T, d] + [T, d] (broadcast) or [B, T, d]
 
-    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, kv_cache=None) -> torch.Tensor:
         """Logits ``[batch, tokens, vocab_size]`` for ids ``idx`` of shape ``[batch, tokens]``.
 
-        With a ``kv_cache`` (from :meth:`new_kv_cache`), ``idx`` holds only the tokens that
-        follow the ``kv_cache.pos`` tokens already cached: their keys and values are added to
-        the cache and the logits of the new tokens are returned.
+        Args:
+            kv_cache: ``None``, or (step 5) a :class:`course_lib.inference.KVCache` holding
+                the keys and values of the tokens before ``idx``. The model reads
+                ``kv_cache.pos`` (an int, or a ``[batch]`` tensor of per-row positions) as
+                the position of ``idx``'s first token, hands the cache to every attention
+                layer, then calls ``kv_cache.advance(tokens)``.
         """
         start = 0 if kv_cache is None else kv_cache.pos
         self._check_idx(idx, start)
@@ -397,17 +404,6 @@ class GPTModel(nn.Module):
             kv_cache.advance(idx.shape[1])
         x = self.final_norm(x)                            # [B, T, d]
         return self.out_head(x)                           # [B, T, V]
-
-    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty :class:`~course_lib.attention.KVCache` for this model, on its device and
-        in its dtype, for ``max_len`` positions (default ``context_length``; at most that)."""
-        cfg = self.cfg
-        max_len = cfg.context_length if max_len is None else max_len
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= cfg.context_length:
-            raise ValueError(f"max_len must be an integer in [1, context_length={cfg.context_length}], got {max_len!r}")
-        weight = self.tok_emb.weight
-        return KVCache(cfg.n_layers, batch_size, cfg.n_heads, cfg.head_dim, max_len,
-                       device=weight.device, dtype=weight.dtype)
 
     def extra_repr(self) -> str:
         return f"tie_weights={self.tie_weights}"

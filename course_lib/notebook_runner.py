@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+from .files import atomic_write
 from .paths import course_root, writable_problem
 
 __all__ = ["find_notebook", "run_notebook", "section_times", "RunResult"]
@@ -207,7 +208,7 @@ def run_notebook(step: int, profile: str = "cpu", out_dir: str | os.PathLike | N
         output = failed_copy
     else:
         failed_copy.unlink(missing_ok=True)  # an old failure is no longer news
-    tmp = output.with_name(f".{output.name}.part")
-    nbformat.write(nb, tmp)
-    os.replace(tmp, output)
+    text = nbformat.writes(nb)
+    text += "" if text.endswith("\n") else "\n"  # as nbformat.write ends a file
+    atomic_write(output, lambda fh: fh.write(text.encode("utf-8")), overwrite=True)
     return RunResult(source, output, profile, seconds, section_times(nb), error)

@@ -7,8 +7,9 @@
 * :func:`export_hf` — the reverse: write a folder that ``transformers`` (and every tool
   that reads Hugging Face checkpoints) loads as a ``GPT2LMHeadModel``.
 * :func:`hf_to_course_state` / :func:`course_to_hf_state` — the tensor-by-tensor mapping.
-* :func:`load_base_model` — a small model that has learned some language, for the ``tiny``
-  and ``cpu`` profiles (pretrained here once and cached), or GPT-2 itself for ``gpu``.
+
+(The base model each profile fine-tunes, pretrained here on ``tiny``/``cpu``, is
+:func:`course_lib.base_model.load_base_model`.)
 
 How GPT-2's tensors map onto ours (``d = emb_dim``, block ``i``):
 
@@ -44,25 +45,23 @@ Choices worth knowing:
   the same thing. Each file is written atomically; an existing export is replaced only with
   ``overwrite=True``. When the vocabulary is GPT-2's (50,257 tokens), the tokenizer files
   (``vocab.json``, ``merges.txt``) are written too, so ``AutoTokenizer`` loads the folder.
-* **The base model** for ``tiny``/``cpu`` is pretrained deterministically on the staged
-  corpora and cached as ``<data cache>/checkpoints/base-<profile>.pt`` (written atomically, so
-  two notebooks starting together cannot leave half a file). It has learned spelling, common
-  words and a little grammar, not facts: it is a starting point for fine-tuning in steps 6,
-  7 and 9, not an assistant. ``gpu`` uses OpenAI's GPT-2 small.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import data
 from .config import GPT_CONFIGS, GPTConfig
+from .files import atomic_write
 from .model import LAYER_NORM_EPS, GPTModel
+from .tokenizers import ENDOFTEXT
 
 __all__ = [
     "GPT2_NAMES",
@@ -71,10 +70,6 @@ __all__ = [
     "hf_config_to_course",
     "hf_to_course_state",
     "course_to_hf_state",
-    "BaseModelRecipe",
-    "BASE_RECIPES",
-    "load_base_model",
-    "base_model_path",
 ]
 
 #: Accepted names -> (data registry entry, config preset).
@@ -308,19 +303,29 @@ def course_to_hf_state(model: GPTModel) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- #
 # Loading
 # --------------------------------------------------------------------------- #
-def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face model folder: ``model.safetensors``, or the shards
+    its ``model.safetensors.index.json`` names."""
+    index = folder / _INDEX_FILE
+    if not index.is_file() or (folder / _WEIGHTS_FILE).is_file():
+        return [folder / _WEIGHTS_FILE]
+    stored = _read_json(index)
+    weight_map = stored.get("weight_map") if isinstance(stored, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index} has no \"weight_map\" of tensor name -> file name; save the model again")
+    return [folder / f for f in sorted(set(weight_map.values()))]
+
+
+def _read_safetensors(files: Iterable[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors ``files``, by name.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: a file is not safetensors (truncated, or something else); the message names it.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    index = folder / _INDEX_FILE
-    if index.is_file() and not (folder / _WEIGHTS_FILE).is_file():
-        data = _read_json(index)
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise ValueError(f"{index} has no \"weight_map\" of tensor name -> file name; save the model again")
-        files = [folder / f for f in sorted(set(weight_map.values()))]
-    else:
-        files = [folder / _WEIGHTS_FILE]
     state: dict[str, torch.Tensor] = {}
     for f in files:
         if not f.is_file():
@@ -330,18 +335,16 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
             state.update(load_file(f))
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"{f} is not a readable safetensors file ({err}); it may be truncated: "
-                             "download or export it again") from err
+                             "download, fetch or export it again") from err
     return state
 
 
 def _resolve(name_or_path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], GPTConfig, bool, str]:
-    from .data import fetch
-
     key = str(name_or_path).strip()
     if key.lower() in GPT2_NAMES:
         entry, preset = GPT2_NAMES[key.lower()]
-        path = fetch(entry)                              # cache, mirror, or download (verified)
-        return _read_safetensors_file(path), GPT_CONFIGS[preset], True, str(path)
+        path = data.fetch(entry)                         # cache, mirror, or download (verified)
+        return _read_safetensors([path]), GPT_CONFIGS[preset], True, str(path)
     folder = Path(name_or_path).expanduser()
     if not folder.exists():
         raise ValueError(f"{name_or_path!r} is neither a GPT-2 name ({', '.join(GPT2_NAMES)}) nor an existing "
@@ -353,17 +356,7 @@ def _resolve(name_or_path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         raise FileNotFoundError(f"{config_file} is missing; a Hugging Face model folder needs {_CONFIG_FILE} and "
                                 f"{_WEIGHTS_FILE}")
     cfg, tied = hf_config_to_course(_read_json(config_file), str(config_file))
-    return _read_safetensors(folder), cfg, tied, str(folder)
-
-
-def _read_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}); delete it and fetch it again") from err
+    return _read_safetensors(_weight_files(folder)), cfg, tied, str(folder)
 
 
 def load_gpt2(name_or_path: str | os.PathLike, *, device: Any = None, dtype: torch.dtype | None = None) -> GPTModel:
@@ -428,8 +421,6 @@ def export_hf(model: GPTModel, folder: str | os.PathLike, *, overwrite: bool = F
     """
     from safetensors.torch import save as safetensors_bytes
 
-    from .checkpoint import atomic_write
-
     if not isinstance(model, GPTModel):
         raise TypeError(f"model must be a course_lib GPTModel, got {type(model).__name__}")
     folder = Path(folder).expanduser()
@@ -455,166 +446,14 @@ def export_hf(model: GPTModel, folder: str | os.PathLike, *, overwrite: bool = F
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from .checkpoint import atomic_write
-
     text = json.dumps(obj, indent=2) + "\n"
     atomic_write(path, lambda fh: fh.write(text.encode("utf-8")), overwrite=True)
 
 
 def _write_tokenizer(folder: Path, context_length: int) -> None:
-    from .checkpoint import atomic_write
-    from .data import fetch
-
     for name, target in (("gpt2-encoder", "vocab.json"), ("gpt2-vocab-bpe", "merges.txt")):
-        data = fetch(name).read_bytes()  # OpenAI's encoder.json / vocab.bpe are HF's vocab.json / merges.txt
-        atomic_write(folder / target, lambda fh, data=data: fh.write(data), overwrite=True)
+        blob = data.fetch(name).read_bytes()  # OpenAI's encoder.json / vocab.bpe are HF's vocab.json / merges.txt
+        atomic_write(folder / target, lambda fh, blob=blob: fh.write(blob), overwrite=True)
     _write_json(folder / "tokenizer_config.json", {
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": context_length, "add_prefix_space": False,
-        "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"})
-
-
-# --------------------------------------------------------------------------- #
-# A small base model for the tiny and cpu profiles
-# --------------------------------------------------------------------------- #
-@dataclass(frozen=True)
-class BaseModelRecipe:
-    """How :func:`load_base_model` pretrains the base model of one profile (deterministic on CPU).
-
-    Attributes:
-        config: a preset of :data:`course_lib.config.GPT_CONFIGS`.
-        corpus: data-registry names of the texts, joined with ``<|endoftext|>``.
-        max_chars: use only the first this many characters of the joined text (``None``: all).
-        batch_size, max_steps, lr, weight_decay: the training run (AdamW, constant rate).
-        val_fraction: the tail of the token stream held out for the validation loss.
-        seed: seeds the initial weights, dropout and batch order.
-    """
-
-    config: str
-    corpus: tuple[str, ...]
-    max_chars: int | None
-    batch_size: int
-    max_steps: int
-    lr: float
-    weight_decay: float = 0.1
-    val_fraction: float = 0.05
-    seed: int = 123
-
-    def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        d = asdict(self)
-        d["corpus"] = list(self.corpus)
-        return d
-
-
-#: The recipes: ``tiny`` trains in seconds (it learns the commonest words and punctuation:
-#: enough for CI to exercise steps 6, 7 and 9), ``cpu`` in a few minutes on a laptop (short
-#: simple sentences). Both read TinyStories (Eldan & Li, 2023), which a small model learns fast.
-BASE_RECIPES: dict[str, BaseModelRecipe] = {
-    "tiny": BaseModelRecipe("gpt-tiny", ("tinystories-val",), max_chars=300_000, batch_size=8, max_steps=60,
-                            lr=3e-3),
-    "cpu": BaseModelRecipe("gpt-cpu", ("tinystories-val",), max_chars=None, batch_size=4, max_steps=300,
-                           lr=6e-4),
-}
-
-
-def base_model_path(profile: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where the base model of ``profile`` is cached: ``<cache>/checkpoints/base-<profile>.pt``."""
-    from .data import default_cache_dir
-
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return root / "checkpoints" / f"base-{profile}.pt"
-
-
-def _pretrain_base(recipe: BaseModelRecipe, path: Path, verbose: bool) -> GPTModel:
-    from .checkpoint import save_checkpoint
-    from .paths import writable_problem
-    from .config import get_config, seed_everything
-    from .data import read_text
-    from .text_data import ENDOFTEXT, create_dataloader, encode_text
-    from .tokenizers import tiktoken_gpt2
-    from .training import train
-
-    text = f" {ENDOFTEXT} ".join(read_text(name) for name in recipe.corpus)
-    if recipe.max_chars is not None:
-        text = text[: recipe.max_chars]
-    ids = encode_text(text, tiktoken_gpt2())
-    cut = int(len(ids) * (1 - recipe.val_fraction))
-    cfg = get_config(recipe.config)
-    with torch.random.fork_rng(devices=[]):  # leave the caller's random state as it was
-        seed_everything(recipe.seed)
-        model = GPTModel(cfg)
-        train_loader = create_dataloader(ids[:cut], batch_size=recipe.batch_size, max_length=cfg.context_length,
-                                         stride=cfg.context_length, seed=recipe.seed)
-        val_loader = create_dataloader(ids[cut:], batch_size=recipe.batch_size, max_length=cfg.context_length,
-                                       stride=cfg.context_length, shuffle=False, drop_last=False)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-        if verbose:
-            print(f"pretraining the {recipe.config} base model on {', '.join(recipe.corpus)} "
-                  f"({len(ids):,} tokens, {recipe.max_steps} steps); cached afterwards at {path}")
-        history = train(model, train_loader, val_loader, optimizer, torch.device("cpu"),
-                        max_steps=recipe.max_steps, eval_freq=max(recipe.max_steps // 4, 1), eval_iter=5,
-                        seed=recipe.seed, progress=verbose, verbose=False)
-    problem = writable_problem(path.parent)
-    if problem is None:
-        save_checkpoint(path, model, step=history.step, overwrite=True, include_rng=False,
-                        extra={"recipe": recipe.to_dict(), "history": history.to_dict(), "kind": "base-model"})
-    else:
-        print(f"could not cache the base model: the folder {path.parent} {problem}. It will be pretrained again "
-              "next time; set COURSE_DATA_DIR to a folder you can write to (course doctor checks it)")
-    if verbose:
-        print(f"base model: validation loss {history.val_losses[0]:.2f} -> {history.val_losses[-1]:.2f} "
-              f"in {history.seconds:.0f} s")
-    return model
-
-
-def load_base_model(profile: str | None = None, *, device: Any = None, cache_dir: str | os.PathLike | None = None,
-                    retrain: bool = False, verbose: bool = True) -> GPTModel:
-    """A model that has learned some language, to fine-tune in steps 6, 7 and 9.
-
-    * ``gpu``: OpenAI's GPT-2 small (:func:`load_gpt2` ``("gpt2")``).
-    * ``tiny`` / ``cpu``: a small GPT pretrained by :data:`BASE_RECIPES` the first time it
-      is asked for (seconds for ``tiny``, minutes for ``cpu``), then read from
-      :func:`base_model_path`. The cached file is retrained when its recipe changes (it is
-      the library's cache, not a learner's work) or with ``retrain=True``. The caller's
-      random state is left untouched.
-
-    Args:
-        profile: ``tiny``, ``cpu`` or ``gpu``; default the active profile (``$COURSE_PROFILE``).
-        device: where to put the model. Default CPU.
-        cache_dir: the data cache (default :func:`course_lib.data.default_cache_dir`).
-        retrain: pretrain again even if a cached model exists.
-        verbose: say what is happening.
-
-    Returns:
-        a :class:`~course_lib.model.GPTModel` in ``eval()`` mode.
-
-    Raises:
-        ValueError: an unknown profile.
-    """
-    from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-    from .config import get_profile
-
-    prof = get_profile(profile)
-    if prof.name == "gpu":
-        return load_gpt2("gpt2", device=device)
-    recipe = BASE_RECIPES[prof.name]
-    path = base_model_path(prof.name, cache_dir)
-    model = None
-    if path.is_file() and not retrain:
-        try:
-            stored = load_checkpoint(path)["extra"].get("recipe")
-            if stored == recipe.to_dict():
-                model = model_from_checkpoint(path)
-                if verbose:
-                    print(f"base model ({recipe.config}) loaded from {path}")
-            elif verbose:
-                print(f"{path} was made by another recipe; pretraining again")
-        except CheckpointError as err:
-            if verbose:
-                print(f"{path} is damaged ({err}); pretraining again")
-    if model is None:
-        model = _pretrain_base(recipe, path, verbose)
-    if device is not None:
-        model.to(device)
-    return model.eval()
+        "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT})

@@ -48,21 +48,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["GPTDataset", "create_dataloader", "window_starts", "split_text", "encode_text",
-           "ENDOFTEXT"]
+from .checks import boolean, integer, non_negative_int
+from .tokenizers import ENDOFTEXT, tiktoken_gpt2
 
-ENDOFTEXT = "<|endoftext|>"
+__all__ = ["GPTDataset", "create_dataloader", "window_starts", "split_text", "encode_text"]
 
-
-# --------------------------------------------------------------------------- #
-# Argument checks
-# --------------------------------------------------------------------------- #
-def _positive_int(name: str, value: Any, hint: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}{hint}")
-    return value
+_STRIDE_HINT = " (the step between window starts; use stride=max_length for windows that do not overlap)"
 
 
 def window_starts(num_tokens: int, max_length: int, stride: int) -> list[int]:
@@ -81,11 +72,9 @@ def window_starts(num_tokens: int, max_length: int, stride: int) -> list[int]:
     Raises:
         ValueError: ``max_length`` or ``stride`` below 1, or a negative ``num_tokens``.
     """
-    _positive_int("max_length", max_length)
-    _positive_int("stride", stride, " (the step between window starts; use stride=max_length for "
-                                    "windows that do not overlap)")
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
-        raise ValueError(f"num_tokens must be a non-negative integer, got {num_tokens!r}")
+    max_length = integer("max_length", max_length, minimum=1)
+    stride = integer("stride", stride, minimum=1, hint=_STRIDE_HINT)
+    num_tokens = non_negative_int("num_tokens", num_tokens)
     return list(range(0, num_tokens - max_length, stride))
 
 
@@ -109,7 +98,6 @@ def encode_text(text: str, tokenizer: Any = None) -> list[int]:
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     if tokenizer is None:
-        from .tokenizers import tiktoken_gpt2  # same step; imported late to keep this module light
         tokenizer = tiktoken_gpt2()
     encode = _tokenizer_method(tokenizer, "encode")
     if _accepts_allowed_special(encode):
@@ -197,9 +185,8 @@ class GPTDataset(Dataset):
 
     def __init__(self, token_ids_or_text: str | Sequence[int] | torch.Tensor, max_length: int,
                  stride: int, tokenizer: Any = None):
-        _positive_int("max_length", max_length)
-        _positive_int("stride", stride, " (the step between window starts; use stride=max_length for "
-                                        "windows that do not overlap)")
+        max_length = integer("max_length", max_length, minimum=1)
+        stride = integer("stride", stride, minimum=1, hint=_STRIDE_HINT)
         if isinstance(token_ids_or_text, str):
             ids = encode_text(token_ids_or_text, tokenizer)  # the only call to the tokenizer
             what = "the text has"
@@ -261,14 +248,10 @@ def create_dataloader(text: str | Sequence[int] | torch.Tensor, tokenizer: Any =
             tokenizer object, not a name); ``shuffle`` or ``drop_last`` not a bool; ``seed``
             not an integer.
     """
-    _positive_int("batch_size", batch_size)
-    for name, flag in (("shuffle", shuffle), ("drop_last", drop_last)):
-        if not isinstance(flag, bool):  # "no" would be read as True
-            raise TypeError(f"{name} must be True or False, got {flag!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an integer or None, got {type(seed).__name__}")
+    batch_size = integer("batch_size", batch_size, minimum=1)
+    shuffle, drop_last = boolean("shuffle", shuffle), boolean("drop_last", drop_last)  # "no" would read as True
+    num_workers = non_negative_int("num_workers", num_workers)
+    seed = integer("seed", seed, allow_none=True)
     dataset = GPTDataset(text, max_length=max_length, stride=stride, tokenizer=tokenizer)
     if drop_last and len(dataset) < batch_size:
         raise ValueError(

@@ -5,9 +5,9 @@ Check your work from the notebook (``check(5)``) or from a terminal::
     course check 5
 
 Each function's docstring says what it must do. You may use anything from ``torch`` (for
-example ``torch.nn.functional.cross_entropy``, ``torch.softmax``, ``torch.topk``) and the
-standard library, but not ``course_lib``: the point is to write the logic yourself (the
-checker compares your answers with independent references).
+example ``torch.nn.functional.cross_entropy``, ``torch.argmax``) and the standard library
+(``math``), but not ``course_lib``: the point is to write the logic yourself (the checker
+compares your answers with independent references).
 """
 
 from __future__ import annotations
@@ -15,46 +15,47 @@ from __future__ import annotations
 import torch
 
 
-def calc_loss_loader(data_loader, model, device, num_batches=None) -> float:
-    """The average cross-entropy loss of ``model`` over the first ``num_batches`` batches.
+def perplexity_from_loader(data_loader, model, device) -> float:
+    """The perplexity of ``model`` over every token a loader holds, each token counted once.
 
     ``data_loader`` yields ``(inputs, targets)`` pairs of ``[batch, tokens]`` token ids;
-    ``model(inputs)`` returns logits ``[batch, tokens, vocab]``. For each batch:
+    ``model(inputs)`` returns logits ``[batch, tokens, vocab]``. The notebook averaged the
+    *batch* losses; here the batches may differ in size (a short last batch), so weight each by
+    its number of target tokens: add up the cross-entropy of every token (``reduction="sum"``),
+    divide by the number of tokens, and return ``exp`` of that mean, as a Python float.
 
-    1. move both tensors to ``device``;
-    2. compute the mean cross-entropy between the logits and the targets (flatten the logits
-       to ``[batch * tokens, vocab]`` and the targets to ``[batch * tokens]``);
-    3. add the loss (as a Python float, ``.item()``) to a running total.
-
-    Return the total divided by the number of batches used. ``num_batches=None`` means every
-    batch; a ``num_batches`` larger than the loader means every batch too. A loader with no
-    batches returns ``float("nan")``. No gradients are needed: use ``torch.no_grad()``.
+    Move the batches to ``device``; no gradients are needed (``torch.no_grad()``). A loader with
+    no batches returns ``float("nan")``.
+    Example: a model that gives every one of ``V`` tokens the same logit has perplexity ``V``.
     """
     raise NotImplementedError
 
 
-def softmax_with_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Turn logits into probabilities, sharpened or flattened by ``temperature``.
+def lr_at_step(step: int, max_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
+    """The learning rate at ``step`` (counting from 0): a linear warmup, then a cosine decay.
 
-    Divide the logits by ``temperature`` (a positive number), then apply the softmax over the
-    last dimension. ``temperature = 1`` gives the model's own distribution; below 1 the most
-    likely tokens get more of the probability, above 1 the distribution gets flatter.
+    - warmup, ``step < warmup_steps``: ``max_lr * (step + 1) / warmup_steps`` (so the first step
+      already moves, and step ``warmup_steps - 1`` reaches ``max_lr``);
+    - decay, ``warmup_steps <= step < total_steps``: with
+      ``progress = (step - warmup_steps) / (total_steps - warmup_steps)`` (0 to almost 1), return
+      ``min_lr + 0.5 * (max_lr - min_lr) * (1 + cos(pi * progress))``;
+    - after, ``step >= total_steps``: ``min_lr``.
 
-    Shapes: ``logits`` is ``[..., vocab]``; the result has the same shape and each row sums to 1.
-    Example: ``softmax_with_temperature(torch.tensor([0., 0.]), 5.0)`` is ``[0.5, 0.5]``.
+    Example: ``lr_at_step(0, 1.0, 4, 10)`` is 0.25; ``lr_at_step(4, 1.0, 4, 10)`` is 1.0;
+    ``lr_at_step(7, 1.0, 4, 10)`` is 0.5 (half-way through the decay).
     """
     raise NotImplementedError
 
 
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the ``k`` largest logits in each row and set every other one to ``-inf``.
+def generate_until_eos(model, idx: torch.Tensor, max_new_tokens: int, context_size: int,
+                       eos_id: int) -> torch.Tensor:
+    """Greedy generation that stops at an end-of-text token.
 
-    After this, a softmax gives probability 0 to all but the ``k`` most likely tokens. Work on the
-    last dimension, for any number of leading dimensions (``[vocab]``, ``[batch, vocab]``). If
-    ``k`` is at least the vocabulary size, return the logits unchanged. Do not modify the tensor
-    you were given.
+    ``idx`` is one prompt, ``[1, tokens]`` ids; ``model(ids)`` returns logits ``[1, tokens, vocab]``
+    and must never see more than ``context_size`` tokens at once. Repeat up to ``max_new_tokens``
+    times: feed the last ``context_size`` tokens, take the most likely next token of the last
+    position, append it. Stop as soon as the appended token is ``eos_id`` (keep it in the output).
 
-    Example: ``top_k_filter(torch.tensor([1., 3., 2.]), 2)`` is ``[-inf, 3., 2.]``.
-    Hint: ``torch.topk(logits, k).values[..., -1:]`` is the k-th largest value of each row.
+    Returns ``[1, tokens + n]`` ids, ``n <= max_new_tokens``. Use ``torch.no_grad()``.
     """
     raise NotImplementedError

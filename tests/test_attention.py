@@ -286,6 +286,38 @@ def test_attributes_used_by_the_gpt_model():
     assert MultiHeadAttention(12, 24, 7, 0.1, 3).W_query.bias is None
 
 
+class _ConcatCache:
+    """The least a ``kv_cache`` must do for MultiHeadAttention (step 5 has the real one):
+    keep the keys and values seen so far and hand them all back."""
+
+    def __init__(self, explicit_mask: bool = False):
+        self.k = self.v = None
+        self.explicit_mask = explicit_mask
+
+    def update(self, layer, k, v):
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        S, T = self.k.shape[2], k.shape[2]
+        if not self.explicit_mask:
+            return self.k, self.v, None                                   # None: the causal mask applies
+        visible = torch.arange(S).view(1, S) <= torch.arange(S - T, S).view(T, 1)  # [T, S], True = may look
+        return self.k, self.v, visible.expand(k.shape[0], 1, T, S)
+
+
+@pytest.mark.parametrize("explicit_mask", [False, True], ids=["causal", "given-mask"])
+@pytest.mark.parametrize("use_sdpa", [True, False], ids=["sdpa", "explicit"])
+def test_a_kv_cache_gives_the_full_pass_piece_by_piece(use_sdpa, explicit_mask):
+    mha = MultiHeadAttention(8, 8, 10, 0.0, 2, use_sdpa=use_sdpa).eval()
+    x = torch.randn(2, 9, 8)
+    cache = _ConcatCache(explicit_mask)
+    with torch.no_grad():
+        full = mha(x)
+        parts = [mha(x[:, :4], cache), mha(x[:, 4:7], cache), mha(x[:, 7:8], cache), mha(x[:, 8:], cache)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="already holds 9 positions, so 2 more tokens would exceed context_length=10"):
+        mha(x[:, :2], cache)
+
+
 # --------------------------------------------------------------------------- #
 # Errors
 # --------------------------------------------------------------------------- #

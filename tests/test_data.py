@@ -6,7 +6,10 @@ import hashlib
 import io
 import os
 import socket
+import subprocess
+import sys
 import threading
+import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,6 +38,7 @@ ROUTES = {
     "/corrupt.txt": ("ok", GOOD[:-1] + b"!"),
     "/drop.txt": ("drop", GOOD),
     "/archive.zip": ("ok", _zip_of("payload.txt", GOOD)),
+    "/stall.txt": ("stall", GOOD),
 }
 
 
@@ -51,6 +55,11 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if mode == "stall":  # send a third, then wait until the client goes away
+            self.wfile.write(body[: len(body) // 3])
+            self.wfile.flush()
+            self.rfile.read(1)
+            return
         if mode == "drop":  # promise the whole file, send a third, hang up
             self.wfile.write(body[: len(body) // 3])
             self.wfile.flush()
@@ -134,6 +143,28 @@ def test_connection_dropped_mid_file(server, tmp_path):
     # ...and a working backup still rescues it
     path = fetch(entry(f"{base}/drop.txt", f"{base}/good.txt"), cache_dir=tmp_path, mirror=None, progress=False)
     assert path.read_bytes() == GOOD
+
+
+def test_a_killed_download_leaves_a_part_file_that_the_next_fetch_removes(server, tmp_path):
+    _, base = server
+    script = ("import sys; from course_lib.data import DataFile, fetch\n"
+              f"fetch(DataFile('demo', 'sub/demo.txt', ({base + '/stall.txt'!r},), None, None, 't', 't'), "
+              f"cache_dir={str(tmp_path)!r}, mirror={str(tmp_path)!r}, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.time() + 120
+        while not leftovers(tmp_path) and time.time() < deadline:  # the .part file exists: the download started
+            time.sleep(0.05)
+    finally:
+        proc.kill()  # kill -9: no cleanup code runs
+        proc.wait()
+    killed = leftovers(tmp_path)
+    assert killed and killed[0].startswith(f".demo.txt.{proc.pid}."), "the killed download should have left its .part"
+    live = tmp_path / "sub" / f".demo.txt.{os.getpid()}.inprogress.part"  # a download still running here
+    live.write_bytes(b"partial")
+    path = fetch(entry(f"{base}/good.txt"), cache_dir=tmp_path, mirror=None, progress=False)
+    assert path.read_bytes() == GOOD
+    assert leftovers(tmp_path) == [live.name]
 
 
 def test_no_network_and_no_mirror_says_how_to_stage_by_hand(closed_port_url, tmp_path, monkeypatch):

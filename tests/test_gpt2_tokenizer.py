@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from course_lib.data import GUTENBERG_BOOKS, DataFetchError, fetch
 from _corpora import corpus
-from course_lib.tokenizers import GPT2_SPLIT_PATTERN, TIKTOKEN_GPT2_PATTERN, GPT2Tokenizer, tiktoken_gpt2
+from course_lib.tokenizers import ENDOFTEXT, GPT2_SPLIT_PATTERN, TIKTOKEN_GPT2_PATTERN, GPT2Tokenizer, tiktoken_gpt2
 
 tiktoken = pytest.importorskip("tiktoken")
 EOT = "<|endoftext|>"
@@ -54,6 +54,17 @@ def test_tiktoken_gpt2_is_tiktokens_gpt2(ref):
     assert enc._special_tokens == ref._special_tokens == {EOT: 50256}
     text = corpus("the-verdict") + EOT
     assert enc.encode(text, allowed_special="all") == ref.encode(text, allowed_special="all")
+
+
+def test_the_one_endoftext_is_gpt2s_special_token(ref, tok):
+    """ENDOFTEXT is spelt once (tokenizers/regex_tokenizer.py); every other module imports it."""
+    import course_lib.text_data
+    import course_lib.tokenizers.bpe
+    import course_lib.tokenizers.gpt2
+
+    assert ref.special_tokens_set == {ENDOFTEXT} and tok.special_tokens == {ENDOFTEXT: 50256}
+    for module in (course_lib.text_data, course_lib.tokenizers.bpe, course_lib.tokenizers.gpt2):
+        assert module.ENDOFTEXT is ENDOFTEXT
 
 
 def test_tiktoken_gpt2_needs_no_tiktoken_cache(monkeypatch, tmp_path):

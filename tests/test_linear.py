@@ -1,4 +1,4 @@
-"""course_lib.attention.Linear and few_rows_linear against torch's own nn.Linear / F.linear."""
+"""course_lib.inference.Linear, few_rows_linear and fast_decoding against torch's own nn.Linear / F.linear."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import course_lib.attention as attention
-from course_lib.attention import FEW_ROWS, Linear, few_rows_linear, few_rows_route
+import course_lib.inference as inference
 from course_lib.config import get_config
+from course_lib.inference import FEW_ROWS, Linear, fast_decoding, few_rows_linear, few_rows_route
 from course_lib.model import GPTModel
 
 
@@ -45,15 +45,15 @@ def test_few_rows_linear_leaves_bad_shapes_to_f_linear():
 
 
 def _counting(monkeypatch, min_size=0):
-    monkeypatch.setattr(attention, "FEW_ROWS_MIN_SIZE", min_size)  # small test layers take the route too
+    monkeypatch.setattr(inference, "FEW_ROWS_MIN_SIZE", min_size)  # small test layers take the route too
     calls = []
-    original = attention.few_rows_linear
+    original = inference.few_rows_linear
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(attention, "few_rows_linear", spy)
+    monkeypatch.setattr(inference, "few_rows_linear", spy)
     return calls
 
 
@@ -110,9 +110,9 @@ def test_linear_keeps_nn_linear_elsewhere(monkeypatch, case):
 
 
 def test_default_size_threshold(monkeypatch):
-    calls = _counting(monkeypatch, min_size=attention.FEW_ROWS_MIN_SIZE)
-    big = Linear(1, attention.FEW_ROWS_MIN_SIZE)          # exactly the threshold: the few-rows route
-    small = Linear(1, attention.FEW_ROWS_MIN_SIZE - 1)    # one number fewer: nn.Linear
+    calls = _counting(monkeypatch, min_size=inference.FEW_ROWS_MIN_SIZE)
+    big = Linear(1, inference.FEW_ROWS_MIN_SIZE)          # exactly the threshold: the few-rows route
+    small = Linear(1, inference.FEW_ROWS_MIN_SIZE - 1)    # one number fewer: nn.Linear
     with torch.no_grad():
         big(torch.randn(1, 1))
         assert len(calls) == 1
@@ -123,7 +123,7 @@ def test_default_size_threshold(monkeypatch):
 def test_model_logits_for_one_token_match_with_and_without_gradients(monkeypatch):
     calls = _counting(monkeypatch)
     cfg = get_config("gpt-tiny", vocab_size=300)
-    model = GPTModel(cfg).eval()
+    model = fast_decoding(GPTModel(cfg).eval())
     idx = torch.randint(0, 300, (1, 1))
     with torch.no_grad():
         fast = model(idx)
@@ -138,10 +138,76 @@ def test_few_rows_route_switches_the_route_off_and_back(monkeypatch):
     with torch.no_grad():
         with few_rows_route(False):
             assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-        assert calls == [] and attention.FEW_ROWS == FEW_ROWS
+        assert calls == [] and inference.FEW_ROWS == FEW_ROWS
         with pytest.raises(KeyError), few_rows_route(False):
             raise KeyError("an error inside the block")
-        assert attention.FEW_ROWS == FEW_ROWS  # restored even after an error
+        assert inference.FEW_ROWS == FEW_ROWS  # restored even after an error
         with few_rows_route(True):
             layer(x)
     assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------- #
+# fast_decoding: the one-line switch on a model
+# --------------------------------------------------------------------------- #
+def _linear_types(model):
+    return [type(m) for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def test_steps_3_and_4_build_plain_nn_linear():
+    model = GPTModel(get_config("gpt-tiny", vocab_size=300))
+    assert set(_linear_types(model)) == {nn.Linear} and len(_linear_types(model)) == 6 * model.cfg.n_layers + 1
+
+
+def test_fast_decoding_switches_every_linear_and_back_keeping_the_parameters(monkeypatch):
+    calls = _counting(monkeypatch)
+    cfg = get_config("gpt-tiny", vocab_size=300)
+    model = GPTModel(cfg, tie_weights=True).eval()
+    reference = GPTModel(cfg, tie_weights=True).eval()
+    reference.load_state_dict(model.state_dict())
+    params, state, text = list(model.parameters()), model.state_dict(), repr(model)
+    idx = torch.randint(0, 300, (2, 5))
+    with torch.no_grad():
+        plain = reference(idx)
+        assert fast_decoding(model) is model
+        assert set(_linear_types(model)) == {Linear} and repr(model) == text
+        assert all(a is b for a, b in zip(model.parameters(), params)) and model.out_head.weight is model.tok_emb.weight
+        assert model.state_dict().keys() == state.keys()
+        torch.testing.assert_close(model(idx), plain, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 6 * cfg.n_layers + 1
+        fast_decoding(model, False)
+        assert set(_linear_types(model)) == {nn.Linear}
+        assert torch.equal(model(idx), plain)       # back to nn.Linear: bit for bit
+    assert len(calls) == 6 * cfg.n_layers + 1
+    with pytest.raises(TypeError, match="enabled must be True or False"):
+        fast_decoding(model, "yes")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        fast_decoding(lambda x: x)
+
+
+def test_fast_decoding_leaves_subclasses_of_nn_linear_alone():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    net = nn.Sequential(nn.Linear(4, 4), Scaled(4, 4))
+    fast_decoding(net)
+    assert [type(m) for m in net] == [Linear, Scaled]
+
+
+def test_generate_takes_the_route_for_the_call_and_puts_the_layers_back(monkeypatch):
+    from course_lib.inference import generate
+
+    calls = _counting(monkeypatch)
+    model = GPTModel(get_config("gpt-tiny", vocab_size=300)).eval()
+    idx = torch.randint(0, 300, (1, 4))
+    out = generate(model, idx, 5)
+    assert len(calls) == 5 * (6 * model.cfg.n_layers + 1)  # every linear, at every one of the 5 forwards
+    assert set(_linear_types(model)) == {nn.Linear}          # put back
+    fast_decoding(model)
+    assert generate(model, idx, 5).tolist() == out.tolist()
+    assert set(_linear_types(model)) == {Linear}             # a model switched by hand stays switched
+    with few_rows_route(False):
+        calls.clear()
+        assert generate(fast_decoding(model, False), idx, 5).tolist() == out.tolist()
+    assert calls == []

@@ -302,6 +302,21 @@ def test_shorter_sequences_and_tied_state_dict_roundtrip():
 # --------------------------------------------------------------------------- #
 # Errors
 # --------------------------------------------------------------------------- #
+def test_positions_per_row_for_a_kv_cache():
+    model = GPTModel(SMALL).eval()
+    idx = torch.randint(0, SMALL.vocab_size, (2, 3))
+    got = model.embed(idx, torch.tensor([0, 5]))
+    want = model.tok_emb(idx) + model.pos_emb(torch.tensor([[0, 1, 2], [5, 6, 7]]))
+    assert torch.equal(got, want)
+    assert torch.equal(model.embed(idx, 4), model.tok_emb(idx) + model.pos_emb(torch.arange(4, 7)))
+
+    class Rows:  # a cache whose rows sit at positions 30 and 2: 30 + 3 tokens pass the context of 32
+        pos, batch_size = torch.tensor([30, 2]), 2
+
+    with pytest.raises(ValueError, match="KV cache holds 30 positions, so 3 more tokens would exceed"):
+        model(idx, kv_cache=Rows())
+
+
 def test_clear_errors():
     cfg = get_config("gpt-tiny")
     model = GPTModel(cfg)

@@ -14,7 +14,8 @@ import torch
 
 import course_lib.pretrained as pretrained
 from course_lib.config import GPTConfig
-from course_lib.generation import generate, generate_text_simple
+from course_lib.generation import generate_text_simple
+from course_lib.inference import generate
 from course_lib.model import GPTModel
 from course_lib.pretrained import export_hf, load_gpt2
 
@@ -152,6 +153,15 @@ def test_truncated_weights_file(tmp_path):
         load_gpt2(folder)
 
 
+def test_a_truncated_registry_file_is_named_like_a_folders(tmp_path, monkeypatch):
+    folder = _saved(tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    monkeypatch.setattr("course_lib.data.fetch", lambda name, **kwargs: weights)
+    with pytest.raises(ValueError, match=rf"{weights} is not a readable safetensors file .*truncated"):
+        load_gpt2("gpt2")
+
+
 def test_bad_names_and_configs(tmp_path):
     with pytest.raises(ValueError, match="gpt2-medium"):
         load_gpt2("gpt3")
@@ -247,53 +257,3 @@ def test_export_with_gpt2_vocabulary_includes_a_tokenizer_transformers_reads(tmp
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     text = "Every effort moves you, naturally.<|endoftext|> Hello!"
     assert tok(text)["input_ids"] == tiktoken_gpt2().encode(text, allowed_special="all")
-
-
-# --------------------------------------------------------------------------- #
-# The small base model of the tiny and cpu profiles
-# --------------------------------------------------------------------------- #
-def test_base_model_is_pretrained_once_cached_and_reused(tmp_path, monkeypatch):
-    import dataclasses
-
-    from course_lib.checkpoint import load_checkpoint
-
-    quick = dataclasses.replace(pretrained.BASE_RECIPES["tiny"], max_chars=40_000, max_steps=8)
-    monkeypatch.setitem(pretrained.BASE_RECIPES, "tiny", quick)
-    torch.manual_seed(11)
-    before = torch.rand(3)
-    torch.manual_seed(11)
-    model = pretrained.load_base_model("tiny", cache_dir=tmp_path, verbose=False)
-    assert torch.equal(torch.rand(3), before), "pretraining changed the caller's random state"
-    path = pretrained.base_model_path("tiny", tmp_path)
-    assert path == tmp_path / "checkpoints" / "base-tiny.pt" and path.is_file()
-    history = load_checkpoint(path)["extra"]["history"]
-    assert history["val_losses"][-1] < history["val_losses"][0] - 0.5  # it learned something
-    assert not model.training and model.cfg == pretrained.GPT_CONFIGS["gpt-tiny"]
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("the cached base model should have been reused")
-
-    monkeypatch.setattr(pretrained, "_pretrain_base", no_training)
-    again = pretrained.load_base_model("tiny", cache_dir=tmp_path, verbose=False)
-    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
-        assert torch.equal(a, b)
-    # a changed recipe, or a damaged file, is pretrained again
-    monkeypatch.setitem(pretrained.BASE_RECIPES, "tiny", dataclasses.replace(quick, max_steps=9))
-    with pytest.raises(AssertionError, match="reused"):
-        pretrained.load_base_model("tiny", cache_dir=tmp_path, verbose=False)
-    monkeypatch.setitem(pretrained.BASE_RECIPES, "tiny", quick)
-    path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(AssertionError, match="reused"):
-        pretrained.load_base_model("tiny", cache_dir=tmp_path, verbose=False)
-
-
-def test_an_unwritable_cache_still_gives_a_base_model_and_says_why_it_is_not_cached(tmp_path, monkeypatch, capsys):
-    import dataclasses
-
-    quick = dataclasses.replace(pretrained.BASE_RECIPES["tiny"], max_chars=20_000, max_steps=2)
-    monkeypatch.setitem(pretrained.BASE_RECIPES, "tiny", quick)
-    (tmp_path / "afile").write_text("COURSE_DATA_DIR pointed at a file by mistake")
-    model = pretrained.load_base_model("tiny", cache_dir=tmp_path / "afile", verbose=False)
-    assert not model.training and model.cfg == pretrained.GPT_CONFIGS["gpt-tiny"]
-    out = capsys.readouterr().out
-    assert "could not cache the base model" in out and "afile is a file" in out and "COURSE_DATA_DIR" in out

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from course_lib.attention import KVCache
 from course_lib.config import GPTConfig
-from course_lib.generation import (generate, generate_text_simple, sample_next_token, top_k_filter,
-                                   top_p_filter)
+from course_lib.generation import generate_text_simple
+from course_lib.inference import (KVCache, decode_step, generate, prefill, sample_next_token, top_k_filter,
+                                  top_p_filter)
 from course_lib.model import GPTModel
 
 CFG = GPTConfig(vocab_size=301, context_length=16, emb_dim=48, n_heads=4, n_layers=3, drop_rate=0.1)
@@ -60,7 +60,7 @@ def test_cached_logits_equal_a_full_forward_pass(model):
     idx = _prompt(2, 12, seed=4)
     with torch.no_grad():
         full = model(idx)                                   # [2, 12, V]
-        cache = model.new_kv_cache(batch_size=2)
+        cache = KVCache.for_model(model, batch_size=2)
         assert isinstance(cache, KVCache) and cache.max_len == CFG.context_length
         parts = [model(idx[:, :7], kv_cache=cache)]         # prefill 7 tokens
         parts.append(model(idx[:, 7:10], kv_cache=cache))   # 3 more at once: the masked branch
@@ -74,7 +74,7 @@ def test_cache_reset_and_a_fresh_cache_for_every_prompt(model):
     alone = generate(model, b, 20)
     generate(model, a, 20)
     assert generate(model, b, 20).tolist() == alone.tolist()  # nothing carried over from prompt a
-    cache = model.new_kv_cache(1)
+    cache = KVCache.for_model(model, 1)
     with torch.no_grad():
         first = model(a, kv_cache=cache)
         cache.reset()
@@ -83,13 +83,159 @@ def test_cache_reset_and_a_fresh_cache_for_every_prompt(model):
 
 
 def test_a_full_cache_is_a_clear_error(model):
-    cache = model.new_kv_cache(1)
+    cache = KVCache.for_model(model, 1)
     with torch.no_grad():
         model(_prompt(1, 16), kv_cache=cache)
         with pytest.raises(ValueError, match="context_length"):
             model(_prompt(1, 1), kv_cache=cache)
     with pytest.raises(ValueError, match="max_len"):
-        model.new_kv_cache(1, max_len=17)
+        KVCache.for_model(model, 1, max_len=17)
+
+
+def test_generate_prefills_once_then_feeds_one_token_per_step(model):
+    seen = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(
+        (args[0].shape[1], kwargs.get("kv_cache") is not None)), with_kwargs=True)
+    try:
+        generate(model, _prompt(2, 5), 8)
+        assert seen == [(5, True)] + [(1, True)] * 7        # prefill, then 7 decode steps: 8 forwards
+        seen.clear()
+        generate(model, _prompt(1, 14), 6)                  # 14 + 2 fill the context of 16, then the window slides
+        assert seen == [(14, True), (1, True), (1, True), (16, False), (16, False), (16, False)]
+        seen.clear()
+        generate(model, _prompt(1, 5), 3, use_cache=False)
+        assert seen == [(5, False), (6, False), (7, False)]
+        seen.clear()
+        assert generate(model, _prompt(1, 5), 0).shape == (1, 5) and seen == []
+    finally:
+        handle.remove()
+
+
+# --------------------------------------------------------------------------- #
+# Rows of different lengths in one cache (what a server batches)
+# --------------------------------------------------------------------------- #
+def _greedy_together(model, prompts, n):
+    """Greedy decoding of several prompts in one batch: prefill, then decode_step."""
+    cache, logits = prefill(model, prompts)
+    out = [[] for _ in prompts]
+    for step in range(n):
+        next_ids = logits.argmax(-1)                                       # [B]
+        for row, token in zip(out, next_ids.tolist()):
+            row.append(token)
+        if step + 1 < n:
+            logits = decode_step(model, cache, next_ids)
+    return out, cache
+
+
+@pytest.mark.parametrize("use_sdpa", [True, False], ids=["sdpa", "explicit"])
+def test_prompts_of_different_lengths_decode_together_as_each_alone(model, use_sdpa):
+    prompts = [_prompt(1, n, seed=10 + n)[0] for n in (3, 9, 1, 6)]
+    for block in model.trf_blocks:
+        block.att.use_sdpa = use_sdpa
+    try:
+        together, cache = _greedy_together(model, prompts, 7)
+    finally:
+        for block in model.trf_blocks:
+            block.att.use_sdpa = True
+    assert cache.lengths.tolist() == [3 + 6, 9 + 6, 1 + 6, 6 + 6] and isinstance(cache.pos, torch.Tensor)
+    for prompt, row in zip(prompts, together):
+        alone = generate_text_simple(model, prompt[None], 7)[0, len(prompt):].tolist()  # no cache at all
+        assert row == alone
+        assert generate(model, prompt[None], 7)[0, len(prompt):].tolist() == alone
+    assert len({tuple(row) for row in together}) == 4
+
+
+def test_per_row_logits_equal_a_full_forward_of_each_row(model):
+    prompts = [_prompt(1, n, seed=20 + n)[0] for n in (2, 7, 4)]
+    more = _prompt(3, 3, seed=30)                      # then three tokens per row at once, then one
+    last = _prompt(3, 1, seed=31)
+    with torch.no_grad():
+        cache, first = prefill(model, prompts)
+        block = model(more, kv_cache=cache)            # [3, 3, V]: T > 1 on rows at different positions
+        one = decode_step(model, cache, last)          # [3, V]
+        for b, p in enumerate(prompts):
+            full = model(torch.cat([p, more[b], last[b]])[None])[0]           # [len + 4, V]
+            n = len(p)
+            torch.testing.assert_close(first[b], full[n - 1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(block[b], full[n:n + 3], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(one[b], full[n + 3], atol=1e-5, rtol=1e-5)
+    assert cache.lengths.tolist() == [2 + 4, 7 + 4, 4 + 4]
+
+
+def test_prefill_of_equal_lengths_keeps_one_position_and_matches_a_tensor(model):
+    idx = _prompt(2, 6, seed=40)
+    cache_t, logits_t = prefill(model, idx)
+    cache_l, logits_l = prefill(model, [idx[0], idx[1].tolist()])
+    assert cache_t.pos == cache_l.pos == 6 and torch.equal(logits_t, logits_l)
+    with torch.no_grad():
+        torch.testing.assert_close(logits_t, model(idx)[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_request_joins_a_running_batch_in_a_free_row(model):
+    a, b, c = _prompt(1, 4, seed=50)[0], _prompt(1, 8, seed=51)[0], _prompt(1, 5, seed=52)[0]
+    cache, logits = prefill(model, [a, b])
+    got_a, got_c = [], []
+    for _ in range(3):                                 # a and b decode three tokens
+        next_ids = logits.argmax(-1)
+        got_a.append(int(next_ids[0]))
+        logits = decode_step(model, cache, next_ids)
+    c_cache, c_logits = prefill(model, c[None])        # c arrives: prefilled alone, then takes b's row
+    cache.load_row(1, c_cache)
+    logits[1] = c_logits[0]
+    assert cache.lengths.tolist() == [4 + 3, 5]
+    for step in range(4):
+        next_ids = logits.argmax(-1)
+        got_a.append(int(next_ids[0]))
+        got_c.append(int(next_ids[1]))
+        if step < 3:
+            logits = decode_step(model, cache, next_ids)
+    assert got_a == generate_text_simple(model, a[None], 7)[0, 4:].tolist()
+    assert got_c == generate_text_simple(model, c[None], 4)[0, 5:].tolist()
+
+
+def test_cache_rows_crop_reset_and_repr(model):
+    cache, _ = prefill(model, [[1, 2, 3], [4, 5, 6, 7, 8]], max_len=8)
+    assert cache.lengths.tolist() == [3, 5] and cache.max_len == 8
+    assert "filled=[3, 5]/8" in repr(cache)
+    cache.crop([3, 3])
+    assert cache.pos == 3 and "filled=3/8" in repr(cache)
+    with pytest.raises(ValueError, match="row 1 holds 3 positions, so it cannot be cropped to 4"):
+        cache.crop([3, 4])
+    with pytest.raises(ValueError, match="one per row"):
+        cache.crop([3])
+    cache.reset()
+    assert cache.pos == 0 and cache.lengths.tolist() == [0, 0]
+
+
+def test_batching_errors_are_named(model):
+    with pytest.raises(ValueError, match="call model.eval"):
+        prefill(model.train(), [[1, 2]])
+    model.eval()
+    with pytest.raises(ValueError, match="prompt 1 has no tokens"):
+        prefill(model, [[1, 2], []])
+    with pytest.raises(ValueError, match="does not fit a cache of max_len=4"):
+        prefill(model, [[1] * 5, [2]], max_len=4)
+    with pytest.raises(ValueError, match="max_len"):
+        prefill(model, [[1]], max_len=17)
+    with pytest.raises(TypeError, match="prompt 1 must be a 1-D tensor of integer token ids, got torch.float32"):
+        prefill(model, [[1, 2], torch.tensor([1.0, 2.0])])
+    with pytest.raises(TypeError, match="prompt 0 must be a 1-D tensor or a list of int token ids"):
+        prefill(model, [[1.5, 2]])
+    with pytest.raises(TypeError, match="does not take a KV cache"):
+        prefill(nn.Sequential(nn.Embedding(5, 4)).eval(), [[1]])
+    cache, _ = prefill(model, [[1, 2, 3], [4]], max_len=4)
+    with pytest.raises(ValueError, match=r"one token id per row, \[2\] or \[2, 1\], got \(3,\)"):
+        decode_step(model, cache, torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="KVCache"):
+        decode_step(model, "cache", torch.tensor([1, 2]))
+    decode_step(model, cache, torch.tensor([1, 2]))    # row 0 now holds 4 of 4
+    with pytest.raises(ValueError, match="holds 4 positions and 4 are filled"):
+        decode_step(model, cache, torch.tensor([1, 2]))
+    other = KVCache(CFG.n_layers + 1, 1, CFG.n_heads, CFG.head_dim, 4)
+    with pytest.raises(ValueError, match="same model"):
+        cache.load_row(0, other)
+    with pytest.raises(ValueError, match="row must be an integer in \\[0, 2\\)"):
+        cache.load_row(2, cache)
 
 
 # --------------------------------------------------------------------------- #
@@ -266,7 +412,7 @@ def test_bad_arguments_are_clear_value_errors(model, kwargs, name):
 
 
 def test_models_without_a_cache_and_the_training_mode(model):
-    class Wrapped(nn.Module):  # any module mapping ids to logits; no new_kv_cache
+    class Wrapped(nn.Module):  # any module mapping ids to logits; its forward takes no kv_cache
         def __init__(self, inner):
             super().__init__()
             self.inner = inner

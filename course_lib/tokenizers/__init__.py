@@ -11,8 +11,8 @@
 """
 
 from .bpe import GPT2_SPLIT_PATTERN, BPETokenizer, ByteLevelBPE, bytes_to_unicode
-from .gpt2 import ENDOFTEXT, TIKTOKEN_GPT2_PATTERN, GPT2Tokenizer, tiktoken_gpt2
-from .regex_tokenizer import UNK, WORD_SPLIT_PATTERN, RegexTokenizer
+from .gpt2 import TIKTOKEN_GPT2_PATTERN, GPT2Tokenizer, tiktoken_gpt2
+from .regex_tokenizer import ENDOFTEXT, UNK, WORD_SPLIT_PATTERN, RegexTokenizer
 
 __all__ = ["RegexTokenizer", "BPETokenizer", "GPT2Tokenizer", "tiktoken_gpt2", "GPT2_SPLIT_PATTERN",
            "ByteLevelBPE", "bytes_to_unicode", "TIKTOKEN_GPT2_PATTERN", "WORD_SPLIT_PATTERN",

@@ -38,7 +38,6 @@ import heapq
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -46,6 +45,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import regex
+
+from ..checks import integer
+from ..files import atomic_write
+from .regex_tokenizer import ENDOFTEXT
 
 __all__ = ["GPT2_SPLIT_PATTERN", "ByteLevelBPE", "BPETokenizer", "bytes_to_unicode"]
 
@@ -519,7 +522,7 @@ class BPETokenizer(ByteLevelBPE):
     """
 
     def __init__(self, merges: Sequence[tuple[bytes, bytes]],
-                 special_tokens: Sequence[str] = ("<|endoftext|>",),
+                 special_tokens: Sequence[str] = (ENDOFTEXT,),
                  pattern: str = GPT2_SPLIT_PATTERN):
         specials = _check_special_tokens(special_tokens)
         if isinstance(merges, (str, bytes)) or not isinstance(merges, Iterable):
@@ -553,7 +556,7 @@ class BPETokenizer(ByteLevelBPE):
 
     # ------------------------------------------------------------------ training
     @classmethod
-    def train(cls, text: str, vocab_size: int, special_tokens: Sequence[str] = ("<|endoftext|>",), *,
+    def train(cls, text: str, vocab_size: int, special_tokens: Sequence[str] = (ENDOFTEXT,), *,
               pattern: str = GPT2_SPLIT_PATTERN, verbose: bool = False,
               callback: Callable[[int, tuple[bytes, bytes], int, int], None] | None = None,
               progress: bool = False) -> BPETokenizer:
@@ -592,12 +595,9 @@ class BPETokenizer(ByteLevelBPE):
             text = _fix_surrogates(text)
         specials = _check_special_tokens(special_tokens)
         pat = _compile_pattern(pattern)
-        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
-            raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
         smallest = 256 + len(specials)
-        if vocab_size < smallest:
-            raise ValueError(f"vocab_size must be at least {smallest} (256 bytes + {len(specials)} "
-                             f"special tokens), got {vocab_size}")
+        vocab_size = integer("vocab_size", vocab_size, minimum=smallest,
+                             hint=f" (256 bytes + {len(specials)} special token(s))")
         n_merges = vocab_size - smallest
 
         # 1. Pre-tokenize each document and count how often each piece occurs.
@@ -689,7 +689,7 @@ class BPETokenizer(ByteLevelBPE):
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the tokenizer as readable JSON, atomically (temp file + ``os.replace``).
+        """Write the tokenizer as readable JSON, atomically (:func:`course_lib.files.atomic_write`).
 
         The file holds the pattern, the special tokens with their ids and the merges,
         one per line, written in GPT-2's printable byte alphabet (a space is ``"Ġ"``, a
@@ -710,16 +710,7 @@ class BPETokenizer(ByteLevelBPE):
         merges = ",\n".join("    " + json.dumps([_to_printable(a), _to_printable(b)], ensure_ascii=False)
                             for a, b in self.merges)
         body = f'{head},\n  "merges": [\n{merges}\n  ]\n}}\n' if merges else f'{head},\n  "merges": []\n}}\n'
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(body)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, lambda fh: fh.write(body.encode("utf-8")), overwrite=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BPETokenizer:

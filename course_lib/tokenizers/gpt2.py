@@ -30,13 +30,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .bpe import GPT2_SPLIT_PATTERN, TIKTOKEN_GPT2_PATTERN, ByteLevelBPE, _from_printable
+from .regex_tokenizer import ENDOFTEXT
 
 if TYPE_CHECKING:  # pragma: no cover
     import tiktoken
 
-__all__ = ["GPT2Tokenizer", "tiktoken_gpt2", "TIKTOKEN_GPT2_PATTERN", "ENDOFTEXT"]
-
-ENDOFTEXT = "<|endoftext|>"
+__all__ = ["GPT2Tokenizer", "tiktoken_gpt2", "TIKTOKEN_GPT2_PATTERN"]
 
 
 class GPT2Tokenizer(ByteLevelBPE):

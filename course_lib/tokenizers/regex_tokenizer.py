@@ -30,6 +30,7 @@ __all__ = ["RegexTokenizer", "WORD_SPLIT_PATTERN", "ENDOFTEXT", "UNK"]
 
 #: Split on punctuation (kept, as tokens of their own), double dashes and whitespace.
 WORD_SPLIT_PATTERN = r'([,.:;?_!"()\']|--|\s)'
+#: The token put between documents: GPT-2's, and the one place the course spells it.
 ENDOFTEXT = "<|endoftext|>"
 UNK = "<|unk|>"
 

@@ -1,0 +1,704 @@
+"""Step 5 — making a trained model write fast: the KV cache, sampling and fast decoding.
+
+* :class:`KVCache` — the keys and values of the tokens already seen, kept between calls so
+  that each new token costs one token's work (``O(T)`` instead of ``O(T^2)``). Its rows may
+  hold different numbers of tokens.
+* :func:`prefill` and :func:`decode_step` — the two phases of writing: one forward pass
+  over the prompts fills a cache, then each step feeds one new token per row.
+* :func:`generate` — prefill, then decode: greedy or sampled (temperature, top-k, top-p),
+  an end-of-text stop, and the sliding window past the context length.
+* :func:`top_k_filter`, :func:`top_p_filter`, :func:`sample_next_token` — the sampling
+  steps on their own.
+* :func:`fast_decoding`, :class:`Linear`, :func:`few_rows_linear`, :func:`few_rows_route` —
+  a quicker CPU route for the one-row matrix products of decoding
+  (``benchmarks/README.md``, step 5, says why and how much).
+
+Design. The model of step 4 knows nothing of this module: ``model(idx, kv_cache=cache)``
+reads ``cache.pos`` (where ``idx`` starts), passes the cache to each attention layer, which
+calls ``cache.update(layer, k, v)``, and calls ``cache.advance(tokens)`` at the end. Every
+row of a :class:`KVCache` has its own length (``cache.lengths``). While the rows agree
+(one prompt, or a batch of prompts of one length) ``cache.pos`` is an ``int`` and the
+attention uses its causal mask, as in training; once they differ it is a ``[batch]``
+tensor, each row takes its own positions and ``update`` returns a mask that hides every
+row's unused slots. So rows at different points of their text decode together, one
+forward pass per token for the whole batch: :func:`prefill` takes prompts of different
+lengths (right-padded, then :meth:`KVCache.crop` to each prompt), and a later request can
+join a running batch in a free row with :meth:`KVCache.load_row`. A server drives it as::
+
+    model.eval(); fast_decoding(model)
+    cache, logits = prefill(model, [ids_a, ids_b], max_len=256)
+    while ...:
+        next_ids = sample_next_token(logits, temperature=0.8)   # [B, 1]
+        logits = decode_step(model, cache, next_ids)            # [B, vocab]
+
+Choices worth knowing (:func:`generate`):
+
+* **Temperature 0 means greedy** (``argmax``; ``top_k``/``top_p`` then change nothing).
+  Otherwise the logits are divided by the temperature, filtered by top-k and then top-p
+  (in that order), and the next token is drawn with ``torch.multinomial`` — from
+  PyTorch's global generator (``torch.manual_seed`` makes it repeat) or ``generator=``.
+* **Top-k keeps ties**; **top-p** keeps the smallest set of most likely tokens whose
+  probabilities reach ``top_p`` (always at least the most likely one).
+* **One cache per call**, for ``min(context_size, prompt + max_new_tokens)`` positions:
+  nothing carries over from one prompt to the next. A model is run with a cache when its
+  ``forward`` takes ``kv_cache`` and its ``cfg`` gives the shape (``n_layers``,
+  ``n_heads``, ``head_dim``, ``context_length``), as :class:`~course_lib.model.GPTModel`
+  does; other models are run without.
+* **Past the context length** the cache cannot be reused: positions are absolute (learned
+  per position), so when the window slides every cached key belongs to a different
+  position. ``generate`` then re-encodes the last ``context_size`` tokens for each new
+  token, as :func:`~course_lib.generation.generate_text_simple` does: the output is the
+  same with and without the cache.
+* **Fast decoding is on for the call**: the model's ``nn.Linear`` layers take the few-rows
+  route while ``generate`` runs and are put back afterwards (a model already switched with
+  :func:`fast_decoding` stays switched).
+* **End of text**: with ``eos_id`` a row that produces it stops; finished rows are padded
+  with ``eos_id`` until every row has finished. The ``eos_id`` token is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checks import boolean, non_negative_int, positive_int
+from .generation import _check_ids, _check_logits, _model_device
+
+__all__ = [
+    "KVCache",
+    "prefill",
+    "decode_step",
+    "generate",
+    "top_k_filter",
+    "top_p_filter",
+    "sample_next_token",
+    "fast_decoding",
+    "Linear",
+    "few_rows_linear",
+    "few_rows_route",
+    "FEW_ROWS",
+    "FEW_ROWS_MIN_SIZE",
+]
+
+
+# --------------------------------------------------------------------------- #
+# The KV cache: keys and values of earlier tokens, kept between calls
+# --------------------------------------------------------------------------- #
+class KVCache:
+    """Preallocated keys and values for every attention layer of a model, row by row.
+
+    Token ``t`` attends to the keys and values of tokens ``0..t``, and those of ``0..t-1``
+    are the ones computed at the previous step: the cache keeps them, so each step computes
+    queries, keys and values for the new tokens only.
+
+    Args:
+        n_layers, batch_size, num_heads, head_dim: the model's shape.
+        max_len: the most positions a row holds (at most the model's context length).
+        device, dtype: where and how the tensors live (match the model's).
+
+    Attributes:
+        keys, values: ``[n_layers, batch_size, num_heads, max_len, head_dim]``; row ``b`` of
+            layer ``i`` is filled from the left up to ``lengths[b]``.
+        lengths: ``[batch_size]`` ``torch.long``: the positions each row holds.
+
+    Raises:
+        ValueError: a size that is not a positive integer; (in :meth:`update`) more
+            positions than ``max_len`` in a row, or keys of the wrong shape.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, num_heads: int, head_dim: int, max_len: int,
+                 device=None, dtype: torch.dtype = torch.float32):
+        for name, value in (("n_layers", n_layers), ("batch_size", batch_size), ("num_heads", num_heads),
+                            ("head_dim", head_dim), ("max_len", max_len)):
+            positive_int(name, value)
+        shape = (n_layers, batch_size, num_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)    # [L, B, H, max_len, D]
+        self.values = torch.zeros(shape, device=device, dtype=dtype)  # [L, B, H, max_len, D]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.keys.device)  # [B]
+        self._pos: int | None = 0   # the rows' common length, None while they differ
+        self._longest = 0           # the longest row, as a Python int (no device sync)
+        self._where = None          # (rows, slots, mask) of the current forward pass, rows that differ
+
+    @classmethod
+    def for_model(cls, model: nn.Module, batch_size: int, max_len: int | None = None) -> "KVCache":
+        """An empty cache for ``model`` (a :class:`~course_lib.model.GPTModel`: anything whose
+        ``cfg`` gives ``n_layers``, ``n_heads``, ``head_dim`` and ``context_length``), on its
+        device and in its dtype, for ``max_len`` positions (default and most: the context length).
+
+        Raises:
+            TypeError: ``model`` has no such ``cfg``.
+            ValueError: ``batch_size`` or ``max_len`` out of range.
+        """
+        cfg = getattr(model, "cfg", None)
+        if not _has_shape(cfg):
+            raise TypeError(f"model must have a cfg with n_layers, n_heads, head_dim and context_length (a "
+                            f"GPTModel), got {type(model).__name__}")
+        max_len = cfg.context_length if max_len is None else max_len
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= cfg.context_length:
+            raise ValueError(f"max_len must be an integer in [1, context_length={cfg.context_length}], got {max_len!r}")
+        weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+        return cls(cfg.n_layers, batch_size, cfg.n_heads, cfg.head_dim, max_len,
+                   device=None if weight is None else weight.device,
+                   dtype=torch.float32 if weight is None else weight.dtype)
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def pos(self) -> int | torch.Tensor:
+        """Where the next tokens go: an ``int`` while every row holds the same number of
+        positions, else ``lengths`` (``[batch_size]``)."""
+        return self._pos if self._pos is not None else self.lengths
+
+    def reset(self) -> None:
+        """Forget every cached position (the next call starts at position 0; the memory is kept)."""
+        self._set_lengths([0] * self.batch_size)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the keys and values ``[B, H, T, D]`` of ``T`` new tokens per row in slot ``layer``.
+
+        Returns:
+            ``(keys, values, mask)``: the keys and values of every position held,
+            ``[B, H, S, D]`` (views, no copy), and ``None`` when all rows are at one position
+            (the new tokens are the last ``T`` of the ``S``: the causal mask applies), else a
+            boolean ``[B, 1, T, S]`` mask, ``True`` where a new token may look.
+        """
+        B, H, T, D = k.shape
+        if (B, H, D) != (self.keys.shape[1], self.keys.shape[2], self.keys.shape[4]):
+            raise ValueError(f"keys of shape {tuple(k.shape)} do not fit a cache built for batch "
+                             f"{self.keys.shape[1]}, {self.keys.shape[2]} heads of {self.keys.shape[4]}")
+        end = self._longest + T
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions and {self._longest} are filled, so "
+                             f"{T} more do not fit; reset() it, or crop the sequence to the context length")
+        if self._pos is not None:  # every row at the same position: one slice
+            self.keys[layer, :, :, self._pos:end] = k
+            self.values[layer, :, :, self._pos:end] = v
+            return self.keys[layer, :, :, :end], self.values[layer, :, :, :end], None
+        if self._where is None or self._where[1].shape[1] != T:  # once per forward pass, for every layer
+            rows = torch.arange(B, device=k.device).view(B, 1)                   # [B, 1]
+            slots = self.lengths.view(B, 1) + torch.arange(T, device=k.device)   # [B, T]: row b's new positions
+            mask = torch.arange(end, device=k.device).view(1, 1, 1, end) <= slots.view(B, 1, T, 1)  # [B, 1, T, S]
+            self._where = (rows, slots, mask)
+        rows, slots, mask = self._where
+        self.keys[layer][rows, :, slots] = k.transpose(1, 2)      # [B, T, H, D] into row b's own slots
+        self.values[layer][rows, :, slots] = v.transpose(1, 2)
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end], mask
+
+    def advance(self, num_tokens: int) -> None:
+        """Mark ``num_tokens`` more positions as filled in every row (the model calls this
+        after its last layer)."""
+        self.lengths += num_tokens
+        self._longest += num_tokens
+        if self._pos is not None:
+            self._pos += num_tokens
+        self._where = None
+
+    def crop(self, lengths: Sequence[int] | torch.Tensor) -> None:
+        """Keep only the first ``lengths[b]`` positions of each row ``b`` (e.g. a prompt padded
+        on the right: its padding is forgotten and overwritten by the next tokens).
+
+        Raises:
+            ValueError: not one length per row, or a length below 0 or above what the row holds.
+        """
+        new = lengths.tolist() if isinstance(lengths, torch.Tensor) else list(lengths)
+        held = self.lengths.tolist()
+        if len(new) != len(held) or any(isinstance(n, bool) or not isinstance(n, int) for n in new):
+            raise ValueError(f"lengths must be {len(held)} integers, one per row, got {lengths!r}")
+        for row, (n, h) in enumerate(zip(new, held)):
+            if not 0 <= n <= h:
+                raise ValueError(f"row {row} holds {h} positions, so it cannot be cropped to {n}; "
+                                 f"give a length in [0, {h}]")
+        self._set_lengths(new)
+
+    def load_row(self, row: int, source: "KVCache", source_row: int = 0) -> None:
+        """Copy row ``source_row`` of ``source`` (its keys, values and length) into ``row``:
+        how a request prefilled on its own joins a batch that is already decoding.
+
+        Raises:
+            TypeError: ``source`` is not a :class:`KVCache`.
+            ValueError: a row out of range, a cache of another shape, or a source row longer
+                than ``max_len``.
+        """
+        if not isinstance(source, KVCache):
+            raise TypeError(f"source must be a KVCache, got {type(source).__name__}")
+        for name, value, size in (("row", row, self.batch_size), ("source_row", source_row, source.batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
+                raise ValueError(f"{name} must be an integer in [0, {size}), got {value!r}")
+        mine, theirs = self.keys.shape, source.keys.shape
+        if (mine[0], mine[2], mine[4]) != (theirs[0], theirs[2], theirs[4]):
+            raise ValueError(f"source holds {theirs[0]} layers of {theirs[2]} heads of {theirs[4]}, "
+                             f"this cache {mine[0]} of {mine[2]} of {mine[4]}: make both for the same model")
+        n = int(source.lengths[source_row])
+        if n > self.max_len:
+            raise ValueError(f"source row {source_row} holds {n} positions, more than this cache's "
+                             f"max_len={self.max_len}")
+        self.keys[:, row, :, :n] = source.keys[:, source_row, :, :n]
+        self.values[:, row, :, :n] = source.values[:, source_row, :, :n]
+        lengths = self.lengths.tolist()
+        lengths[row] = n
+        self._set_lengths(lengths)
+
+    def _set_lengths(self, lengths: list[int]) -> None:
+        self.lengths.copy_(torch.tensor(lengths, dtype=torch.long))
+        self._longest = max(lengths)
+        self._pos = lengths[0] if all(n == lengths[0] for n in lengths) else None
+        self._where = None
+
+    def __repr__(self) -> str:
+        L, B, H, M, D = self.keys.shape
+        filled = self._pos if self._pos is not None else self.lengths.tolist()
+        return f"KVCache(layers={L}, batch={B}, heads={H}, head_dim={D}, filled={filled}/{M})"
+
+
+def _has_shape(cfg) -> bool:
+    return all(hasattr(cfg, name) for name in ("n_layers", "n_heads", "head_dim", "context_length"))
+
+
+def _takes_cache(model: nn.Module) -> bool:
+    """Whether ``model(idx, kv_cache=...)`` is supported: a ``cfg`` with the shape and a
+    ``forward`` that takes ``kv_cache``."""
+    if not _has_shape(getattr(model, "cfg", None)):
+        return False
+    try:
+        return "kv_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- #
+# Prefill and decode: the two phases, for a batch driven step by step
+# --------------------------------------------------------------------------- #
+def _last_logits(logits) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
+        raise ValueError("the model must return logits of shape [batch, tokens, vocab], got "
+                         f"{getattr(logits, 'shape', type(logits).__name__)}")
+    return logits[:, -1, :]
+
+
+def _check_eval(model, where: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (e.g. GPTModel), got {type(model).__name__}")
+    if model.training:
+        raise ValueError(f"{where} needs the model in eval mode (dropout off); call model.eval() first")
+
+
+def _prompt_ids(row: int, prompt) -> torch.Tensor:
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool or prompt.ndim > 1:
+            raise TypeError(f"prompt {row} must be a 1-D tensor of integer token ids, got {prompt.dtype} of shape "
+                            f"{tuple(prompt.shape)}")
+        return prompt.long()
+    if not isinstance(prompt, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in prompt):
+        raise TypeError(f"prompt {row} must be a 1-D tensor or a list of int token ids, got {type(prompt).__name__}")
+    return torch.tensor(prompt, dtype=torch.long)
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, prompts, max_len: int | None = None) -> tuple[KVCache, torch.Tensor]:
+    """Run the prompts through ``model`` once, keeping their keys and values.
+
+    Args:
+        model: a :class:`~course_lib.model.GPTModel` in ``eval()`` mode.
+        prompts: ``[batch, tokens]`` ids, or a list of ``batch`` prompts of different
+            lengths, each a 1-D tensor or a list of ids (right-padded for one forward pass;
+            the padding is cropped from the cache).
+        max_len: the positions each row of the cache holds, prompt and new tokens
+            together; default and most: the model's context length.
+
+    Returns:
+        ``(cache, logits)``: a :class:`KVCache` whose row ``b`` holds prompt ``b``, and the
+        logits of each prompt's last token, ``[batch, vocab]``.
+
+    Raises:
+        TypeError: ``model`` is not a module that takes a KV cache, ids of the wrong type.
+        ValueError: the model in training mode, an empty prompt, a prompt longer than
+            ``max_len``, or ids the model refuses.
+    """
+    _check_eval(model, "prefill")
+    if not _takes_cache(model):
+        raise TypeError(f"{type(model).__name__} does not take a KV cache (forward(idx, kv_cache=...) and a cfg "
+                        "with its shape); use generate(..., use_cache=False)")
+    device = _model_device(model)
+    if isinstance(prompts, torch.Tensor):
+        _check_ids(prompts, "prompts")
+        ids, lengths = prompts.to(device), None
+    else:
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise TypeError("prompts must be a [batch, tokens] tensor of ids or a non-empty list of prompts")
+        rows = [_prompt_ids(b, p) for b, p in enumerate(prompts)]
+        lengths = [row.numel() for row in rows]
+        if min(lengths) == 0:
+            raise ValueError(f"prompt {lengths.index(0)} has no tokens; give every prompt at least one")
+        ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)        # [B, longest], padded with id 0
+        for b, row in enumerate(rows):
+            ids[b, :row.numel()] = row
+        ids = ids.to(device)
+    cache = KVCache.for_model(model, ids.shape[0], max_len)
+    if ids.shape[1] > cache.max_len:
+        raise ValueError(f"a prompt of {ids.shape[1]} tokens does not fit a cache of max_len={cache.max_len}; "
+                         "keep its last tokens or raise max_len")
+    logits = model(ids, kv_cache=cache)                                     # [B, T, V]
+    if lengths is None or len(set(lengths)) == 1:
+        return cache, _last_logits(logits)
+    cache.crop(lengths)                                                     # forget the padding
+    last = torch.tensor(lengths, device=logits.device) - 1
+    return cache, logits[torch.arange(len(lengths), device=logits.device), last]  # [B, V]
+
+
+@torch.no_grad()
+def decode_step(model: nn.Module, cache: KVCache, next_ids: torch.Tensor) -> torch.Tensor:
+    """Feed one new token per row, ``next_ids`` ``[batch]`` or ``[batch, 1]``, after what
+    ``cache`` holds (it stores their keys and values); return the logits of the token
+    after each, ``[batch, vocab]``.
+
+    Raises:
+        TypeError: ``cache`` is not a :class:`KVCache`, ids of the wrong type.
+        ValueError: the model in training mode, ids not one per row, a full row.
+    """
+    _check_eval(model, "decode_step")
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be the KVCache that prefill returned, got {type(cache).__name__}")
+    if not isinstance(next_ids, torch.Tensor) or next_ids.numel() != cache.batch_size or next_ids.ndim > 2:
+        got = tuple(next_ids.shape) if isinstance(next_ids, torch.Tensor) else type(next_ids).__name__
+        raise ValueError(f"next_ids must be one token id per row, [{cache.batch_size}] or [{cache.batch_size}, 1], "
+                         f"got {got}")
+    return _last_logits(model(next_ids.view(-1, 1), kv_cache=cache))      # [B, V]
+
+
+# --------------------------------------------------------------------------- #
+# Sampling
+# --------------------------------------------------------------------------- #
+def _check_sampling(temperature, top_k, top_p) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0 \
+            or temperature == float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy, 1 = the model's own "
+                         f"distribution), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None (no limit) or an integer >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a probability in (0, 1] (e.g. 0.9), got {top_p!r}")
+
+
+def _check_logits_tensor(logits, name: str = "logits", two_d: bool = False) -> None:
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        got = f"dtype {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise TypeError(f"{name} must be a float tensor [..., vocab], got {got}; e.g. torch.tensor([1., 3., 2.])")
+    if two_d and logits.ndim not in (1, 2):
+        raise ValueError(f"{name} must be [batch, vocab] (the last position's logits, logits[:, -1, :]), "
+                         f"got shape {tuple(logits.shape)}")
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest logits in each row, set the others to ``-inf``.
+
+    Shape: ``[..., vocab]`` -> same. Ties with the k-th largest value are kept.
+
+    Raises:
+        ValueError: ``k`` not an integer >= 1 (a ``k`` above the vocabulary keeps everything).
+        TypeError: ``logits`` not a float tensor.
+    """
+    _check_sampling(1.0, k, None)
+    _check_logits_tensor(logits)
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]          # [..., 1]: the k-th largest
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the most likely tokens until their probabilities reach ``p``.
+
+    In each row the tokens are sorted by probability; a token is kept if the probability of
+    the tokens *before* it adds up to less than ``p`` (so the most likely token always stays).
+
+    Shape: ``[..., vocab]`` -> same, with the dropped logits set to ``-inf``.
+
+    Raises:
+        ValueError: ``p`` outside ``(0, 1]``.
+        TypeError: ``logits`` not a float tensor.
+    """
+    _check_sampling(1.0, None, p)
+    _check_logits_tensor(logits)
+    if p >= 1:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    before = probs.cumsum(dim=-1) - probs                           # mass of the tokens ranked above
+    drop_sorted = before >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Choose the next token from the last position's logits ``[batch, vocab]`` -> ``[batch, 1]``.
+
+    ``temperature == 0`` is ``argmax``; otherwise scale by ``1/temperature``, apply
+    :func:`top_k_filter` and :func:`top_p_filter`, and draw from the softmax. ``-inf``
+    logits rule tokens out.
+
+    The scaling is ``(logits - max) / temperature`` in float32 (the same softmax), so a tiny
+    temperature cannot overflow: it approaches greedy decoding, with exact ties drawn
+    uniformly. Temperatures below float32's smallest normal number (about ``1.2e-38``)
+    are raised to it, which is already greedy in effect.
+
+    Raises:
+        ValueError: ``temperature < 0``, ``top_k < 1`` or ``top_p`` outside ``(0, 1]``;
+            logits not ``[batch, vocab]``, with NaN or ``+inf``, or a row of only ``-inf``
+            (a diverged model).
+        TypeError: ``logits`` not a float tensor, ``generator`` not a ``torch.Generator``.
+    """
+    _check_sampling(temperature, top_k, top_p)
+    _check_generator(generator)
+    _check_logits_tensor(logits, two_d=True)
+    _check_logits(logits, "sample_next_token")
+    return _sample(logits, temperature, top_k, top_p, generator)
+
+
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be None or a torch.Generator (e.g. torch.Generator().manual_seed(0)), "
+                        f"got {type(generator).__name__}; to seed PyTorch's global generator call torch.manual_seed")
+
+
+def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float()
+    temperature = max(float(temperature), torch.finfo(torch.float32).tiny)
+    # Shifted so that the largest is 0: dividing by a tiny temperature then gives 0 and
+    # -huge (or -inf), never +inf, whose softmax would be NaN.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # [B, 1]
+
+
+def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             eos_id: int | None = None, use_cache: bool = True,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Extend ``idx`` by up to ``max_new_tokens`` tokens, greedily or by sampling.
+
+    One :func:`prefill` over the prompt, then one :func:`decode_step` per new token; past
+    the context length (or without the cache) the last ``context_size`` tokens are
+    re-encoded for each token instead. The model's ``nn.Linear`` layers take the few-rows
+    route (:func:`fast_decoding`) for the call.
+
+    Args:
+        model: maps ``[batch, tokens]`` ids to ``[batch, tokens, vocab]`` logits; a
+            :class:`~course_lib.model.GPTModel` is run with a KV cache.
+        idx: the prompt, ``[batch, tokens]`` integer ids.
+        max_new_tokens: the most tokens to add.
+        context_size: the most tokens the model sees at once; default ``cfg.context_length``.
+        temperature: 0 (default) picks the most likely token; above 0, sample from
+            ``softmax(logits / temperature)`` — below 1 sharper, above 1 flatter.
+        top_k: sample only among the ``k`` most likely tokens. Default ``None``.
+        top_p: sample only among the most likely tokens that together reach probability
+            ``top_p``. Default ``None``.
+        eos_id: stop a sequence when it produces this id (e.g. 50256, ``<|endoftext|>``).
+        use_cache: keep keys and values between steps. The output is the same either
+            way; the cache is faster. Default ``True``.
+        generator: a ``torch.Generator`` for the samples; default PyTorch's global one.
+
+    Returns:
+        ``[batch, tokens + n]`` ids on the model's device, ``n <= max_new_tokens`` (fewer when
+        every sequence met ``eos_id``).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``idx`` not a tensor of ``torch.long``
+            (or ``torch.int32``) ids, ``use_cache`` not a bool or ``generator`` not a
+            ``torch.Generator``.
+        ValueError: ``temperature < 0``, ``top_k < 1``, ``top_p`` outside ``(0, 1]``, a negative
+            ``max_new_tokens``, a bad ``context_size`` or ``eos_id``, ``idx`` not 2-D, or
+            logits that are NaN or inf (a diverged model; the message names the step).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (e.g. GPTModel), got {type(model).__name__}")
+    _check_ids(idx)
+    non_negative_int("max_new_tokens", max_new_tokens)
+    _check_sampling(temperature, top_k, top_p)
+    _check_generator(generator)
+    boolean("use_cache", use_cache)
+    cfg = getattr(model, "cfg", None)
+    model_context = getattr(cfg, "context_length", None)
+    if context_size is None:
+        context_size = model_context
+        if context_size is None:
+            raise ValueError("context_size is required for a model without cfg.context_length; "
+                             "pass the longest sequence the model accepts")
+    positive_int("context_size", context_size)
+    if model_context is not None and context_size > model_context:
+        raise ValueError(f"context_size ({context_size}) is larger than the model's context_length "
+                         f"({model_context}); leave it out or lower it")
+    vocab = getattr(cfg, "vocab_size", None)
+    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int) or eos_id < 0
+                               or (vocab is not None and eos_id >= vocab)):
+        raise ValueError(f"eos_id must be None or a token id in [0, {vocab or 'vocab_size'}), got {eos_id!r}")
+
+    device = _model_device(model)
+    if device is not None:
+        idx = idx.to(device)
+    if max_new_tokens == 0:
+        return idx
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _fast_decoding_during(model):
+            window = idx[:, -context_size:]
+            cache = None
+            if use_cache and _takes_cache(model):   # prefill: the prompt's keys and values, once
+                cache, logits = prefill(model, window, max_len=min(context_size, window.shape[1] + max_new_tokens))
+            else:
+                logits = _last_logits(model(window))                                 # [B, V]
+            for step in range(max_new_tokens):
+                _check_logits(logits, f"generate, new token {step + 1} of {max_new_tokens}")
+                next_id = _sample(logits, temperature, top_k, top_p, generator)       # [B, 1]
+                if eos_id is not None:
+                    next_id = next_id.masked_fill(finished.unsqueeze(1), eos_id)  # finished rows: padding
+                    finished |= next_id.squeeze(1) == eos_id
+                idx = torch.cat([idx, next_id.to(idx.dtype)], dim=1)              # [B, T+1]
+                if step + 1 == max_new_tokens or (eos_id is not None and bool(finished.all())):
+                    break
+                if cache is not None and cache.pos < cache.max_len:
+                    logits = decode_step(model, cache, idx[:, -1:])               # decode: the new token only
+                else:                     # no cache, or the window slides: re-encode it
+                    cache = None
+                    logits = _last_logits(model(idx[:, -context_size:]))
+    finally:
+        model.train(was_training)
+    return idx
+
+
+# --------------------------------------------------------------------------- #
+# Fast decoding: nn.Linear with a quicker route for a few rows at a time (CPU)
+# --------------------------------------------------------------------------- #
+FEW_ROWS = 64
+"""Inputs with at most this many rows take :func:`few_rows_linear` in :class:`Linear`."""
+FEW_ROWS_MIN_SIZE = 2**18
+"""... and weights of at least this many numbers (1 MB in float32): smaller matrices stay in
+the CPU's cache, where the matrix-vector route is as fast."""
+
+
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed as ``weight @ x.T``, for inputs of a few rows.
+
+    On CPU, PyTorch's BLAS (MKL on x86) runs a one-row product as a matrix-vector product
+    that reads the weights at about half the speed of ``weight @ x.T`` with two or more
+    columns. A single row is therefore duplicated (the time is in reading ``weight``), the
+    product taken that way round, and the first column kept.
+
+    Args:
+        x: ``[..., in_features]``.
+        weight: ``[out_features, in_features]``, as in ``nn.Linear``.
+        bias: ``[out_features]`` or ``None``.
+
+    Returns:
+        ``[..., out_features]``, contiguous, equal to ``F.linear(x, weight, bias)`` up to
+        float rounding (the sums are taken in another order).
+    """
+    rows = x.numel() // x.shape[-1] if x.ndim and x.shape[-1] else 0
+    if rows == 0 or x.shape[-1] != weight.shape[1]:
+        return F.linear(x, weight, bias)      # nothing to gain; F.linear gives its usual errors
+    x2 = x.reshape(rows, x.shape[-1])         # [N, in]
+    if rows == 1:
+        x2 = torch.cat([x2, x2])              # two columns: BLAS's matrix-matrix route
+    y = (weight @ x2.t())[:, :rows].t()       # [out, N] -> [N, out]
+    if bias is not None:
+        y = y + bias
+    return y.contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` with :func:`few_rows_linear` for a few rows when no gradient is needed.
+
+    Same arguments, parameters, ``state_dict``, ``repr`` and (to float rounding) results as
+    ``nn.Linear``. The route is taken on CPU, in float32, for at most :data:`FEW_ROWS` rows,
+    a weight of at least :data:`FEW_ROWS_MIN_SIZE` numbers and no gradient wanted;
+    everything else — training, long inputs, small layers, GPUs, other dtypes, autocast,
+    ``torch.compile`` — is ``nn.Linear.forward`` itself. :func:`fast_decoding` switches a
+    model's ``nn.Linear`` layers to this class and back.
+
+    Shape:
+        x: ``[..., in_features]`` -> ``[..., out_features]``.
+    """
+
+    def _takes_few_rows(self, x) -> bool:
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        return (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
+                and 0 < x.numel() <= FEW_ROWS * self.in_features and self.weight.numel() >= FEW_ROWS_MIN_SIZE
+                and not wants_grad and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and self._takes_few_rows(x):
+            return few_rows_linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def _switch(model: nn.Module, enabled: bool) -> list[nn.Module]:
+    old, new = (nn.Linear, Linear) if enabled else (Linear, nn.Linear)
+    switched = [m for m in model.modules() if type(m) is old]  # exactly nn.Linear: subclasses keep their forward
+    for module in switched:
+        module.__class__ = new
+    return switched
+
+
+def fast_decoding(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch every ``nn.Linear`` of ``model`` to :class:`Linear` (``enabled=False``: back).
+
+    In place, like ``model.train()``, and returns ``model``. Parameters, ``state_dict`` and
+    training are unchanged; only inference on CPU gets faster. :func:`generate` does this
+    for the length of each call; call it once for a model driven with :func:`prefill` and
+    :func:`decode_step`.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``enabled`` not a bool.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _switch(model, boolean("enabled", enabled))
+    return model
+
+
+@contextlib.contextmanager
+def _fast_decoding_during(model: nn.Module):
+    """:func:`fast_decoding` inside the block, then back for the layers it switched.
+    A compiled model is left alone (its layers never take the route, and a class switch
+    would make it recompile)."""
+    switched = [] if hasattr(model, "_orig_mod") else _switch(model, True)
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.__class__ = nn.Linear
+
+
+@contextlib.contextmanager
+def few_rows_route(enabled: bool = True):
+    """Turn :class:`Linear`'s few-rows route on or off inside a ``with`` block (to compare)::
+
+        with few_rows_route(False):     # every Linear runs nn.Linear.forward
+            generate(model, idx, 50)
+    """
+    global FEW_ROWS
+    saved = FEW_ROWS
+    FEW_ROWS = saved if enabled else 0
+    try:
+        yield
+    finally:
+        FEW_ROWS = saved
