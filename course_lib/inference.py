@@ -373,7 +373,7 @@ def decode_step(model: nn.Module, cache: KVCache, next_ids: torch.Tensor) -> tor
         got = tuple(next_ids.shape) if isinstance(next_ids, torch.Tensor) else type(next_ids).__name__
         raise ValueError(f"next_ids must be one token id per row, [{cache.batch_size}] or [{cache.batch_size}, 1], "
                          f"got {got}")
-    return _last_logits(model(next_ids.view(-1, 1), kv_cache=cache))      # [B, V]
+    return _last_logits(model(next_ids.reshape(-1, 1), kv_cache=cache))   # [B, V]
 
 
 # --------------------------------------------------------------------------- #

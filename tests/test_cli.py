@@ -10,6 +10,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from _course import fake_course
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,20 +161,9 @@ def test_check_an_endless_loop_skips_the_exercises_other_checks(tmp_path):
     assert "✔ count_parameters" in r.stdout
 
 
-def _fake_course(tmp_path, cells) -> Path:
-    root = tmp_path / "course"
-    for sub in ("notebooks", "exercises"):
-        (root / sub).mkdir(parents=True)
-    (root / "pyproject.toml").write_text("")
-    nb = nbformat.v4.new_notebook()
-    nb.cells = cells
-    nbformat.write(nb, root / "notebooks" / "07_demo.ipynb")
-    return root
-
-
 @pytest.mark.parametrize("kind", ["file", "under-a-file"])
 def test_run_out_that_cannot_be_a_folder_is_one_line_before_running(tmp_path, kind):
-    root = _fake_course(tmp_path, [nbformat.v4.new_code_cell("raise SystemExit('must not run')")])
+    root = fake_course(tmp_path, [nbformat.v4.new_code_cell("raise SystemExit('must not run')")])
     afile = tmp_path / "notes.txt"
     afile.write_text("a learner's notes")
     out = afile if kind == "file" else afile / "runs"
@@ -188,7 +178,7 @@ def test_run_prints_each_section_as_it_finishes(tmp_path):
     """The first section's line must arrive while the notebook is still running: its last cell
     waits for a flag file that this test creates only after reading that line."""
     flag = tmp_path / "go"
-    root = _fake_course(tmp_path, [
+    root = fake_course(tmp_path, [
         nbformat.v4.new_markdown_cell("# Step 7 — demo"),
         nbformat.v4.new_markdown_cell("## Shu — first"),
         nbformat.v4.new_code_cell("x = 1"),

@@ -6,20 +6,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from _course import fake_course
 from _readonly import read_only  # noqa: F401  (a fixture)
 
 from course_lib.notebook_runner import run_notebook
-
-
-def fake_course(tmp_path, cells) -> Path:
-    root = tmp_path / "course"
-    for sub in ("notebooks", "exercises"):
-        (root / sub).mkdir(parents=True)
-    (root / "pyproject.toml").write_text("")
-    nb = nbformat.v4.new_notebook()
-    nb.cells = cells
-    nbformat.write(nb, root / "notebooks" / "07_demo.ipynb")
-    return root
 
 
 def test_a_read_only_out_dir_is_refused_before_running(tmp_path, read_only):

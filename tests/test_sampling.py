@@ -1,4 +1,5 @@
-"""Sampling (temperature, top-k, top-p, end of text) and the KV cache."""
+"""course_lib.inference: sampling (temperature, top-k, top-p, end of text), the KV cache, and rows of different
+lengths decoding together."""
 
 from __future__ import annotations
 
