@@ -12,38 +12,9 @@ configuration, the step reached, the state of every random number generator, and
 * :func:`rng_state` / :func:`set_rng_state` — Python's, NumPy's and PyTorch's random state
   as plain tensors and numbers.
 
-Choices worth knowing:
-
-* **Atomic writes.** The file is written to a temporary file in the same folder, flushed
-  to disk (``fsync``) and only then renamed over the target (``os.replace``, atomic on
-  POSIX and Windows). A crash or an error half-way through leaves the previous checkpoint
-  untouched, and the temporary file is removed. A save killed outright (``kill -9``, a
-  power cut) can leave its temporary file behind; the next save to the same target removes
-  it. A full disk is reported as such, with the previous file kept. Files get the normal
-  permissions of new files (``0o666`` less the umask), like any other file you write.
-* **Never non-finite weights.** :func:`save_checkpoint` refuses a model holding ``nan`` or
-  ``inf`` (:class:`NonFiniteError`), so a diverged run cannot replace a good checkpoint.
-* **Nothing is overwritten silently.** ``save_checkpoint`` refuses to replace an existing
-  file unless ``overwrite=True`` (a training loop that saves to its own path every few
-  hundred steps passes it; see :func:`course_lib.training.train`, which in turn refuses to
-  start a *new* run on top of an existing checkpoint unless asked to resume it).
-* **Safe to load.** Files are read with ``torch.load(weights_only=True)``, which
-  unpickles only tensors and plain containers (dict, list, tuple, str, int, float, bool,
-  None) — never arbitrary Python objects, so loading a checkpoint cannot run code. That is
-  why the configuration is stored as a dict and NumPy's random state as a tensor.
-* **A checkpoint must fit the model.** The architectural fields of the stored config
-  (``vocab_size``, ``context_length``, ``emb_dim``, ``n_heads``, ``n_layers``,
-  ``qkv_bias``) must equal the model's, else :class:`CheckpointMismatchError` names each
-  differing field. ``drop_rate`` is a training setting, not part of the weights, and may
-  differ (e.g. to fine-tune without dropout).
-* **Damaged files are a clear error.** A truncated or corrupt file, or one that is not a
-  course checkpoint, raises :class:`CheckpointError` (a ``ValueError``) naming the file
-  and what to do, instead of a ``zipfile``/``pickle`` traceback. Every stored tensor is
-  checked against the CRC-32 its archive records, so a flipped bit is caught on load
-  instead of silently changing a weight.
-* **An optimizer state fits only its own kind of optimizer.** The optimizer's class is
-  stored; restoring Adam's state into SGD (which would silently take Adam's learning rate)
-  is a :class:`CheckpointMismatchError` naming both.
+What a checkpoint guarantees (atomic, never non-finite, never overwritten silently, safe to
+load, checked against the model, CRC-verified, one kind of optimizer) is listed, with why, in
+CONTRIBUTING.md, "What the training loop and checkpoints guarantee".
 """
 
 from __future__ import annotations
@@ -158,6 +129,38 @@ def _config_dict(model: nn.Module) -> dict[str, Any] | None:
     raise TypeError(f"model.cfg must be a GPTConfig or a dict, got {type(cfg).__name__}")
 
 
+def _architecture(model: nn.Module) -> dict[str, Any] | None:
+    """``{"class": "course_lib.<module>.<Class>", "args": {...}}`` for a model that is not a
+    plain GPT (it has an ``architecture()`` method), else ``None``."""
+    describe_it = getattr(model, "architecture", None)
+    if describe_it is None:
+        return None
+    arch = describe_it()
+    if not (isinstance(arch, dict) and isinstance(arch.get("class"), str) and isinstance(arch.get("args"), dict)):
+        raise TypeError(f"{type(model).__name__}.architecture() must return {{'class': 'course_lib.module.Class', "
+                        f"'args': {{...}}}}, got {arch!r}")
+    _check_plain(arch, "architecture()")
+    return arch
+
+
+def _build_architecture(path: Path, arch: dict[str, Any], cfg, tie_weights: bool) -> nn.Module:
+    """Rebuild a later step's model from its stored ``architecture`` (imported by name, so that
+    step 5 knows nothing of the steps that build on it). Only ``course_lib`` classes are built."""
+    import importlib
+
+    name = arch.get("class") if isinstance(arch, dict) else None
+    module_name, _, class_name = name.rpartition(".") if isinstance(name, str) else ("", "", "")
+    if not module_name.startswith("course_lib.") or not class_name:
+        raise CheckpointError(f"{path} stores an unknown model architecture {name!r}; only course_lib models "
+                              "can be rebuilt: build the model yourself and call load_checkpoint(path, model)")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+        return cls.from_architecture(cfg, tie_weights=tie_weights, **arch.get("args", {}))
+    except (ImportError, AttributeError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path} stores a {name} this version of course_lib cannot rebuild ({err}); build the "
+                              "model yourself and call load_checkpoint(path, model)") from None
+
+
 def _optimizer_type(optimizer: torch.optim.Optimizer) -> str:
     cls = type(optimizer)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -171,7 +174,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     Args:
         path: the file to write (by convention ``*.pt``); parent folders are created.
         model: the model; its ``state_dict()`` is saved, and its ``cfg`` (a
-            :class:`~course_lib.config.GPTConfig`) as a dict when it has one.
+            :class:`~course_lib.config.GPTConfig`) as a dict when it has one. A model built
+            on a GPT by a later step (step 6's classifier) also saves what
+            ``model.architecture()`` returns, so that :func:`model_from_checkpoint` can
+            rebuild it.
         optimizer: saved with its ``state_dict()`` and its class when given.
         step: the number of optimizer steps taken so far.
         extra: anything else the caller wants back, made of tensors and plain Python
@@ -218,6 +224,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         "model": model.state_dict(),
         "config": _config_dict(model),
         "tie_weights": bool(getattr(model, "tie_weights", False)),
+        "architecture": _architecture(model),
         "step": step,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "optimizer_type": _optimizer_type(optimizer) if optimizer is not None else None,
@@ -414,6 +421,8 @@ def _apply(path: Path, payload: dict[str, Any], model: nn.Module | None, optimiz
 def model_from_checkpoint(path: str | os.PathLike, device: Any = None) -> nn.Module:
     """Build a :class:`~course_lib.model.GPTModel` from the config stored in ``path`` and load it.
 
+    A checkpoint of a model a later step built on a GPT (step 6's
+    :class:`~course_lib.classification.GPTClassifier`) gives that model back, as it was saved.
     The model is returned in ``eval()`` mode, on ``device`` (default CPU).
 
     Raises:
@@ -432,7 +441,11 @@ def model_from_checkpoint(path: str | os.PathLike, device: Any = None) -> nn.Mod
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{err}; the checkpoint's stored configuration is damaged: build the model yourself "
                               "and call load_checkpoint(path, model)") from None
-    model = GPTModel(cfg, tie_weights=bool(payload.get("tie_weights", False)))
+    tie_weights = bool(payload.get("tie_weights", False))
+    if payload.get("architecture"):
+        model = _build_architecture(path, payload["architecture"], cfg, tie_weights)
+    else:
+        model = GPTModel(cfg, tie_weights=tie_weights)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as err:

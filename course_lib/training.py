@@ -12,39 +12,9 @@
   optional checkpoints, from which an interrupted run resumes exactly.
 * :class:`History` and :func:`plot_losses` — the losses against tokens seen, and the plot.
 
-Choices worth knowing:
-
-* **Loss** is the mean cross-entropy over every token of the batch (``[B, T, V]`` logits
-  flattened to ``[B*T, V]``), the quantity GPT-2 was trained on. A loader with no batches
-  gives ``nan`` from :func:`calc_loss_loader` (nothing to average), not an error.
-* **Tokens seen** counts input tokens (``batch * tokens`` per step) — the x-axis of the
-  loss plots, comparable across batch sizes and context lengths.
-* **The batch order is a function of (seed, epoch).** At the start of every epoch
-  :func:`train` reseeds a shuffling loader's generator with ``seed + epoch`` (it sets one
-  if the loader has none). The order in epoch 3 therefore does not depend on how many
-  epochs this Python process has run, which is what lets a resumed run skip the batches
-  already seen and carry on with exactly the batches the uninterrupted run would use.
-* **Evaluation does not disturb training's randomness.** Evaluation and sample
-  generation run inside ``torch.random.fork_rng``, and the loaders' own generators are put
-  back afterwards, so adding an evaluation (or a sampled rather than greedy preview) does
-  not change the dropout masks of later steps, and the training batches used to measure the
-  training loss are the same whether or not the run was resumed.
-* **Exact resume.** With ``checkpoint_path`` the loop saves (atomically) every
-  ``checkpoint_freq`` steps and when it stops: weights, optimizer, random state, history and
-  position in the data. ``train(..., checkpoint_path=p, resume=True)`` continues from it,
-  and on CPU the losses are then exactly those of the run that was never interrupted
-  (``tests/test_training.py``). Starting a *new* run over an existing checkpoint is refused
-  (a learner's checkpoint is never replaced by accident): pass ``resume=True`` or another
-  path. The checkpoint written when a run ends is taken before the final evaluation, so a
-  resumed run's history has exactly the uninterrupted run's evaluation points. Beside it,
-  ``<name>.best.pt`` keeps the step with the lowest validation loss so far.
-* **A diverged run never costs a good checkpoint.** A ``nan``/``inf`` loss or gradient stops
-  the run before the bad update (:class:`~course_lib.checkpoint.NonFiniteError`, naming the
-  step, with the history so far as ``err.history``), or with ``on_nonfinite="skip"`` skips
-  that batch and counts it. Weights that became non-finite are never saved.
-* **Ctrl-C keeps what was done.** The first Ctrl-C (or a notebook's stop button) lets the
-  current step finish, saves the checkpoint and returns the history; a second one stops at
-  once, returning the history and keeping the last complete checkpoint.
+What the loop guarantees (exact resume, the batch order, evaluation that leaves the random
+state alone, no non-finite checkpoint, Ctrl-C) is listed, with why, in CONTRIBUTING.md,
+"What the training loop and checkpoints guarantee"; ``tests/test_training.py`` holds each to it.
 """
 
 from __future__ import annotations
@@ -122,8 +92,8 @@ def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model
 
 
 def calc_loss_loader(data_loader, model: nn.Module, device: torch.device | str | None = None,
-                     num_batches: int | None = None) -> float:
-    """Average :func:`calc_loss_batch` over the first ``num_batches`` batches of a loader.
+                     num_batches: int | None = None, loss_fn=None) -> float:
+    """Average :func:`calc_loss_batch` (or ``loss_fn``) over the first ``num_batches`` batches of a loader.
 
     Runs under ``torch.no_grad()``; it does **not** change the model's mode, so call
     ``model.eval()`` first for a measurement without dropout (:func:`evaluate` does).
@@ -135,6 +105,8 @@ def calc_loss_loader(data_loader, model: nn.Module, device: torch.device | str |
         device: where to compute. Default the model's device.
         num_batches: how many batches to average; ``None`` means all of them. More than
             the loader holds is not an error: all of them are used.
+        loss_fn: ``loss_fn(inputs, targets, model, device)`` → a scalar tensor. Default
+            :func:`calc_loss_batch` (step 6 passes its classification loss).
 
     Returns:
         the mean loss as a float; ``nan`` for a loader with no batches.
@@ -158,7 +130,7 @@ def calc_loss_loader(data_loader, model: nn.Module, device: torch.device | str |
         for i, (x, y) in enumerate(data_loader):
             if limit is not None and i >= limit:
                 break
-            total += calc_loss_batch(x, y, model, device).item()
+            total += (loss_fn or calc_loss_batch)(x, y, model, device).item()
             count += 1
     return total / count if count else float("nan")
 
@@ -208,17 +180,18 @@ def _rng_untouched(device: torch.device, loaders=()):
             g.set_state(saved[k])
 
 
-def evaluate(model: nn.Module, train_loader, val_loader, device=None, eval_iter: int | None = 5
-             ) -> tuple[float, float]:
+def evaluate(model: nn.Module, train_loader, val_loader, device=None, eval_iter: int | None = 5,
+             loss_fn=None) -> tuple[float, float]:
     """Train and validation loss over ``eval_iter`` batches each, in ``eval()`` mode.
 
     The model is put back in the mode it was in. Returns ``(train_loss, val_loss)``.
+    ``loss_fn`` as in :func:`calc_loss_loader`.
     """
     was_training = model.training
     model.eval()
     try:
-        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
-        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
+        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter, loss_fn=loss_fn)
+        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter, loss_fn=loss_fn)
     finally:
         model.train(was_training)
     return train_loss, val_loss
@@ -254,6 +227,8 @@ class History:
         skipped_steps: steps whose batch gave a ``nan``/``inf`` loss or gradient and so
             did not update the weights (``on_nonfinite="skip"``).
         interrupted: the run was stopped by Ctrl-C.
+        metrics: what ``train(metrics=...)`` measured at each evaluation, by name (e.g. step 6's
+            ``"train_accuracy"``), each a list as long as ``steps``.
     """
 
     steps: list[int] = field(default_factory=list)
@@ -267,6 +242,7 @@ class History:
     seconds: float = 0.0
     skipped_steps: int = 0
     interrupted: bool = False
+    metrics: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -285,12 +261,14 @@ class History:
         vals = [v for v in self.val_losses if not math.isnan(v)]
         return min(vals) if vals else float("nan")
 
-    def _record(self, train_loss: float, val_loss: float, lr: float) -> None:
+    def _record(self, train_loss: float, val_loss: float, lr: float, metrics: dict[str, float] | None = None) -> None:
         self.steps.append(self.step)
         self.tokens_seen.append(self.tokens)
         self.train_losses.append(train_loss)
         self.val_losses.append(val_loss)
         self.lrs.append(lr)
+        for name, value in (metrics or {}).items():
+            self.metrics.setdefault(name, []).append(float(value))
 
 
 # --------------------------------------------------------------------------- #
@@ -330,15 +308,17 @@ def _grad_norm(model: nn.Module) -> torch.Tensor:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               device=None) -> tuple[float, bool]:
+               device=None, loss_fn=None) -> tuple[float, bool]:
     """One optimizer step on the batch ``(x, y)``, unless the loss or a gradient is ``nan``/``inf``.
+
+    ``loss_fn(x, y, model, device)`` gives the loss; default :func:`calc_loss_batch`.
 
     Returns:
         ``(loss, stepped)``: the batch's loss as a float, and whether the optimizer stepped.
         With a non-finite loss or gradient the weights are left as they were.
     """
     optimizer.zero_grad(set_to_none=True)
-    loss = calc_loss_batch(x, y, model, device)
+    loss = (loss_fn or calc_loss_batch)(x, y, model, device)
     value = loss.item()
     if not math.isfinite(value):
         return value, False
@@ -422,6 +402,22 @@ def _check_train_args(model, train_loader, optimizer, num_epochs, max_steps, eva
         raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
 
 
+def _measure(model, metrics) -> dict[str, float]:
+    """``metrics(model)`` in ``eval()`` mode without gradients, the model's mode put back."""
+    if metrics is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            measured = metrics(model)
+    finally:
+        model.train(was_training)
+    if not isinstance(measured, dict):
+        raise TypeError(f"metrics(model) must return a dict of name -> number, got {type(measured).__name__}")
+    return {str(k): float(v) for k, v in measured.items()}
+
+
 def _checkpoint_paths(checkpoint_path, keep_best: bool, resume: bool) -> tuple[Path | None, Path | None]:
     """The run's checkpoint and best-validation checkpoint, checked for writability; an existing
     file without ``resume`` is refused (a learner's checkpoint is never replaced by accident)."""
@@ -471,7 +467,7 @@ def train(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Opt
           sample_tokens: int = 40, checkpoint_path: str | os.PathLike | None = None,
           checkpoint_freq: int | None = None, resume: bool = False, keep_best: bool = True,
           on_nonfinite: str = "raise", seed: int = DEFAULT_SEED, max_seconds: float | None = None,
-          progress: bool = True, verbose: bool = True) -> History:
+          loss_fn=None, metrics=None, progress: bool = True, verbose: bool = True) -> History:
     """Train ``model`` on ``train_loader``, evaluating on ``val_loader`` as it goes.
 
     One step (:func:`train_step`): ``zero_grad`` → :func:`calc_loss_batch` → ``backward`` →
@@ -510,6 +506,11 @@ def train(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Opt
             on resume.
         max_seconds: stop (after the current step) once training has taken this long.
             Default ``None``.
+        loss_fn: ``loss_fn(inputs, targets, model, device)`` → a scalar tensor, for training
+            and evaluation. Default :func:`calc_loss_batch` (next-token cross-entropy).
+        metrics: ``metrics(model)`` → ``{name: float}``, called at each evaluation (in ``eval()``
+            mode, without gradients, leaving the random state alone) and kept in
+            ``History.metrics``. Default ``None``.
         progress: show a ``tqdm`` progress bar, sized to the steps planned, and a line with
             the steps, tokens and seconds at the end. verbose: print evaluations and samples.
 
@@ -537,6 +538,9 @@ def train(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Opt
 
     _check_train_args(model, train_loader, optimizer, num_epochs, max_steps, eval_freq, eval_iter, sample_freq,
                       checkpoint_freq, on_nonfinite, seed)
+    for name, fn in (("loss_fn", loss_fn), ("metrics", metrics)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be a function (or None for the default), got {type(fn).__name__}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     sample_freq, checkpoint_freq = sample_freq or eval_freq, checkpoint_freq or eval_freq
     checkpoint_path, best_path = _checkpoint_paths(checkpoint_path, keep_best, resume)
@@ -560,10 +564,12 @@ def train(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Opt
     def evaluate_and_record() -> None:
         best_before = history.best_val_loss
         with _rng_untouched(device, (train_loader, val_loader)):
-            tr, va = evaluate(model, train_loader, val_loader, device, eval_iter)
-        history._record(tr, va, optimizer.param_groups[0]["lr"])
+            tr, va = evaluate(model, train_loader, val_loader, device, eval_iter, loss_fn)
+            measured = _measure(model, metrics)
+        history._record(tr, va, optimizer.param_groups[0]["lr"], measured)
         bar.set_postfix(train=f"{tr:.3f}", val=f"{va:.3f}")
-        say(f"step {history.step:>6,} | tokens {history.tokens:>10,} | train loss {tr:.3f} | val loss {va:.3f}")
+        say(f"step {history.step:>6,} | tokens {history.tokens:>10,} | train loss {tr:.3f} | val loss {va:.3f}"
+            + "".join(f" | {name} {value:.3f}" for name, value in measured.items()))
         if best_path is not None and math.isfinite(va) and not va >= best_before:
             save(best_path)
 
@@ -578,7 +584,7 @@ def train(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Opt
         with _graceful_interrupt() as interrupt:
             batches = _batches(train_loader, seed, epoch, batch_in_epoch, num_epochs) if history.step < total else ()
             for epoch, i, x, y in batches:
-                loss, stepped = train_step(model, optimizer, x, y, device)
+                loss, stepped = train_step(model, optimizer, x, y, device, loss_fn)
                 if not stepped:
                     what = f"the loss is {loss}" if not math.isfinite(loss) else "a gradient is nan or inf"
                     if on_nonfinite == "raise" or nonfinite_parameters(model):

@@ -21,6 +21,7 @@ MODULES: dict[str, int | None] = {
     "attention": 3,
     "model": 4, "generation": 4,
     "training": 5, "checkpoint": 5, "pretrained": 5, "base_model": 5, "inference": 5,
+    "classification": 6,
     "paths": None, "files": None, "checks": None, "data": None, "plots": None,
     "checker": None, "doctor": None, "cli": None, "notebook_runner": None,
 }

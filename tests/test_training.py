@@ -465,3 +465,38 @@ def test_a_run_with_progress_ends_with_a_plain_text_summary(capsys):
     train(model, train_loader, val_loader, opt, max_steps=3, eval_freq=10, eval_iter=1, progress=True,
           verbose=False)
     assert "training: 3/3 steps, 192 tokens" in capsys.readouterr().out
+
+
+def test_loss_fn_and_metrics_are_used_and_recorded():
+    model, opt = _model_and_opt()
+    train_loader, val_loader = _loaders()
+    calls = []
+
+    def halved(x, y, m, device):
+        calls.append(m.training)
+        return 0.5 * calc_loss_batch(x, y, m, device)
+
+    def metrics(m):
+        assert not m.training and not torch.is_grad_enabled()
+        return {"calls": len(calls)}
+
+    h = train(model, train_loader, val_loader, opt, max_steps=4, eval_freq=2, eval_iter=1, loss_fn=halved,
+              metrics=metrics, progress=False, verbose=False)
+    assert h.metrics["calls"] and len(h.metrics["calls"]) == len(h.steps) == 2
+    assert True in calls and False in calls  # used for training steps and for evaluation
+    model.eval()
+    x, y = next(iter(val_loader))
+    assert h.val_losses[-1] == pytest.approx(0.5 * calc_loss_batch(x, y, model).item(), rel=1e-5)
+    assert History.from_dict(h.to_dict()).metrics == h.metrics
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(loss_fn="ce"), TypeError, "loss_fn must be a function"),
+    (dict(metrics=3), TypeError, "metrics must be a function"),
+    (dict(metrics=lambda m: 0.5), TypeError, "must return a dict"),
+])
+def test_bad_loss_fn_and_metrics(kwargs, error, match):
+    model, opt = _model_and_opt()
+    train_loader, val_loader = _loaders()
+    with pytest.raises(error, match=match):
+        train(model, train_loader, val_loader, opt, max_steps=2, eval_freq=1, progress=False, verbose=False, **kwargs)
