@@ -451,6 +451,12 @@ def test_tfidf_baseline_on_the_split(sms):
     train, val, test = split_dataset(sms)
     result = tfidf_baseline(train, {"val": val, "test": test})
     assert result["test"]["accuracy"] > 0.9 and result["val"]["accuracy"] > 0.9
+    # chosen on validation: no setting of the grid beats the chosen one there
+    from course_lib.classification import TFIDF_GRID
+    for params in TFIDF_GRID:
+        other = tfidf_baseline(train, {"val": val}, grid=[params])
+        assert other["val"]["accuracy"] <= result["val"]["accuracy"]
+    assert result["params"] in [dict(p) for p in TFIDF_GRID]
     predicted = result["model"].predict(list(test["text"]))
     truth = [int(x == "spam") for x in test["label"]]
     assert result["test"]["accuracy"] == pytest.approx(sum(a == b for a, b in zip(predicted, truth)) / len(test))
