@@ -260,7 +260,9 @@ class GPTClassifier(nn.Module):
     over its real positions. Rows are right-padded with ``pad_token_id``.
 
     Build one with :func:`add_classifier_head`. Attributes: ``gpt`` (the model, its
-    ``out_head`` replaced), ``cfg``, ``num_classes``, ``pooling``, ``pad_token_id``, ``labels``.
+    ``out_head`` replaced), ``cfg``, ``num_classes``, ``pooling``, ``pad_token_id``, ``labels``,
+    ``trainable`` (what :func:`add_classifier_head` left trainable) and ``max_length`` (the
+    row length it was trained on, which :func:`classify` reads by default; ``None``: the context).
 
     Raises (forward): ValueError for a row made only of pads.
     """
@@ -282,6 +284,8 @@ class GPTClassifier(nn.Module):
             raise ValueError(f"labels has {len(labels)} names for num_classes={num_classes}")
         self.gpt, self.cfg = gpt, gpt.cfg
         self.num_classes, self.pooling, self.pad_token_id, self.labels = num_classes, pooling, pad_token_id, labels
+        self.trainable: str | None = None
+        self.max_length: int | None = None
         if getattr(gpt.out_head, "out_features", None) != num_classes:
             gpt.out_head = nn.Linear(gpt.cfg.emb_dim, num_classes).to(gpt.tok_emb.weight.device)
         gpt.tie_weights = False
@@ -302,15 +306,38 @@ class GPTClassifier(nn.Module):
         """What :func:`~course_lib.checkpoint.model_from_checkpoint` needs to rebuild this model."""
         return {"class": f"{__name__}.GPTClassifier",
                 "args": {"num_classes": self.num_classes, "pooling": self.pooling,
-                         "pad_token_id": self.pad_token_id, "labels": list(self.labels)}}
+                         "pad_token_id": self.pad_token_id, "labels": list(self.labels),
+                         "trainable": self.trainable, "max_length": self.max_length}}
 
     @classmethod
-    def from_architecture(cls, cfg: GPTConfig, tie_weights: bool = False, **args) -> "GPTClassifier":
-        """An untrained classifier of the stored shape (used by ``model_from_checkpoint``)."""
-        return cls(GPTModel(cfg), **args)
+    def from_architecture(cls, cfg: GPTConfig, tie_weights: bool = False, trainable: str | None = None,
+                          max_length: int | None = None, **args) -> "GPTClassifier":
+        """An untrained classifier of the stored shape, the same weights frozen (used by
+        ``model_from_checkpoint``)."""
+        clf = cls(GPTModel(cfg), **args)
+        if trainable is not None:
+            _set_trainable(clf, trainable)
+        clf.max_length = positive_int("max_length", max_length, allow_none=True)
+        return clf
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, pooling={self.pooling!r}, pad_token_id={self.pad_token_id}"
+
+
+def _set_trainable(clf: GPTClassifier, trainable: str) -> GPTClassifier:
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE} ('head': only the new layer; 'last-block': the last "
+                         f"transformer block, final norm and head; 'all': every weight), got {trainable!r}")
+    gpt = clf.gpt
+    train_now = {"head": [gpt.out_head], "last-block": [gpt.trf_blocks[-1], gpt.final_norm, gpt.out_head],
+                 "all": [gpt]}[trainable]
+    for p in gpt.parameters():
+        p.requires_grad_(False)
+    for module in train_now:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    clf.trainable = trainable
+    return clf
 
 
 def add_classifier_head(model: nn.Module, num_classes: int = 2, *, trainable: str = "last-block",
@@ -340,16 +367,7 @@ def add_classifier_head(model: nn.Module, num_classes: int = 2, *, trainable: st
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {TRAINABLE} ('head': only the new layer; 'last-block': the last "
                          f"transformer block, final norm and head; 'all': every weight), got {trainable!r}")
-    clf = GPTClassifier(model, num_classes, pooling, pad_token_id, labels)
-    gpt = clf.gpt
-    train_now = {"head": [gpt.out_head], "last-block": [gpt.trf_blocks[-1], gpt.final_norm, gpt.out_head],
-                 "all": [gpt]}[trainable]
-    for p in gpt.parameters():
-        p.requires_grad_(False)
-    for module in train_now:
-        for p in module.parameters():
-            p.requires_grad_(True)
-    clf.trainable = trainable
+    clf = _set_trainable(GPTClassifier(model, num_classes, pooling, pad_token_id, labels), trainable)
     if verbose:
         n, total = count_parameters(clf, trainable_only=True), count_parameters(clf)
         print(f"classifier: {num_classes} classes, pooling '{pooling}', trainable '{trainable}': "
@@ -466,8 +484,8 @@ def classify(texts: str | Sequence[str], model: GPTClassifier, tokenizer, *, lab
              max_length: int | None = None, batch_size: int = 32) -> Prediction | list[Prediction]:
     """The label and its probability for one text, or for each of a list of texts.
 
-    Texts are encoded, cut to ``max_length`` tokens (default the model's context length;
-    the beginning is kept) and classified ``batch_size`` at a time, each batch padded to its
+    Texts are encoded, cut to ``max_length`` tokens (default the length the model was
+    trained on, ``model.max_length``, else its context length; the beginning is kept) and classified ``batch_size`` at a time, each batch padded to its
     longest row. The model is used in ``eval()`` mode and put back in the mode it was in.
 
     Args:
@@ -492,7 +510,8 @@ def classify(texts: str | Sequence[str], model: GPTClassifier, tokenizer, *, lab
     if len(labels) != num_classes:
         raise ValueError(f"labels has {len(labels)} names but the model has {num_classes} classes")
     context = model.cfg.context_length
-    max_length = positive_int("max_length", max_length, allow_none=True) or context
+    max_length = positive_int("max_length", max_length, allow_none=True) or getattr(model, "max_length", None) \
+        or context
     if max_length > context:
         raise ValueError(f"max_length {max_length} is longer than the model's context ({context} tokens)")
     batch_size = positive_int("batch_size", batch_size)
@@ -727,6 +746,7 @@ def finetune_classifier(profile: str | None = None, *, trainable: str | None = N
     test_loader = DataLoader(test_set, batch_size=recipe.batch_size, collate_fn=collate)
     model = add_classifier_head(gpt.to(device), trainable=recipe.trainable, pooling=recipe.pooling,
                                 verbose=verbose)
+    model.max_length = train_set.max_length
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
                                   weight_decay=recipe.weight_decay)
     started = time.perf_counter()

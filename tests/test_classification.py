@@ -376,6 +376,8 @@ def test_classifier_checkpoint_reloads_with_identical_predictions(tok, tmp_path)
     save_checkpoint(tmp_path / "clf.pt", clf)
     back = model_from_checkpoint(tmp_path / "clf.pt")
     assert isinstance(back, GPTClassifier) and back.pooling == "mean" and back.labels == ("ham", "spam")
+    assert back.trainable == "head"
+    assert {n for n, p in back.named_parameters() if p.requires_grad} == {"gpt.out_head.weight", "gpt.out_head.bias"}
     texts = ["WIN a FREE prize now", "see you at home", "ok"]
     assert classify(texts, back, tok) == classify(texts, clf, tok)
     ids = torch.tensor([[1, 2, 3, PAD_TOKEN_ID]])
@@ -408,6 +410,20 @@ def test_classify_agrees_with_a_manual_forward_pass(tok):
         assert pred.label == ("ham", "spam")[k] and pred.probability == pytest.approx(float(probs[k]), abs=1e-6)
     one = classify(texts[0], clf, tok)
     assert one.label == got[0].label and one.probability == pytest.approx(got[0].probability, abs=1e-6)
+
+
+def test_classify_reads_what_the_model_was_trained_on(tok, tmp_path):
+    clf = add_classifier_head(_gpt(), verbose=False).eval()
+    clf.max_length = 5
+    long = "you have won a free holiday, call now to claim it"
+    with torch.no_grad():
+        expected = torch.softmax(clf(torch.tensor([tok.encode(long)[:5]]))[0], -1).max().item()
+        whole = torch.softmax(clf(torch.tensor([tok.encode(long)]))[0], -1).max().item()
+    assert expected != pytest.approx(whole, abs=1e-6)
+    assert classify(long, clf, tok).probability == pytest.approx(expected, abs=1e-6)
+    save_checkpoint(tmp_path / "c.pt", clf)
+    back = model_from_checkpoint(tmp_path / "c.pt")
+    assert back.max_length == 5 and classify(long, back, tok).probability == pytest.approx(expected, abs=1e-6)
 
 
 def test_classify_truncates_long_texts_to_the_context(tok):
