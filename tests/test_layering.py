@@ -22,6 +22,7 @@ MODULES: dict[str, int | None] = {
     "model": 4, "generation": 4,
     "training": 5, "checkpoint": 5, "pretrained": 5, "base_model": 5, "inference": 5,
     "classification": 6,
+    "instruction": 7, "evaluation": 7, "preference": 7,
     "paths": None, "files": None, "checks": None, "data": None, "plots": None,
     "checker": None, "doctor": None, "cli": None, "notebook_runner": None,
 }
