@@ -14,6 +14,15 @@
                                        fine-tune the profile's base model into a spam classifier (step 6):
                                        DIR/model.pt and DIR/metrics.json (default DIR runs/classify-<profile>)
     course classify DIR TEXT... | -    label and probability of each text (- reads texts from stdin, one a line)
+    course finetune instruct [--profile P] [--style alpaca|phi3] [--mask-prompt] [--epochs N] [--out DIR]
+                             [--device D] [--force] [-q]
+                                       instruction-tune the profile's base model (step 7): DIR/model.pt,
+                                       DIR/responses.json and DIR/metrics.json (default DIR runs/instruct-<profile>)
+    course generate DIR "INSTRUCTION" [--input TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]
+                                       the tuned model's response, in the template it was tuned with
+    course evaluate DIR [--judge-url URL --judge-model NAME [--judge-key KEY]]
+                                       exact match and ROUGE-L of DIR/responses.json; with a judge (any
+                                       OpenAI-compatible server), its mean 0-100 score, added to DIR/metrics.json
 
 Step code is imported inside the command that needs it, so ``course --help`` is instant.
 Bad input is one ``error: ...`` line on stderr and exit status 2. Output into a closed pipe
@@ -171,11 +180,29 @@ def _error(message: str, status: int = 2) -> int:
     return status
 
 
-def _default_classifier_dir(profile: str) -> Path:
-    """``runs/classify-<profile>`` in the course folder (ignored by git), else in the working folder."""
+def _default_run_dir(kind: str, profile: str) -> Path:
+    """``runs/<kind>-<profile>`` in the course folder (ignored by git), else in the working folder."""
     from .paths import find_course_root
 
-    return (find_course_root() or Path.cwd()) / "runs" / f"classify-{profile}"
+    return (find_course_root() or Path.cwd()) / "runs" / f"{kind}-{profile}"
+
+
+def _out_problem(out: Path, targets: tuple[Path, ...], force: bool) -> str | None:
+    """Why a fine-tuning run must not start with ``--out out`` (checked before a run of minutes), or ``None``."""
+    from .paths import writable_problem
+
+    problem = writable_problem(out)
+    if problem is not None:
+        return f"the output folder {out} (--out) {problem}: give a folder you can write"
+    folder = next((p for p in targets if p.is_dir()), None)
+    if folder is not None:
+        return f"--out {out} holds a folder named {folder.name}, where the file goes; give another --out"
+    earlier = [p.name for p in targets if p.exists()]
+    if earlier and not force:
+        names = " and ".join(earlier) if len(earlier) <= 2 else ", ".join(earlier[:-1]) + " and " + earlier[-1]
+        return (f"--out {out} already holds {names} from an earlier run; pass --force to replace "
+                f"{'it' if len(earlier) == 1 else 'them'}, or give another --out")
+    return None
 
 
 def _json_safe(value):
@@ -195,7 +222,6 @@ def _percent(x) -> str:
 
 def _cmd_finetune_classify(args) -> int:
     from .config import get_device, get_profile
-    from .paths import writable_problem
 
     # Everything that can be refused is refused before a run of minutes, not after it.
     try:
@@ -205,18 +231,11 @@ def _cmd_finetune_classify(args) -> int:
         return _error(err)
     if args.epochs is not None and args.epochs < 1:
         return _error(f"--epochs must be a positive number of epochs, got {args.epochs}")
-    out = Path(args.out).expanduser() if args.out else _default_classifier_dir(profile)
-    problem = writable_problem(out)
-    if problem is not None:
-        return _error(f"the output folder {out} (--out) {problem}: give a folder you can write")
+    out = Path(args.out).expanduser() if args.out else _default_run_dir("classify", profile)
     model_path, metrics_path = out / "model.pt", out / "metrics.json"
-    folder = next((p for p in (model_path, metrics_path) if p.is_dir()), None)
-    if folder is not None:
-        return _error(f"--out {out} holds a folder named {folder.name}, where the file goes; give another --out")
-    earlier = [p.name for p in (model_path, metrics_path) if p.exists()]
-    if earlier and not args.force:
-        return _error(f"--out {out} already holds {' and '.join(earlier)} from an earlier run; pass --force to "
-                      "replace them, or give another --out")
+    refused = _out_problem(out, (model_path, metrics_path), args.force)
+    if refused is not None:
+        return _error(refused)
 
     from .checkpoint import NonFiniteError, save_checkpoint
     from .classification import finetune_classifier
@@ -283,9 +302,374 @@ def _cmd_finetune_classify(args) -> int:
     return 0
 
 
+#: The templates of ``course finetune instruct --style`` (``course_lib.instruction.STYLES``; a test keeps them equal).
+_STYLES = ("alpaca", "phi3")
+#: An example for the "try it" lines and ``--help``.
+_JUDGE_EXAMPLE = "--judge-url http://localhost:11434/v1 --judge-model llama3.1:8b"
+
+
+def _fraction(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _loss(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _write_files(out: Path, writes: list[tuple[Path, object]]) -> str | None:
+    """Write ``(path, write)`` pairs in order (each ``write()`` is atomic for its own file); ``None`` when all went.
+
+    When one fails (or Ctrl-C comes), the files of this run that were new are removed again, so a
+    folder without an earlier run is left as it was; the message then says what happened to a file
+    ``--force`` had already replaced.
+    """
+    was_there = {path: path.exists() for path, _ in writes}
+    done: list[Path] = []
+    try:
+        for path, write in writes:
+            write()
+            done.append(path)
+    except BaseException as err:
+        for path in done:
+            if not was_there[path]:
+                path.unlink(missing_ok=True)
+        replaced = [p.name for p in done if was_there[p]]
+        kept = ("nothing was written to " + str(out) if not replaced else
+                f"{' and '.join(replaced)} {'was' if len(replaced) == 1 else 'were'} already replaced; the other "
+                "files are the earlier run's: run the command again with --force")
+        if isinstance(err, KeyboardInterrupt):
+            return f"interrupted while writing: {kept}"
+        if isinstance(err, Exception):
+            return f"{err} ({kept})"
+        raise
+    return None
+
+
 def _cmd_finetune_instruct(args) -> int:
-    return _error("`course finetune instruct` is not built yet: instruction fine-tuning comes with step 7 "
-                  "(notebooks/07_instruction_tuning). Step 6's `course finetune classify` is ready")
+    from .config import get_device, get_profile
+
+    # Everything that can be refused is refused before a run of minutes, not after it.
+    try:
+        profile = get_profile(args.profile).name
+        device = get_device(args.device)
+    except ValueError as err:
+        return _error(err)
+    if args.epochs is not None and args.epochs < 1:
+        return _error(f"--epochs must be a positive number of epochs, got {args.epochs}")
+    out = Path(args.out).expanduser() if args.out else _default_run_dir("instruct", profile)
+    model_path, responses_path, metrics_path = out / "model.pt", out / "responses.json", out / "metrics.json"
+    refused = _out_problem(out, (model_path, responses_path, metrics_path), args.force)
+    if refused is not None:
+        return _error(refused)
+
+    from .checkpoint import NonFiniteError, save_checkpoint
+    from .data import DataFetchError
+    from .files import atomic_write
+    from .instruction import finetune_instructions
+
+    print(f"instruction-tuning the {profile} profile's base model on {device} "
+          f"(writes {model_path}, {responses_path.name} and {metrics_path.name})", flush=True)
+    try:
+        result = finetune_instructions(profile, style=args.style, mask_prompt=True if args.mask_prompt else None,
+                                       num_epochs=args.epochs, device=device, progress=not args.quiet,
+                                       verbose=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: nothing was written to {out}", file=sys.stderr)
+        return 130
+    except DataFetchError as err:
+        return _error(f"{err.summary} (`course data fetch -v NAME` says how to stage a file by hand); "
+                      "nothing was written", 1)
+    except NonFiniteError as err:
+        return _error(f"{err} Nothing was written to {out}", 1)
+    history = result.history
+    if history.interrupted:
+        print(f"stopped by Ctrl-C after {history.step:,} steps: the model is only partly tuned, so nothing was "
+              f"written to {out}; run the command again to tune it fully", file=sys.stderr)
+        return 130
+
+    recipe = dict(result.metrics.get("recipe") or {})
+    style = recipe.get("style") or args.style or "alpaca"
+    # `course generate` and `course evaluate` must read the model with the template it learned:
+    # the style is in metrics.json and in the checkpoint (which `course generate FILE` reads alone).
+    metrics = _json_safe({**result.metrics, "style": style})
+    metrics_text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"
+    responses_text = json.dumps(_json_safe(list(result.responses)), indent=2, ensure_ascii=False,
+                                allow_nan=False) + "\n"
+    extra = {"kind": "instruct", "style": style, "mask_prompt": bool(recipe.get("mask_prompt", False)),
+             "max_new_tokens": recipe.get("max_new_tokens"), "metrics": metrics,
+             "history": _json_safe(history.to_dict())}
+
+    def text_writer(path: Path, text: str):
+        return lambda: atomic_write(path, lambda fh: fh.write(text.encode("utf-8")), overwrite=args.force)
+
+    # model.pt first (the large file: a full disk shows there, before anything else is written), metrics.json
+    # last: `course evaluate` reads responses.json and metrics.json together.
+    failed = _write_files(out, [
+        (model_path, lambda: save_checkpoint(model_path, result.model, step=history.step, overwrite=args.force,
+                                             include_rng=False, extra=extra)),
+        (responses_path, text_writer(responses_path, responses_text)),
+        (metrics_path, text_writer(metrics_path, metrics_text)),
+    ])
+    if failed is not None:
+        if failed.startswith("interrupted"):
+            print(failed, file=sys.stderr)
+            return 130
+        if "already exists" in failed:  # written by someone else while this run trained
+            failed += "; it appeared during the run: pass --force to replace it, or give another --out"
+        return _error(failed, 1)
+
+    m = metrics
+    examples = m.get("examples") or {}
+    reduction = m.get("loss_reduction")
+    print(f"\ninstruction-tuned {m.get('base_model', 'the base model')}")
+    rows = [
+        ("template", f"{style}, prompt " + ("masked (only the response is learned)" if extra["mask_prompt"]
+                                            else "learned too")),
+        ("epochs", f"{recipe.get('num_epochs', '?')} ({history.step:,} steps, {m['seconds']:.1f} s on {m['device']})"),
+        ("resp. loss", f"{_loss(m.get('base_response_loss'))} -> {_loss(m.get('response_loss'))}"
+                       + ("" if reduction is None else f" ({100 * reduction:.1f}% lower)")
+                       + f" on the {examples.get('test', '?')} test examples, prompt ignored"),
+        ("exact match", f"{_percent(m.get('base_exact_match'))} -> {_percent(m.get('exact_match'))} "
+                        f"(base -> tuned, {m.get('responses', len(result.responses))} responses)"),
+        ("ROUGE-L", f"{_fraction(m.get('base_rouge_l'))} -> {_fraction(m.get('rouge_l'))}"),
+        ("stopped", f"{_percent(m.get('stopped_at_end_of_text'))} of the responses ended with end-of-text "
+                    f"(base {_percent(m.get('base_stopped_at_end_of_text'))}); "
+                    f"{_percent(m.get('with_template_markers'))} hold a template header"),
+        ("model", str(model_path)),
+        ("responses", str(responses_path)),
+        ("metrics", str(metrics_path)),
+    ]
+    for name, value in rows:
+        print(f"  {name:<11} {value}")
+    print(f'\ntry it: course generate {out} "Name the capital of France."'
+          f"\n        course evaluate {out} {_JUDGE_EXAMPLE}   (a judge of your own)")
+    return 0
+
+
+def _check_sampling_options(args) -> str | None:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        return f"--max-new-tokens must be a positive number of tokens, got {args.max_new_tokens}"
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        return f"--temperature must be 0 (greedy) or a positive number, got {args.temperature:g}"
+    if args.top_k is not None and args.top_k < 1:
+        return f"--top-k must be a positive number of tokens, got {args.top_k}"
+    return None
+
+
+def _cmd_generate(args) -> int:
+    from .config import get_device
+
+    instruction = args.instruction
+    if not instruction.strip():
+        return _error('the instruction is empty; give one in quotes, e.g. course generate DIR "Name three fruits."')
+    problem = _check_sampling_options(args)
+    if problem is not None:
+        return _error(problem)
+    target = Path(args.dir).expanduser()
+    if not target.exists():
+        return _error(f"{target} does not exist; give the --out folder of `course finetune instruct` "
+                      "(default runs/instruct-<profile>)")
+    model_path = target if target.is_file() else target / "model.pt"
+    if not model_path.is_file():
+        return _error(f"no model.pt in {target}; instruction-tune one with `course finetune instruct --out {target}`")
+    try:
+        device = get_device(args.device)
+    except ValueError as err:
+        return _error(err)
+
+    import torch
+
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .data import DataFetchError
+    from .instruction import generate_responses
+    from .model import GPTModel
+    from .tokenizers import tiktoken_gpt2
+
+    try:
+        model = model_from_checkpoint(model_path, device=device)
+    except (ValueError, OSError) as err:  # CheckpointError is a ValueError
+        return _error(err)
+    if not isinstance(model, GPTModel):
+        hint = ("use `course classify` for it" if type(model).__name__ == "GPTClassifier"
+                else "give the folder of `course finetune instruct`")
+        return _error(f"{model_path} holds a {type(model).__name__}, not a language model that answers "
+                      f"instructions; {hint}")
+    try:
+        extra = load_checkpoint(model_path).get("extra") or {}
+    except (ValueError, OSError) as err:
+        return _error(err)
+    style = args.style or extra.get("style") or "alpaca"
+    context = model.cfg.context_length
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:  # the length the recipe generated its test responses with
+        stored = extra.get("max_new_tokens")
+        max_new_tokens = stored if isinstance(stored, int) and 0 < stored < context else min(256, context // 2)
+    if max_new_tokens >= context:
+        return _error(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in the model's context "
+                      f"({context} tokens); give at most {context - 1}")
+    if not (args.style or extra.get("style")):
+        print(f"note: {model_path} records no prompt template (it was not written by `course finetune instruct`); "
+              "using alpaca (--style chooses)", file=sys.stderr)
+    entry = {"instruction": instruction, "input": args.input or ""}
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    stats: dict = {}
+    try:
+        tokenizer = tiktoken_gpt2()
+        response = generate_responses(model, tokenizer, [entry], style=style, max_new_tokens=max_new_tokens,
+                                      temperature=args.temperature, top_k=args.top_k, progress=False,
+                                      stats=stats)[0]
+    except DataFetchError as err:
+        return _error(err.summary, 1)
+    except (ValueError, TypeError) as err:
+        return _error(err)
+    print(response)
+    if not stats.get("stopped"):
+        print(f"note: the response was cut at --max-new-tokens {max_new_tokens} before the model ended it",
+              file=sys.stderr)
+    elif not response:
+        print("note: the model answered with nothing (end-of-text, or only spaces, came first)", file=sys.stderr)
+    return 0
+
+
+def _read_run_json(path: Path, what: str) -> object | str:
+    """The JSON in ``path``, or an error message naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        return f"{path} is not readable {what} ({reason}); run `course finetune instruct --force` again"
+
+
+def _check_responses(data, path: Path) -> str | None:
+    if not isinstance(data, list) or not data:
+        return (f"{path} must hold a non-empty list of responses (as `course finetune instruct` writes it), "
+                f"got {type(data).__name__ if not isinstance(data, list) else 'an empty list'}")
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            return (f"{path}: response {i} is a {type(entry).__name__}, not an object with instruction, output "
+                    "and model_response")
+        for key in ("instruction", "output", "model_response"):
+            if not isinstance(entry.get(key), str):
+                return f"{path}: response {i} has no {key!r} string; rewrite it with `course finetune instruct --force`"
+    return None
+
+
+def _cmd_evaluate(args) -> int:
+    given = [name for name, value in (("--judge-url", args.judge_url), ("--judge-model", args.judge_model),
+                                      ("--judge-key", args.judge_key)) if value is not None]
+    if given and (args.judge_url is None or args.judge_model is None):
+        missing = "--judge-model" if args.judge_url is not None else "--judge-url"
+        return _error(f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} {missing} as well: a judge "
+                      "is a server address and a model "
+                      f"name on it, e.g. {_JUDGE_EXAMPLE}")
+    if args.judge_url is not None:
+        url = args.judge_url.strip()
+        if not url.startswith(("http://", "https://")):
+            return _error(f"--judge-url must start with http:// or https://, got {args.judge_url!r} "
+                          "(e.g. http://localhost:11434/v1 for Ollama)")
+        if not args.judge_model.strip():
+            return _error("--judge-model is empty; give the judge model's name on that server (e.g. llama3.1:8b)")
+    target = Path(args.dir).expanduser()
+    if not target.exists():
+        return _error(f"{target} does not exist; give the --out folder of `course finetune instruct` "
+                      "(default runs/instruct-<profile>)")
+    folder = target.parent if target.is_file() else target
+    responses_path, metrics_path = folder / "responses.json", folder / "metrics.json"
+    for path in (responses_path, metrics_path):
+        if not path.is_file():
+            return _error(f"no {path.name} in {folder}; `course evaluate` reads the folder that "
+                          "`course finetune instruct --out DIR` writes")
+    try:
+        responses_bytes = responses_path.read_bytes()
+    except OSError as err:
+        return _error(f"cannot read {responses_path}: {err.strerror or err}")
+    responses = _read_run_json(responses_path, "JSON")
+    if isinstance(responses, str):
+        return _error(responses)
+    problem = _check_responses(responses, responses_path)
+    if problem is not None:
+        return _error(problem)
+    metrics = _read_run_json(metrics_path, "JSON")
+    if isinstance(metrics, str):
+        return _error(metrics)
+    if not isinstance(metrics, dict):
+        return _error(f"{metrics_path} must hold a JSON object of metrics, got {type(metrics).__name__}")
+
+    from .evaluation import mean_scores
+
+    references = [e["output"] for e in responses]
+    scores = mean_scores([e["model_response"] for e in responses], references)
+    bases = [e.get("base_response") for e in responses]
+    base = mean_scores(bases, references) if all(isinstance(b, str) for b in bases) else None
+    template = f", template {metrics['style']}" if "style" in metrics else ""
+    print(f"{folder}: {len(responses)} test responses{template}")
+    rows = [("exact match", _percent(scores["exact_match"])
+             + (f" (base {_percent(base['exact_match'])})" if base else "")),
+            ("ROUGE-L", _fraction(scores["rouge_l"]) + (f" (base {_fraction(base['rouge_l'])})" if base else ""))]
+    if isinstance(metrics.get("response_loss"), (int, float)):
+        rows.append(("resp. loss", f"{_loss(metrics['response_loss'])} (from metrics.json; base "
+                                   f"{_loss(metrics.get('base_response_loss'))})"))
+    for name, value in rows:
+        print(f"  {name:<11} {value}")
+    for key in ("exact_match", "rouge_l"):
+        stored = metrics.get(key)
+        if isinstance(stored, (int, float)) and abs(stored - scores[key]) > 1e-9:
+            print(f"note: metrics.json says {key} {stored:.4f}; the responses in {responses_path.name} give "
+                  f"{scores[key]:.4f} (edited since?)", file=sys.stderr)
+    if args.judge_url is None:
+        if isinstance(metrics.get("judge_score"), (int, float)):
+            print(f"  {'judge':<11} {metrics['judge_score']:.1f} / 100 by {metrics.get('judge_model')} "
+                  f"({metrics.get('judge_scored')} scored; from metrics.json)")
+        return 0
+
+    from .evaluation import judge
+    from .files import atomic_write
+
+    key = args.judge_key if args.judge_key is not None else (os.environ.get("COURSE_JUDGE_KEY") or None)
+    print(f"asking {args.judge_model} at {url} to score each response (0-100)...", flush=True)
+    try:
+        result = judge(responses, [e["model_response"] for e in responses], base_url=url,
+                       model=args.judge_model.strip(), api_key=key, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {metrics_path} is unchanged", file=sys.stderr)
+        return 130
+    except ConnectionError as err:
+        return _error(f"{err} ({metrics_path.name} is unchanged)", 1)
+    except (ValueError, TypeError) as err:
+        return _error(f"{err} ({metrics_path.name} is unchanged)", 1)
+    if result.count == 0:
+        why = next((e for e in result.errors if e), None)
+        example = next((r for r in result.replies if r is not None), "")
+        detail = (f"{result.failed} requests failed, e.g. {why}" if why else
+                  f"no reply held a score from 0 to 100, e.g. {example!r}")
+        return _error(f"the judge scored none of the {len(responses)} responses ({detail}); "
+                      f"{metrics_path.name} is unchanged", 1)
+    judged = {"judge_score": result.mean, "judge_scored": result.count, "judge_responses": len(responses),
+              "judge_model": args.judge_model.strip(), "judge_url": url}
+    # Re-read right before writing: keep whatever metrics.json holds now, and refuse to attach the score
+    # to responses that changed while the judge was reading them (a run written again with --force).
+    try:
+        changed = responses_path.read_bytes() != responses_bytes
+    except OSError:
+        changed = True
+    if changed:
+        return _error(f"{responses_path} changed while the judge was scoring it; run `course evaluate` again "
+                      f"({metrics_path.name} is unchanged)", 1)
+    current = _read_run_json(metrics_path, "JSON")
+    if not isinstance(current, dict):
+        return _error(f"{metrics_path} changed while the judge was scoring and is no longer a JSON object; "
+                      "it was not updated", 1)
+    text = json.dumps(_json_safe({**current, **judged}), indent=2, allow_nan=False) + "\n"
+    try:
+        atomic_write(metrics_path, lambda fh: fh.write(text.encode("utf-8")), overwrite=True)
+    except OSError as err:
+        return _error(f"{err} ({metrics_path.name} is unchanged)", 1)
+    unscored = len(responses) - result.count
+    missed = f"; {result.failed} requests failed, {result.unparsed} replies without a score" if unscored else ""
+    print(f"  {'judge':<11} {result.mean:.1f} / 100 by {judged['judge_model']} ({result.count} of {len(responses)} "
+          f"scored{missed}) -> {metrics_path}")
+    return 0
 
 
 def _read_texts(args) -> list[str] | str:
@@ -401,7 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("finetune", help="fine-tune the profile's base model (classify: step 6)")
+    p = sub.add_parser("finetune", help="fine-tune the profile's base model (classify: step 6, instruct: step 7)")
     fsub = p.add_subparsers(dest="finetune_command", required=True)
     q = fsub.add_parser("classify", help="into a spam classifier: writes DIR/model.pt and DIR/metrics.json",
                         description="Fine-tune the profile's base model on the SMS Spam Collection (deduplicated, "
@@ -422,7 +806,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the model.pt and metrics.json of an earlier run in DIR (default: refuse)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar or evaluations; only the summary")
     q.set_defaults(func=_cmd_finetune_classify)
-    q = fsub.add_parser("instruct", help="instruction fine-tuning (step 7; not built yet)")
+    q = fsub.add_parser("instruct", help="into an assistant: writes DIR/model.pt, responses.json and metrics.json",
+                        description="Instruction-tune the profile's base model (the book's 1,100 instructions, "
+                                    "split 85/10/5 into train/test/validation), answer the test split before and "
+                                    "after, and write DIR/model.pt (ask it with `course generate DIR "
+                                    "\"instruction\"`), DIR/responses.json (each test entry with model_response "
+                                    "and base_response) and DIR/metrics.json (response loss, exact match, "
+                                    "ROUGE-L, seconds; `course evaluate DIR` adds a judge's score). Nothing is "
+                                    "written if the run fails or is stopped.")
+    q.add_argument("--profile", help="tiny, cpu or gpu (default $COURSE_PROFILE, else cpu): the base model and recipe")
+    q.add_argument("--style", choices=_STYLES,
+                   help="the prompt template: alpaca ('### Instruction:' / '### Response:') or phi3 "
+                        "('<|user|>' / '<|assistant|>') (default: the recipe's, alpaca)")
+    q.add_argument("--mask-prompt", action="store_true",
+                   help="learn only the response: the prompt's tokens get no loss (default: the recipe's, "
+                        "which learns both)")
+    q.add_argument("--epochs", type=int, help="epochs over the training split (default: the recipe's)")
+    q.add_argument("--out", metavar="DIR", help="folder for model.pt, responses.json and metrics.json "
+                                                "(default runs/instruct-<profile>/ in the course folder)")
+    q.add_argument("--device", help="cuda, mps or cpu (default $COURSE_DEVICE, else the best available)")
+    q.add_argument("--force", action="store_true",
+                   help="replace the model.pt, responses.json and metrics.json of an earlier run in DIR "
+                        "(default: refuse)")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bars or evaluations; only the summary")
     q.set_defaults(func=_cmd_finetune_instruct)
 
     p = sub.add_parser("classify", help="label and probability of each text, with a fine-tuned classifier")
@@ -430,6 +836,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="*", metavar="TEXT", help="messages to classify; - reads them from stdin, one a line")
     p.add_argument("--device", help="cuda, mps or cpu (default $COURSE_DEVICE, else the best available)")
     p.set_defaults(func=_cmd_classify)
+
+    p = sub.add_parser("generate", help="the response of an instruction-tuned model to an instruction",
+                       description="Print the response of the model in DIR (written by `course finetune "
+                                   "instruct`) to an instruction, in the prompt template it was tuned with. "
+                                   "Greedy unless --temperature is above 0.")
+    p.add_argument("dir", metavar="DIR", help="the --out folder of `course finetune instruct` (or its model.pt)")
+    p.add_argument("instruction", metavar="INSTRUCTION", help='the instruction, in quotes: "Name three fruits."')
+    p.add_argument("--input", metavar="TEXT", help="the input the instruction works on, if it needs one")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="the most tokens to generate (default: as many as the test responses got)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0 (default) picks the likeliest token each time; above 0 samples, more freely as T grows")
+    p.add_argument("--top-k", type=int, metavar="K",
+                   help="with --temperature: sample only among the K likeliest tokens")
+    p.add_argument("--seed", type=int, metavar="S", help="with --temperature: the same S gives the same response")
+    p.add_argument("--style", choices=_STYLES,
+                   help="the prompt template (default: the one the model was tuned with; set this only for a "
+                        "checkpoint that records none)")
+    p.add_argument("--device", help="cuda, mps or cpu (default $COURSE_DEVICE, else the best available)")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("evaluate", help="score an instruction-tuned model's test responses (and ask a judge)",
+                       description="Recompute exact match and ROUGE-L from DIR/responses.json. With --judge-url "
+                                   "and --judge-model, an LLM behind any OpenAI-compatible server (Ollama, "
+                                   "llama.cpp's llama-server, vLLM) scores each response from 0 to 100, and "
+                                   "the mean is added to DIR/metrics.json as judge_score (the rest of the file "
+                                   "is kept; nothing changes if the judge cannot be reached).")
+    p.add_argument("dir", metavar="DIR", help="the --out folder of `course finetune instruct`")
+    p.add_argument("--judge-url", metavar="URL",
+                   help="the judge server's OpenAI-compatible root, e.g. http://localhost:11434/v1 (Ollama) or "
+                        "http://localhost:8080/v1 (llama-server)")
+    p.add_argument("--judge-model", metavar="NAME", help="the judge model's name on that server, e.g. llama3.1:8b")
+    p.add_argument("--judge-key", metavar="KEY",
+                   help="API key for a hosted judge (default $COURSE_JUDGE_KEY; a local server needs none)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar while the judge scores")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("lab", help="open the course in JupyterLab (other options go to `jupyter lab`, "
                                    "e.g. course lab --no-browser --port 8899)")
@@ -442,8 +884,6 @@ def _dispatch(argv: list[str] | None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.func is _cmd_lab:
         return _cmd_lab(args, extra)
-    if args.func is _cmd_finetune_instruct:  # whatever options come with it: it says it is not built yet
-        return _cmd_finetune_instruct(args)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)

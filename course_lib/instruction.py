@@ -490,6 +490,9 @@ def finetune_instructions(profile: str | None = None, *, style: str | None = Non
                     eval_freq=recipe.eval_freq, eval_iter=recipe.eval_iter, seed=recipe.seed,
                     checkpoint_path=checkpoint_path, resume=resume, progress=progress, verbose=verbose)
     seconds = time.perf_counter() - started
+    if history.interrupted:  # Ctrl-C: hand back what was trained, without the minutes of evaluation
+        return InstructResult(model, history, [], {"interrupted": True, "seconds": seconds, "profile": prof.name},
+                              (train_set, test_set, val_set))
     after = response_loss(model, test_set, tokenizer, **loss_kwargs)
     stats: dict[str, int] = {}
     texts = generate_responses(model, tokenizer, eval_set, style=recipe.style, max_new_tokens=recipe.max_new_tokens,

@@ -221,11 +221,6 @@ def test_metrics_that_cannot_be_written_take_the_new_model_with_them(tmp_path, m
     assert list(out.iterdir()) == []
 
 
-def test_finetune_instruct_says_it_is_not_built_yet():
-    r = course("finetune", "instruct", "--profile", "cpu")
-    assert r.returncode == 2 and "not built yet" in one_error_line(r.stderr) and "step 7" in r.stderr
-
-
 def test_cli_choices_are_the_librarys():
     assert cli._TRAINABLE == classification.TRAINABLE and cli._POOLING == classification.POOLING
 
