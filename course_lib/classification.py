@@ -125,8 +125,8 @@ def split_dataset(df, *, fractions: Sequence[float] = (0.7, 0.1, 0.2), balance: 
                   seed: int = 123):
     """Split ``df`` into train, validation and test DataFrames (index reset), reproducibly.
 
-    1. ``dedupe``: keep the first row of each text. The SMS collection repeats 403 texts
-       (94 of them spam): without this, copies of a test message can sit in the training
+    1. ``dedupe``: keep the first row of each text. 403 rows of the SMS collection are copies
+       of an earlier message (94 of them spam; 281 distinct texts repeat): without this, copies of a test message can sit in the training
        set, and the test accuracy measures memory rather than generalisation.
     2. ``balance``: undersample every class to the size of the smallest (653 each after
        deduplication), drawing with ``seed``.
@@ -667,7 +667,7 @@ class ClassifierRecipe:
 #: One recipe per profile. ``gpu`` is the book's chapter 6 (GPT-2 small, the last block, five
 #: epochs at 5e-5); ``cpu`` and ``tiny`` fine-tune the course's own small base models.
 CLASSIFIER_RECIPES: dict[str, ClassifierRecipe] = {
-    "tiny": ClassifierRecipe("last-block", "last", num_epochs=1, batch_size=8, lr=1e-3, max_length=64,
+    "tiny": ClassifierRecipe("last-block", "last", num_epochs=3, batch_size=8, lr=1e-3, max_length=64,
                              max_train_rows=160, eval_freq=10, eval_iter=2),
     "cpu": ClassifierRecipe("all", "last", num_epochs=3, batch_size=8, lr=3e-4),
     "gpu": ClassifierRecipe("last-block", "last", num_epochs=5, batch_size=8, lr=5e-5),
