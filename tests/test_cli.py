@@ -124,6 +124,30 @@ def test_help_and_list(args):
     assert r.returncode == 0
 
 
+@pytest.mark.parametrize("args", [["--help"], ["data", "list"], ["check", "--help"]])
+def test_commands_that_need_no_model_do_not_import_torch(args):
+    """The CLI's docstring promises an instant ``course --help``: importing the package (which
+    ``python -m course_lib.cli`` does first) must not import torch (about 1.5 s)."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['course', *{args!r}]\n"
+            "try:\n    runpy.run_module('course_lib.cli', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "sys.stdout.flush()\n"
+            "print('TORCH-IMPORTED' if 'torch' in sys.modules else 'NO-TORCH')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip().endswith("NO-TORCH"), (r.stdout[-300:], r.stderr[-2000:])
+
+
+def test_the_package_exports_stay_importable():
+    import course_lib
+    from course_lib import GPTConfig, fetch, setup
+    from course_lib.config import setup as config_setup
+    assert setup is config_setup and callable(fetch) and GPTConfig.__name__ == "GPTConfig"
+    assert set(course_lib.__all__) <= set(dir(course_lib))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        course_lib.no_such_name
+
+
 def test_output_into_a_closed_pipe_ends_quietly():
     """`course data list -l | head`: the reader leaves early; no BrokenPipeError traceback."""
     read_end, write_end = os.pipe()
