@@ -277,7 +277,8 @@ def collate(batch: Sequence, *, pad_token_id: int = PAD_TOKEN_ID, ignore_index: 
         raise ValueError("batch must be a non-empty list of token-id lists (or (ids, prompt_length) pairs)")
     rows, prompt_lengths = [], []
     for i, item in enumerate(batch):
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], int):
+        if (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], int)
+                and isinstance(item[0], (list, tuple, torch.Tensor))):   # (ids, prompt_length), not two ids
             ids, prompt_length = item
         else:
             ids, prompt_length = item, None

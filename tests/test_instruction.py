@@ -239,3 +239,12 @@ def test_generate_response_needs_room_for_the_prompt(tok):
     model = GPTModel(get_config("gpt-tiny"))
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_response(model, tok, ENTRY, max_new_tokens=model.cfg.context_length)
+
+
+def test_collate_reads_a_row_of_two_token_ids_as_a_row():
+    """A row given as a tuple of two ids, (15496, 11), is two tokens, not (ids, prompt_length)."""
+    inputs, targets = collate([(15496, 11), [1, 2, 3]])
+    assert inputs.tolist() == [[15496, 11, 50256], [1, 2, 3]]
+    assert targets.tolist() == [[11, 50256, -100], [2, 3, 50256]]
+    inputs, targets = collate([([5, 6, 7], 2)], mask_prompt=True)   # a real pair still works
+    assert targets.tolist() == [[-100, 7, 50256]]
