@@ -8,14 +8,19 @@ tokens after a ``--prompt-tokens`` prompt, float32 on CPU:
 
 * ``ours, no cache``  — ``course_lib.inference.generate(..., use_cache=False)``: the whole window
   re-encoded per token;
-* ``ours, KV cache``  — ``generate(..., use_cache=True)`` (one prefill, then one token per step);
+* ``ours, KV cache``  — ``generate(..., use_cache=True)`` (one prefill, then one token per step,
+  with ``fast_decoding``: the few-rows route and the fused Q/K/V product);
 * ``... plain nn.Linear`` — the same inside ``course_lib.inference.few_rows_route(False)``: every
-  linear layer computed by ``nn.Linear.forward`` (shows what ``few_rows_linear`` buys);
+  linear layer computed by ``nn.Linear.forward``, Q, K and V apart (shows what fast decoding buys);
 * ``transformers``    — ``GPT2LMHeadModel.generate(do_sample=False)`` with its own cache.
 
-Each cell is the best of ``--repeats`` runs (the contestants take turns). Targets (issues 6 and 11):
-the cache at least 3x faster than no cache at GPT-2 small's shape, and ours at least 1.5x
-as fast as transformers'.
+Every contestant runs under ``torch.inference_mode()``, in the same process, dtype and thread
+count, after a warm-up. The contestants take turns, in an order that alternates from one
+repeat to the next; each speed is the best of ``--repeats`` runs, and "ours / transformers
+(median)" is the median over repeats of the ratio within a repeat (robust to a load that
+comes and goes). "same tokens": every timed run of ours and of transformers wrote the same
+tokens. Targets (issues 6 and 11): the cache at least 3x faster than no cache at GPT-2
+small's shape, and ours at least 1.5x as fast as transformers'.
 
     python benchmarks/bench_generation.py                     # gpt-cpu and gpt2-small shapes
     python benchmarks/bench_generation.py --models gpt-tiny --new-tokens 50
@@ -26,6 +31,8 @@ as fast as transformers'.
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import tempfile
 import time
 
@@ -41,6 +48,12 @@ from course_lib.pretrained import export_hf
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
+    return time.perf_counter() - start
+
+
+def _timed_output(fn, outputs: list) -> float:
+    start = time.perf_counter()
+    outputs.append(fn())
     return time.perf_counter() - start
 
 
@@ -60,27 +73,38 @@ def bench(name: str, new_tokens: int, prompt_tokens: int, repeats: int, no_cache
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(1))
 
     def run_hf(n=new_tokens):
-        with torch.no_grad():
+        with torch.inference_mode():
             return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, use_cache=True, pad_token_id=0)
 
-    check = 20
-    same = generate(ours, prompt, check).tolist() == run_hf(check).tolist()
-    def run_plain():
-        with inference.few_rows_route(False):
-            return generate(ours, prompt, new_tokens, use_cache=True)
+    def run_ours(n=new_tokens, use_cache=True):
+        with torch.inference_mode():
+            return generate(ours, prompt, n, use_cache=use_cache)
 
-    cache_s, plain_s, hf_s, nocache_s = [], [], [], []
+    def run_plain(n=new_tokens):
+        with inference.few_rows_route(False):
+            return run_ours(n)
+
+    check = 20                                     # warm-up, and a first check of the tokens
+    ours_out, hf_out = [run_ours(check)], [run_hf(check)]
+    run_plain(check)
+    times = {"cache": [], "plain": [], "hf": []}
+    contestants = {"cache": lambda: _timed_output(run_ours, ours_out), "plain": lambda: _timed(run_plain),
+                   "hf": lambda: _timed_output(run_hf, hf_out)}
+    order = list(contestants)
+    nocache_s = []
     for r in range(repeats):
-        cache_s.append(_timed(lambda: generate(ours, prompt, new_tokens, use_cache=True)))
-        plain_s.append(_timed(run_plain))
-        hf_s.append(_timed(run_hf))
+        for key in (order if r % 2 == 0 else order[::-1]):
+            times[key].append(contestants[key]())
         if r < no_cache_repeats:
-            nocache_s.append(_timed(lambda: generate(ours, prompt, new_tokens, use_cache=False)))
+            nocache_s.append(_timed(lambda: run_ours(use_cache=False)))
     nocache_s = nocache_s or [float("nan")]
+    same = all(a.tolist() == b.tolist() for a, b in zip(ours_out, hf_out))
     return {"model": name, "params_m": sum(p.numel() for p in ours.parameters()) / 1e6, "same_tokens": same,
-            "no_cache": new_tokens / min(nocache_s), "cache": new_tokens / min(cache_s),
-            "plain": new_tokens / min(plain_s), "hf": new_tokens / min(hf_s)}
+            "no_cache": new_tokens / min(nocache_s), "cache": new_tokens / min(times["cache"]),
+            "plain": new_tokens / min(times["plain"]), "hf": new_tokens / min(times["hf"]),
+            "ratio_median": statistics.median(h / c for h, c in zip(times["hf"], times["cache"])),
+            "ratios": [h / c for h, c in zip(times["hf"], times["cache"])]}
 
 
 def bench_matmuls(repeats: int = 20) -> None:
@@ -109,7 +133,7 @@ def main() -> None:
     parser.add_argument("--models", default="gpt-cpu,gpt2-small", help="config presets, comma-separated")
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--prompt-tokens", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per cell (best is kept)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per cell (best is kept)")
     parser.add_argument("--no-cache-repeats", type=int, default=1, help="runs of the slow no-cache path")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--min-size", type=int, default=None,
@@ -126,20 +150,29 @@ def main() -> None:
         bench_matmuls()
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch 1, prompt {args.prompt_tokens} "
-          f"tokens, {args.new_tokens} new tokens, greedy, float32, CPU; tokens/s (best of {args.repeats}); "
+          f"tokens, {args.new_tokens} new tokens, greedy, float32, CPU, inference_mode; tokens/s (best of "
+          f"{args.repeats}); "
           f"FEW_ROWS_MIN_SIZE={inference.FEW_ROWS_MIN_SIZE}")
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = [bench(m.strip(), args.new_tokens, args.prompt_tokens, args.repeats, args.no_cache_repeats)
             for m in args.models.split(",")]
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\n| model | params | same tokens | ours, no cache | ours, KV cache | ... plain nn.Linear | transformers "
-          f"| cache / no cache | ours / transformers | plain nn.Linear / transformers |")
-    print("|---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"| cache / no cache | ours / transformers | ours / transformers (median) "
+          f"| plain nn.Linear / transformers |")
+    print("|---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         skipped = r["no_cache"] != r["no_cache"]  # NaN: --no-cache-repeats 0
         no_cache = "-" if skipped else f"{r['no_cache']:.1f}"
         speedup = "-" if skipped else f"{r['cache'] / r['no_cache']:.2f}x"
         print(f"| {r['model']} | {r['params_m']:.0f}M | {'yes' if r['same_tokens'] else 'NO'} | {no_cache} "
               f"| {r['cache']:.1f} | {r['plain']:.1f} | {r['hf']:.1f} | {speedup} "
-              f"| {r['cache'] / r['hf']:.2f}x | {r['plain'] / r['hf']:.2f}x |")
+              f"| {r['cache'] / r['hf']:.2f}x | {r['ratio_median']:.2f}x | {r['plain'] / r['hf']:.2f}x |")
+    for r in rows:
+        print(f"{r['model']}: ours / transformers in each repeat: "
+              + ", ".join(f"{x:.2f}x" for x in r["ratios"]))
+    print(f"load average (1 min) before and after: {load_before:.2f}, {load_after:.2f} "
+          f"on {os.cpu_count()} CPUs (other jobs on a shared machine slow the runs down)")
 
 
 if __name__ == "__main__":

@@ -1,59 +1,23 @@
 """Step 5 — making a trained model write fast: the KV cache, sampling and fast decoding.
 
-* :class:`KVCache` — the keys and values of the tokens already seen, kept between calls so
-  that each new token costs one token's work (``O(T)`` instead of ``O(T^2)``). Its rows may
-  hold different numbers of tokens.
-* :func:`prefill` and :func:`decode_step` — the two phases of writing: one forward pass
-  over the prompts fills a cache, then each step feeds one new token per row.
-* :func:`generate` — prefill, then decode: greedy or sampled (temperature, top-k, top-p),
-  an end-of-text stop, and the sliding window past the context length.
-* :func:`top_k_filter`, :func:`top_p_filter`, :func:`sample_next_token` — the sampling
-  steps on their own.
+* :class:`KVCache`, :func:`prefill`, :func:`decode_step` — keys and values kept between
+  forward passes, so each new token costs one token's work; rows may hold different lengths.
+* :func:`generate` — prefill, then one decode step per token, greedy or sampled.
+* :func:`top_k_filter`, :func:`top_p_filter`, :func:`sample_next_token` — the sampling steps.
 * :func:`fast_decoding`, :class:`Linear`, :func:`few_rows_linear`, :func:`few_rows_route` —
-  a quicker CPU route for the one-row matrix products of decoding
-  (``benchmarks/README.md``, step 5, says why and how much).
+  a quicker CPU route for the few-row matrix products of decoding, with each attention
+  layer's Q, K and V products fused into one (``benchmarks/README.md``, step 5).
 
-Design. The model of step 4 knows nothing of this module: ``model(idx, kv_cache=cache)``
-reads ``cache.pos`` (where ``idx`` starts), passes the cache to each attention layer, which
-calls ``cache.update(layer, k, v)``, and calls ``cache.advance(tokens)`` at the end. Every
-row of a :class:`KVCache` has its own length (``cache.lengths``). While the rows agree
-(one prompt, or a batch of prompts of one length) ``cache.pos`` is an ``int`` and the
-attention uses its causal mask, as in training; once they differ it is a ``[batch]``
-tensor, each row takes its own positions and ``update`` returns a mask that hides every
-row's unused slots. So rows at different points of their text decode together, one
-forward pass per token for the whole batch: :func:`prefill` takes prompts of different
-lengths (right-padded, then :meth:`KVCache.crop` to each prompt), and a later request can
-join a running batch in a free row with :meth:`KVCache.load_row`. A server drives it as::
+Design: the model of step 4 knows nothing of this module. ``model(idx, kv_cache=cache)``
+starts ``idx`` at ``cache.pos`` and each attention layer calls ``cache.update``; fast
+decoding swaps the class of the model's ``nn.Linear`` layers while it is on and back
+afterwards, so training always runs plain ``nn.Linear``. A server drives it as::
 
     model.eval(); fast_decoding(model)
     cache, logits = prefill(model, [ids_a, ids_b], max_len=256)
     while ...:
         next_ids = sample_next_token(logits, temperature=0.8)   # [B, 1]
         logits = decode_step(model, cache, next_ids)            # [B, vocab]
-
-Choices worth knowing (:func:`generate`):
-
-* **Temperature 0 means greedy** (``argmax``; ``top_k``/``top_p`` then change nothing).
-  Otherwise the logits are divided by the temperature, filtered by top-k and then top-p
-  (in that order), and the next token is drawn with ``torch.multinomial`` — from
-  PyTorch's global generator (``torch.manual_seed`` makes it repeat) or ``generator=``.
-* **Top-k keeps ties**; **top-p** keeps the smallest set of most likely tokens whose
-  probabilities reach ``top_p`` (always at least the most likely one).
-* **One cache per call**, for ``min(context_size, prompt + max_new_tokens)`` positions:
-  nothing carries over from one prompt to the next. A model is run with a cache when its
-  ``forward`` takes ``kv_cache`` and its ``cfg`` gives the shape (``n_layers``,
-  ``n_heads``, ``head_dim``, ``context_length``), as :class:`~course_lib.model.GPTModel`
-  does; other models are run without.
-* **Past the context length** the cache cannot be reused: positions are absolute (learned
-  per position), so when the window slides every cached key belongs to a different
-  position. ``generate`` then re-encodes the last ``context_size`` tokens for each new
-  token, as :func:`~course_lib.generation.generate_text_simple` does: the output is the
-  same with and without the cache.
-* **Fast decoding is on for the call**: the model's ``nn.Linear`` layers take the few-rows
-  route while ``generate`` runs and are put back afterwards (a model already switched with
-  :func:`fast_decoding` stays switched).
-* **End of text**: with ``eos_id`` a row that produces it stops; finished rows are padded
-  with ``eos_id`` until every row has finished. The ``eos_id`` token is kept.
 """
 
 from __future__ import annotations
@@ -95,6 +59,15 @@ class KVCache:
     Token ``t`` attends to the keys and values of tokens ``0..t``, and those of ``0..t-1``
     are the ones computed at the previous step: the cache keeps them, so each step computes
     queries, keys and values for the new tokens only.
+
+    Every row has its own length (``lengths``). While the rows agree (one prompt, or prompts
+    of one length) :attr:`pos` is an ``int`` and the attention uses its causal mask, as in
+    training; once they differ :attr:`pos` is the ``[batch_size]`` tensor ``lengths``, each
+    row takes its own positions and :meth:`update` returns a mask that hides every row's
+    unused slots. So rows at different points of their text decode together, one forward
+    pass per token for the whole batch: :func:`prefill` right-pads prompts of different
+    lengths and crops each row back to its prompt (:meth:`crop`), and a later request
+    joins a running batch in a free row (:meth:`load_row`).
 
     Args:
         n_layers, batch_size, num_heads, head_dim: the model's shape.
@@ -494,38 +467,56 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Extend ``idx`` by up to ``max_new_tokens`` tokens, greedily or by sampling.
 
-    One :func:`prefill` over the prompt, then one :func:`decode_step` per new token; past
-    the context length (or without the cache) the last ``context_size`` tokens are
-    re-encoded for each token instead. The model's ``nn.Linear`` layers take the few-rows
-    route (:func:`fast_decoding`) for the call.
+    One :func:`prefill` over the prompt fills a new :class:`KVCache` for
+    ``min(context_size, tokens + max_new_tokens)`` positions, then each new token is one
+    :func:`decode_step`. Nothing carries over from one call to the next. A model runs with
+    the cache when its ``forward`` takes ``kv_cache`` and its ``cfg`` gives the shape
+    (``n_layers``, ``n_heads``, ``head_dim``, ``context_length``), as
+    :class:`~course_lib.model.GPTModel` does; any other model, or ``use_cache=False``,
+    re-encodes the last ``context_size`` tokens for each new token.
+
+    Past the context length the cache cannot be reused (positions are absolute, so when
+    the window slides every cached key belongs to another position): the last
+    ``context_size`` tokens are then re-encoded for each new token, as
+    :func:`~course_lib.generation.generate_text_simple` does. The output is the same with
+    and without the cache.
+
+    The model runs in ``eval()`` mode (its mode is restored afterwards), without gradients,
+    and with :func:`fast_decoding` on for the call (a model switched on by hand stays on).
 
     Args:
-        model: maps ``[batch, tokens]`` ids to ``[batch, tokens, vocab]`` logits; a
-            :class:`~course_lib.model.GPTModel` is run with a KV cache.
-        idx: the prompt, ``[batch, tokens]`` integer ids.
-        max_new_tokens: the most tokens to add.
-        context_size: the most tokens the model sees at once; default ``cfg.context_length``.
-        temperature: 0 (default) picks the most likely token; above 0, sample from
-            ``softmax(logits / temperature)`` — below 1 sharper, above 1 flatter.
-        top_k: sample only among the ``k`` most likely tokens. Default ``None``.
-        top_p: sample only among the most likely tokens that together reach probability
-            ``top_p``. Default ``None``.
-        eos_id: stop a sequence when it produces this id (e.g. 50256, ``<|endoftext|>``).
-        use_cache: keep keys and values between steps. The output is the same either
-            way; the cache is faster. Default ``True``.
-        generator: a ``torch.Generator`` for the samples; default PyTorch's global one.
+        model: maps ``[batch, tokens]`` ids to ``[batch, tokens, vocab]`` logits.
+        idx: the prompts, ``[batch, tokens]`` ids of dtype ``torch.long`` or ``torch.int32``;
+            a prompt longer than ``context_size`` is cut to its last ``context_size`` tokens.
+        max_new_tokens: the most tokens to add (0 returns ``idx``).
+        context_size: the most tokens the model sees at once. Default: ``cfg.context_length``.
+        temperature: 0 (default) is greedy: ``argmax``, and ``top_k``/``top_p`` change
+            nothing. Above 0 the logits are divided by it (below 1 sharper, above 1 flatter),
+            filtered by ``top_k`` then ``top_p`` (:func:`sample_next_token`), and the token is
+            drawn with ``torch.multinomial``.
+        top_k: sample only among the ``k`` largest logits, ties with the k-th kept
+            (:func:`top_k_filter`). Default ``None``: no limit.
+        top_p: sample only among the smallest set of most likely tokens whose probabilities
+            reach ``top_p``, never fewer than one (:func:`top_p_filter`). Default ``None``.
+        eos_id: the end-of-text id (e.g. 50256, ``<|endoftext|>``). A row that produces it
+            stops, keeps it, and is padded with ``eos_id`` until every row has stopped.
+            Default ``None``: always ``max_new_tokens`` tokens.
+        use_cache: decode with a KV cache. Default ``True``.
+        generator: the ``torch.Generator`` to sample from; default PyTorch's global one
+            (``torch.manual_seed`` makes it repeat).
 
     Returns:
-        ``[batch, tokens + n]`` ids on the model's device, ``n <= max_new_tokens`` (fewer when
-        every sequence met ``eos_id``).
+        ``[batch, tokens + n]`` ids, ``idx`` first, in ``idx``'s dtype on the model's device;
+        ``n = max_new_tokens``, or fewer when every row has produced ``eos_id``.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``idx`` not a tensor of ``torch.long``
             (or ``torch.int32``) ids, ``use_cache`` not a bool or ``generator`` not a
             ``torch.Generator``.
         ValueError: ``temperature < 0``, ``top_k < 1``, ``top_p`` outside ``(0, 1]``, a negative
-            ``max_new_tokens``, a bad ``context_size`` or ``eos_id``, ``idx`` not 2-D, or
-            logits that are NaN or inf (a diverged model; the message names the step).
+            ``max_new_tokens``, a ``context_size`` above ``cfg.context_length`` (or missing
+            for a model without a ``cfg``), an ``eos_id`` outside the vocabulary, ``idx`` not
+            2-D, or logits that are NaN or inf (a diverged model; the message names the step).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (e.g. GPTModel), got {type(model).__name__}")
@@ -555,7 +546,10 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
         idx = idx.to(device)
     if max_new_tokens == 0:
         return idx
-    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    B, start = idx.shape
+    out = torch.empty(B, start + max_new_tokens, dtype=idx.dtype, device=idx.device)  # [B, T + new], filled below
+    out[:, :start] = idx
+    finished = torch.zeros(B, 1, dtype=torch.bool, device=idx.device) if eos_id is not None else None
     was_training = model.training
     model.eval()
     try:
@@ -565,31 +559,34 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
             if use_cache and _takes_cache(model):   # prefill: the prompt's keys and values, once
                 cache, logits = prefill(model, window, max_len=min(context_size, window.shape[1] + max_new_tokens))
             else:
-                logits = _last_logits(model(window))                                 # [B, V]
+                logits = _last_logits(model(window))                                # [B, V]
+            end = start
             for step in range(max_new_tokens):
                 _check_logits(logits, f"generate, new token {step + 1} of {max_new_tokens}")
-                next_id = _sample(logits, temperature, top_k, top_p, generator)       # [B, 1]
-                if eos_id is not None:
-                    next_id = next_id.masked_fill(finished.unsqueeze(1), eos_id)  # finished rows: padding
-                    finished |= next_id.squeeze(1) == eos_id
-                idx = torch.cat([idx, next_id.to(idx.dtype)], dim=1)              # [B, T+1]
-                if step + 1 == max_new_tokens or (eos_id is not None and bool(finished.all())):
+                next_id = _sample(logits, temperature, top_k, top_p, generator)      # [B, 1]
+                if finished is not None:
+                    next_id = next_id.masked_fill(finished, eos_id)                 # finished rows: padding
+                    finished |= next_id == eos_id
+                out[:, end:end + 1] = next_id
+                end += 1
+                if end == out.shape[1] or (finished is not None and bool(finished.all())):
                     break
                 if cache is not None and cache.pos < cache.max_len:
-                    logits = decode_step(model, cache, idx[:, -1:])               # decode: the new token only
+                    logits = _last_logits(model(next_id, kv_cache=cache))          # decode: the new token only
                 else:                     # no cache, or the window slides: re-encode it
                     cache = None
-                    logits = _last_logits(model(idx[:, -context_size:]))
+                    logits = _last_logits(model(out[:, max(0, end - context_size):end]))
     finally:
         model.train(was_training)
-    return idx
+    return out if end == out.shape[1] else out[:, :end].clone()
 
 
 # --------------------------------------------------------------------------- #
 # Fast decoding: nn.Linear with a quicker route for a few rows at a time (CPU)
 # --------------------------------------------------------------------------- #
 FEW_ROWS = 64
-"""Inputs with at most this many rows take :func:`few_rows_linear` in :class:`Linear`."""
+"""Inputs with at most this many rows take :func:`few_rows_linear` in :class:`Linear`, and
+the fused query/key/value product of :func:`fast_decoding` (0 turns both off)."""
 FEW_ROWS_MIN_SIZE = 2**18
 """... and weights of at least this many numbers (1 MB in float32): smaller matrices stay in
 the CPU's cache, where the matrix-vector route is as fast."""
@@ -624,6 +621,14 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return y.contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
+def _plain_product_needed(x: torch.Tensor, params) -> bool:
+    """Whether a product of ``x`` with ``params()`` must be ``nn.Linear``'s own: a gradient
+    wanted, autocast on, or a ``torch.compile`` trace."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params())):
+        return True
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda") or torch.compiler.is_compiling()
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` with :func:`few_rows_linear` for a few rows when no gradient is needed.
 
@@ -638,11 +643,11 @@ class Linear(nn.Linear):
         x: ``[..., in_features]`` -> ``[..., out_features]``.
     """
 
-    def _takes_few_rows(self, x) -> bool:
-        wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        return (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
-                and 0 < x.numel() <= FEW_ROWS * self.in_features and self.weight.numel() >= FEW_ROWS_MIN_SIZE
-                and not wants_grad and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+    def _takes_few_rows(self, x: torch.Tensor) -> bool:
+        weight = self.weight
+        return (0 < x.numel() <= FEW_ROWS * self.in_features and weight.numel() >= FEW_ROWS_MIN_SIZE
+                and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+                and not _plain_product_needed(x, self.parameters))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and self._takes_few_rows(x):
@@ -650,28 +655,163 @@ class Linear(nn.Linear):
         return super().forward(x)
 
 
-def _switch(model: nn.Module, enabled: bool) -> list[nn.Module]:
-    old, new = (nn.Linear, Linear) if enabled else (Linear, nn.Linear)
-    switched = [m for m in model.modules() if type(m) is old]  # exactly nn.Linear: subclasses keep their forward
-    for module in switched:
-        module.__class__ = new
+# --------------------------------------------------------------------------- #
+# Fast decoding: one product for an attention layer's queries, keys and values
+# --------------------------------------------------------------------------- #
+_QKV_NAMES = ("W_query", "W_key", "W_value")
+
+
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version   # tensors made under inference_mode keep no count
+
+
+class _FusedQKV:
+    """The query, key and value projections of one attention layer as one product.
+
+    ``weight`` and ``bias`` are the three layers' concatenated (``[3 * d_out, d_in]`` and
+    ``[3 * d_out]``): a copy, built on first use and rebuilt whenever one of the six
+    parameters has been replaced, moved or changed in place since (its ``_version``). The
+    first of the three layers called on an input computes all three outputs; the other two
+    take theirs when called on the same tensor (unchanged since).
+    """
+
+    def __init__(self, parts: Sequence[nn.Linear]):
+        self.parts = list(parts)
+        self.sizes = [part.out_features for part in parts]
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget the fused weight and any outputs not yet taken."""
+        self.weight = self.bias = None
+        self._source: list[torch.Tensor] = []             # the parameters the fused copy was made of ...
+        self._stamp: tuple = ()                           # ... and their (_version, data_ptr) then
+        self._x, self._x_version, self._pending = None, None, [None] * len(self.parts)
+
+    def _params(self) -> list[torch.Tensor]:
+        return [part.weight for part in self.parts] + [part.bias for part in self.parts if part.bias is not None]
+
+    def _fused(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        stamp = tuple((_version(p), p.data_ptr()) for p in params)
+        if stamp != self._stamp or any(a is not b for a, b in zip(params, self._source)):
+            self.weight = self.bias = None
+            first = params[0]
+            if len(params) not in (3, 6) or any(p.device != first.device or p.dtype != first.dtype for p in params):
+                return None   # mixed biases, devices or dtypes: each layer on its own
+            with torch.no_grad():
+                self.weight = torch.cat([p.detach() for p in params[:3]])                       # [3 * d_out, d_in]
+                self.bias = torch.cat([p.detach() for p in params[3:]]) if len(params) == 6 else None
+            self._source, self._stamp = params, stamp
+        return None if self.weight is None else (self.weight, self.bias)
+
+    def output(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Layer ``index``'s output for ``x`` (``None``: let the layer compute it itself)."""
+        if _plain_product_needed(x, self._params):
+            return None
+        pending = self._pending
+        if x is self._x and pending[index] is not None and _version(x) == self._x_version:
+            out, pending[index] = pending[index], None
+            if all(p is None for p in pending):
+                self._x = None
+            return out
+        fused = self._fused(self._params())
+        if fused is None:
+            return None
+        weight, bias = fused
+        if (x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+                and weight.numel() >= FEW_ROWS_MIN_SIZE):
+            y = few_rows_linear(x, weight, bias)                                   # [..., 3 * d_out]
+        else:
+            y = F.linear(x, weight, bias)
+        outs = [part.contiguous() for part in y.split(self.sizes, dim=-1)]       # 3 x [..., d_out]
+        out, outs[index] = outs[index], None
+        self._x, self._x_version, self._pending = x, _version(x), outs
+        return out
+
+
+class _QKVLinear(Linear):
+    """:class:`Linear` as one of an attention layer's ``W_query``, ``W_key``, ``W_value``:
+    for at most :data:`FEW_ROWS` rows and no gradient wanted, the three are one product
+    (:class:`_FusedQKV`, held in ``_qkv`` with this layer's index)."""
+
+    _qkv: tuple[_FusedQKV, int]
+
+    def _get_name(self) -> str:
+        return "Linear"     # the same repr as nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and 0 < x.numel() <= FEW_ROWS * self.in_features:
+            group, index = self._qkv
+            out = group.output(index, x)
+            if out is not None:
+                return out
+        return super().forward(x)
+
+
+def _fusable(parts) -> bool:
+    return (all(type(p) is nn.Linear for p in parts) and len({id(p) for p in parts}) == len(parts)
+            and len({p.in_features for p in parts}) == 1 and len({p.bias is None for p in parts}) == 1)
+
+
+def _switch_on(model: nn.Module) -> list[nn.Module]:
+    """Switch ``model``'s Q/K/V triples to :class:`_QKVLinear` and its other ``nn.Linear``
+    layers to :class:`Linear`; return the layers switched."""
+    switched = []
+    for module in model.modules():
+        parts = [module._modules.get(name) for name in _QKV_NAMES]
+        if _fusable(parts):
+            group = _FusedQKV(parts)
+            for index, part in enumerate(parts):
+                part.__class__ = _QKVLinear
+                part._qkv = (group, index)
+            switched += parts
+    for module in model.modules():
+        if type(module) is nn.Linear:    # exactly nn.Linear: subclasses keep their forward
+            module.__class__ = Linear
+            switched.append(module)
     return switched
 
 
-def fast_decoding(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Switch every ``nn.Linear`` of ``model`` to :class:`Linear` (``enabled=False``: back).
+def _switch_off(module: nn.Module) -> None:
+    if type(module) is _QKVLinear:
+        module._qkv[0].clear()
+        del module._qkv
+    module.__class__ = nn.Linear
 
-    In place, like ``model.train()``, and returns ``model``. Parameters, ``state_dict`` and
-    training are unchanged; only inference on CPU gets faster. :func:`generate` does this
-    for the length of each call; call it once for a model driven with :func:`prefill` and
-    :func:`decode_step`.
+
+def fast_decoding(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch ``model``'s ``nn.Linear`` layers to :class:`Linear` (``enabled=False``: back).
+
+    In place, like ``model.train()``, and returns ``model``. Parameters, ``state_dict``,
+    ``repr`` and training are unchanged; inference gets faster:
+
+    * every layer takes :func:`few_rows_linear` where :class:`Linear` says;
+    * the ``W_query``, ``W_key`` and ``W_value`` layers of each attention module (three
+      ``nn.Linear`` of the same input width, all with a bias or none) become one product
+      for inputs of at most :data:`FEW_ROWS` rows when no gradient is wanted: the first
+      called computes all three outputs and the other two take theirs when given the same
+      input tensor, as an attention layer does. The concatenated weight is a copy (a third
+      more memory for those layers while switched on), built on first use and rebuilt when
+      a parameter is replaced, moved or changed in place (``optimizer.step()``,
+      ``load_state_dict``). A change made through ``.data`` is not seen: call
+      ``fast_decoding(model)`` again, which drops every fused copy.
+
+    :func:`generate` switches the model on for the length of each call; switch it on once
+    for a model driven with :func:`prefill` and :func:`decode_step`.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``enabled`` not a bool.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _switch(model, boolean("enabled", enabled))
+    if boolean("enabled", enabled):
+        for module in model.modules():
+            if type(module) is _QKVLinear:
+                module._qkv[0].clear()
+        _switch_on(model)
+    else:
+        for module in model.modules():
+            if type(module) in (Linear, _QKVLinear):
+                _switch_off(module)
     return model
 
 
@@ -680,20 +820,22 @@ def _fast_decoding_during(model: nn.Module):
     """:func:`fast_decoding` inside the block, then back for the layers it switched.
     A compiled model is left alone (its layers never take the route, and a class switch
     would make it recompile)."""
-    switched = [] if hasattr(model, "_orig_mod") else _switch(model, True)
+    switched = [] if hasattr(model, "_orig_mod") else _switch_on(model)
     try:
         yield
     finally:
         for module in switched:
-            module.__class__ = nn.Linear
+            _switch_off(module)
 
 
 @contextlib.contextmanager
 def few_rows_route(enabled: bool = True):
-    """Turn :class:`Linear`'s few-rows route on or off inside a ``with`` block (to compare)::
+    """Turn fast decoding's routes on or off inside a ``with`` block (to compare)::
 
-        with few_rows_route(False):     # every Linear runs nn.Linear.forward
+        with few_rows_route(False):     # every Linear runs nn.Linear.forward, Q/K/V unfused
             generate(model, idx, 50)
+
+    It sets :data:`FEW_ROWS` to 0 in the block, and restores it afterwards.
     """
     global FEW_ROWS
     saved = FEW_ROWS

@@ -76,7 +76,8 @@ def test_greedy_equals_a_full_recompute_argmax_loop():
     assert torch.equal(out[:, :4], prompt)
 
 
-def test_greedy_equals_hugging_face_greedy_generate():
+def _hf_and_ours():
+    """A small random GPT-2 in transformers, its weights moved away from init, and the same weights in a GPTModel."""
     transformers = pytest.importorskip("transformers")
     cfg = GPTConfig(vocab_size=211, context_length=32, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
                     qkv_bias=True)
@@ -107,11 +108,35 @@ def test_greedy_equals_hugging_face_greedy_generate():
             sd[{"wte.weight": "tok_emb.weight", "wpe.weight": "pos_emb.weight", "ln_f.weight": "final_norm.weight",
                 "ln_f.bias": "final_norm.bias", "lm_head.weight": "out_head.weight"}[n]] = t
     model.load_state_dict(sd)
-    prompt = torch.randint(0, 211, (1, 5))
-    want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
+    return hf, model
+
+
+def _hf_greedy(hf, prompt, n):
+    return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
                        pad_token_id=0, eos_token_id=None)
+
+
+def test_greedy_equals_hugging_face_greedy_generate():
+    hf, model = _hf_and_ours()
+    prompt = torch.randint(0, 211, (1, 5))
     got = generate_text_simple(model, prompt, max_new_tokens=10, context_size=32)
-    assert got.tolist() == want.tolist()
+    assert got.tolist() == _hf_greedy(hf, prompt, 10).tolist()
+
+
+@pytest.mark.parametrize("min_size", [None, 0], ids=["default-threshold", "every-layer-on-the-few-rows-route"])
+def test_inference_generate_equals_hugging_face_greedy_with_and_without_the_cache(monkeypatch, min_size):
+    # course_lib.inference.generate: KV cache, few-rows route and the fused Q/K/V product of fast decoding
+    import course_lib.inference as inference
+
+    if min_size is not None:
+        monkeypatch.setattr(inference, "FEW_ROWS_MIN_SIZE", min_size)
+    hf, model = _hf_and_ours()
+    prompt = torch.randint(0, 211, (2, 5))
+    want = _hf_greedy(hf, prompt, 20).tolist()
+    assert inference.generate(model, prompt, 20).tolist() == want
+    assert inference.generate(model, prompt, 20, use_cache=False).tolist() == want
+    with torch.inference_mode():
+        assert inference.generate(model, prompt, 20).tolist() == want
 
 
 def test_generation_is_reproducible_and_restores_training_mode():

@@ -320,6 +320,18 @@ def test_generation_stops_at_eos(model):
     assert row0[: stop + 1] == greedy[: stop + 1] and set(row0[stop:]) == {eos}
 
 
+def test_output_keeps_the_prompt_dtype_and_owns_its_memory(model):
+    idx = _prompt(2, 5)
+    want = generate(model, idx, 12)
+    got = generate(model, idx.int(), 12)
+    assert got.dtype == torch.int32 and got.tolist() == want.tolist()
+    assert generate(model, idx.int(), 12, use_cache=False).tolist() == want.tolist()
+    assert torch.equal(want[:, :5], idx) and want.is_contiguous()
+    eos = want[0, 7].item()
+    stopped = generate(model, idx, 12, eos_id=eos)
+    assert stopped.is_contiguous() and stopped.untyped_storage().nbytes() == stopped.numel() * 8  # not a view
+
+
 def test_tiny_temperatures_approach_greedy_instead_of_failing(model):
     idx = _prompt(2, 5)
     greedy = generate(model, idx, 12)
