@@ -21,10 +21,14 @@ killed outright is removed by the next fetch of that file).
 
 Decisions:
 
-* Files whose sha256 is not known are verified by size only, and ``fetch``
-  says so; we never invent a checksum.
+* Files whose sha256 nobody publishes (``sha256=None``) are **pinned on first
+  download**: the first verified copy's sha256 is written beside it as
+  ``<file>.sha256`` (``sha256sum`` format), and every later use of that copy (and any
+  re-download into that place) is checked against it; ``fetch`` says so. Until then
+  such a file is checked by its size only (where known). We never invent a checksum:
+  delete the ``.sha256`` file to accept a new upstream version.
 * ``course data fetch --all`` skips entries marked ``optional`` (GPT-2 large and
-  XL, 3.3 GB and 6.4 GB); fetch them by name.
+  XL, 3.3 GB and 6.4 GB; TinyStories' 2.2 GB training file); fetch them by name.
 * The Gutenberg books are registered at the exact bytes of a pinned Git commit
   (the copies the course was built with); gutenberg.org's own copies carry a
   BOM and CRLF endings and so a different checksum.
@@ -61,6 +65,7 @@ __all__ = [
     "sha256_of",
     "read_text",
     "entries",
+    "pin_path",
 ]
 
 _CHUNK = 1 << 20  # 1 MiB
@@ -192,6 +197,16 @@ _TINYSTORIES = (
 for _name, _path, _url, _sha, _size, _desc in _TINYSTORIES:
     register(DataFile(_name, _path, (_url,), _sha, _size,
                       "CDLA-Sharing-1.0 (Eldan & Li, 2023)", _desc))
+# The full training file for the gpu recipe (step 8). Hugging Face publishes neither its sha256
+# nor its exact size for this path, so it is pinned on first download (see the module docstring).
+register(DataFile(
+    "tinystories-train", "tinystories/TinyStoriesV2-GPT4-train.txt",
+    ("https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt",),
+    None, None, "CDLA-Sharing-1.0 (Eldan & Li, 2023)",
+    "TinyStories V2 (GPT-4) training file, about 2.2 GB (the gpu recipe); no published sha256: "
+    "pinned on first download",
+    optional=True,
+))
 
 _GUTENBERG_COMMIT = "https://raw.githubusercontent.com/vyjayanv-hub/112_TP_Vasudevan/f983423acfbf1acaf7d7d92f78fdb56bc7ef31fa"
 #: (ebook number, title, size, sha256): Project Gutenberg editions with header and footer.
@@ -298,18 +313,49 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _check(path: Path, entry: DataFile, verify: bool = True) -> str | None:
+def pin_path(path: str | os.PathLike) -> Path:
+    """Where the sha256 of a file without a published checksum is pinned: ``<path>.sha256``."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def _pinned(path: Path) -> str | None:
+    """The sha256 pinned beside ``path`` (first word of ``<path>.sha256``), or ``None``."""
+    try:
+        words = pin_path(path).read_text(encoding="ascii").split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return words[0].lower() if words and len(words[0]) == 64 else None
+
+
+def _pin(path: Path, entry: DataFile) -> None:
+    """Record the sha256 of a verified copy of a file that has no published one (first use only)."""
+    if entry.sha256 is not None or _pinned(path) is not None:
+        return
+    line = f"{sha256_of(path)}  {path.name}\n".encode("ascii")
+    try:
+        atomic_write(pin_path(path), lambda out: out.write(line), overwrite=True)
+    except OSError:  # a read-only copy (a mirror read in place) stays unpinned
+        pass
+
+
+def _check(path: Path, entry: DataFile, verify: bool = True, pinned_at: Path | None = None) -> str | None:
     """``None`` if ``path`` holds ``entry``'s bytes, else the reason it does not.
-    With ``verify=False`` only the size is compared."""
+    With ``verify=False`` only the size is compared. Without a published sha256 the one
+    pinned beside ``pinned_at`` (default ``path``) is used, if any."""
     if not path.is_file():
         return "missing"
     size = path.stat().st_size
     if entry.size is not None and size != entry.size:
         return f"size {size:,} bytes, expected {entry.size:,}"
-    if verify and entry.sha256 is not None:
+    expected, note = entry.sha256, ""
+    if expected is None:
+        expected = _pinned(pinned_at or path)
+        note = f" (pinned in {pin_path(pinned_at or path)} at first download; delete it to accept a new version)"
+    if verify and expected is not None:
         got = sha256_of(path)
-        if got != entry.sha256:
-            return f"sha256 {got[:16]}..., expected {entry.sha256[:16]}..."
+        if got != expected:
+            return f"sha256 {got[:16]}..., expected {expected[:16]}...{note}"
     return None
 
 
@@ -352,10 +398,11 @@ class _Rejected(Exception):
     """A download arrived whole but is not the registered file (wrong size or sha256)."""
 
 
-def _verifier(entry: DataFile):
-    """A ``check`` for :func:`~course_lib.files.atomic_write`: refuse bytes that are not ``entry``'s."""
+def _verifier(entry: DataFile, target: Path):
+    """A ``check`` for :func:`~course_lib.files.atomic_write`: refuse bytes that are not ``entry``'s
+    (or, without a published sha256, not those pinned for ``target``)."""
     def check(path: Path) -> None:
-        problem = _check(path, entry)
+        problem = _check(path, entry, pinned_at=target)
         if problem is not None:
             raise _Rejected(problem)
     return check
@@ -423,13 +470,13 @@ def _fetch_from(url: str, entry: DataFile, target: Path, progress: bool, timeout
     label = target.name
     if entry.archive_member is None:
         atomic_write(target, lambda out: _download(url, out, label, progress, timeout), overwrite=True,
-                     check=_verifier(entry), suffix=".part")
+                     check=_verifier(entry, target), suffix=".part")
         return
     with scratch_file(target) as archive:  # the zip itself is never kept
         with open(archive, "wb") as out:
             _download(url, out, label, progress, timeout)
         atomic_write(target, _extract_member(archive, entry.archive_member), overwrite=True,
-                     check=_verifier(entry), suffix=".part")
+                     check=_verifier(entry, target), suffix=".part")
 
 
 # --------------------------------------------------------------------------- #
@@ -472,6 +519,7 @@ def fetch(name: str | DataFile, *, cache_dir: str | os.PathLike | None = None,
 
     cached_problem = _check(target, entry)
     if cached_problem is None:
+        _pin(target, entry)
         return target
 
     if mirror_dir is not None:
@@ -485,6 +533,7 @@ def fetch(name: str | DataFile, *, cache_dir: str | os.PathLike | None = None,
             except OSError as err:  # a read-only or misdirected cache: the verified copy serves as it is
                 say(f"{entry.name}: cannot write {target} ({err.strerror or err}); reading the mirror's copy in place")
                 return candidate
+            _pin(target, entry)
             say(f"{entry.name}: copied from mirror {candidate}")
             return target
         mirror_note = f"mirror {candidate}: {problem}"
@@ -513,7 +562,9 @@ def fetch(name: str | DataFile, *, cache_dir: str | os.PathLike | None = None,
             failures.append(f"{url}: {_describe(err)}")
             continue
         if entry.sha256 is None:
-            say(f"{entry.name}: no published sha256, checked by size only")
+            _pin(target, entry)
+            say(f"{entry.name}: no published sha256; pinned this copy's in {pin_path(target)}, "
+                "later uses are checked against it")
         say(f"{entry.name}: downloaded from {url}")
         return target
 

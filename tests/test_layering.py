@@ -23,6 +23,7 @@ MODULES: dict[str, int | None] = {
     "training": 5, "checkpoint": 5, "pretrained": 5, "base_model": 5, "inference": 5,
     "classification": 6,
     "instruction": 7, "evaluation": 7, "preference": 7,
+    "schedules": 8, "shards": 8, "mfu": 8, "trainer": 8,
     "paths": None, "files": None, "checks": None, "data": None, "plots": None,
     "checker": None, "doctor": None, "cli": None, "notebook_runner": None,
 }
