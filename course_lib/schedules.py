@@ -44,11 +44,14 @@ def _rate(name: str, value, *, positive: bool = False) -> float:
     """``value`` as a float if it is a finite real number >= 0 (> 0 with ``positive``)."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {describe(value)}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return value
+    bound = "> 0" if positive else ">= 0"
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float (10**400)
+        number = math.inf
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        raise ValueError(f"{name} must be a finite number {bound}, got {describe(value)}")
+    return number
 
 
 def _check(step, max_lr, min_lr, warmup_steps, total_steps, warmup_start_lr):
@@ -160,7 +163,7 @@ SCHEDULES: dict[str, Callable[..., float]] = {"cosine": lr_at, "linear": linear_
 
 
 def _schedule(schedule: str) -> Callable[..., float]:
-    if schedule not in SCHEDULES:
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(repr(s) for s in SCHEDULES)}, got {schedule!r}")
     return SCHEDULES[schedule]
 

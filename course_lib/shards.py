@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from . import data
-from .checks import boolean, integer, positive_int
+from .checks import boolean, describe, integer, non_negative_int, positive_int, probability
+from .config import get_device
 from .files import atomic_write
 from .tokenizers import ENDOFTEXT
 
@@ -67,11 +68,26 @@ class ShardError(ValueError):
     The message names the file and what is wrong."""
 
 
+def _as_path(name: str, value) -> Path:
+    """``value`` as an expanded :class:`~pathlib.Path`, if it is a ``str`` or ``os.PathLike``."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (a str or pathlib.Path), got {describe(value)}")
+    return Path(value).expanduser()
+
+
 # --------------------------------------------------------------------------- #
 # One shard
 # --------------------------------------------------------------------------- #
 def _as_uint16(tokens: np.ndarray | Sequence[int]) -> np.ndarray:
-    arr = np.asarray(tokens)
+    not_ids = f"tokens must be a sequence of token ids (a list, numpy array or tensor), got {describe(tokens)}"
+    if isinstance(tokens, (str, bytes)):
+        raise TypeError(not_ids)
+    try:
+        arr = np.asarray(tokens)
+    except ValueError:  # ragged nested lists
+        raise ValueError("tokens must be a flat sequence of token ids, got nested lists of unequal lengths") from None
+    if arr.ndim == 0:  # None, a number, a generator
+        raise TypeError(not_ids)
     if arr.ndim != 1:
         raise ValueError(f"tokens must be one-dimensional (a list of ids), got shape {arr.shape}")
     if arr.size == 0:
@@ -103,9 +119,10 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray | Sequence[int], *, 
 
     Raises:
         ValueError: empty or not 1-D, or an id outside ``0..65535`` (a vocabulary over 65,536 ids).
-        TypeError: ids that are not integers.
+        TypeError: ids that are not integers, ``tokens`` not a sequence, ``path`` not a path.
         FileExistsError: ``path`` exists and ``overwrite`` is ``False``.
     """
+    path, overwrite = _as_path("path", path), boolean("overwrite", overwrite)
     arr = _as_uint16(tokens)
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, arr.size)
@@ -125,10 +142,14 @@ def read_shard(path: str | os.PathLike) -> np.memmap:
 
     Raises:
         FileNotFoundError: no such file.
+        IsADirectoryError: ``path`` is a folder.
         ShardError: (a ``ValueError``) shorter than the header, wrong magic number or version,
             no tokens, or a size that does not match the header's token count (truncated or too long).
     """
-    path = Path(path).expanduser()
+    path = _as_path("path", path)
+    if path.is_dir():
+        raise IsADirectoryError(f"token shard {path} is a folder; give a shard file inside it (e.g. "
+                                f"{path / 'train_000000.bin'}), or give the folder to ShardLoader")
     if not path.is_file():
         raise FileNotFoundError(f"token shard {path} does not exist")
     size = path.stat().st_size
@@ -170,8 +191,13 @@ def _encoding(tokenizer):
                         f"got {type(tokenizer).__name__}")
     try:
         return tiktoken.get_encoding(tokenizer)
-    except ValueError as err:
-        raise ValueError(f"tokenizer {tokenizer!r} is not a tiktoken encoding ({err}); use 'gpt2'") from None
+    except ValueError:
+        names = ", ".join(tiktoken.list_encoding_names())
+        raise ValueError(f"tokenizer {tokenizer!r} is not a tiktoken encoding ({names}); use 'gpt2'") from None
+    except OSError as err:  # requests' ConnectionError: tiktoken downloads other encodings on first use
+        raise OSError(f"tiktoken could not download the {tokenizer!r} encoding ({type(err).__name__}); connect to "
+                      "the internet or set TIKTOKEN_CACHE_DIR to a folder holding it, or use 'gpt2' (built offline "
+                      "from the course data)") from None
 
 
 def _encode(texts: list[str], enc, eot: int | None) -> np.ndarray:
@@ -279,9 +305,15 @@ def _check_split(split: str) -> str:
 
 
 def shard_files(directory: str | os.PathLike, split: str) -> list[Path]:
-    """The ``{split}_NNNNNN.bin`` files in ``directory``, in order (an empty list if none)."""
+    """The ``{split}_NNNNNN.bin`` files in ``directory``, in order (an empty list if none, or no such folder).
+
+    Raises:
+        ValueError: ``split`` is not a name of letters, digits and ``-``.
+        TypeError: ``directory`` is not a path.
+    """
+    directory, split = _as_path("directory", directory), _check_split(split)
     pattern = re.compile(rf"{re.escape(split)}_(\d{{6,}})\.bin")
-    found = [(int(m.group(1)), p) for p in Path(directory).expanduser().glob(f"{split}_*.bin")
+    found = [(int(m.group(1)), p) for p in directory.glob(f"{split}_*.bin")
              if (m := pattern.fullmatch(p.name))]
     return [p for _, p in sorted(found)]
 
@@ -326,8 +358,9 @@ def write_shards(documents: Iterable[str], out_dir: str | os.PathLike, *, split:
 
     Raises:
         FileExistsError: ``out_dir`` already holds shards of ``split`` and ``overwrite`` is ``False``.
-        ValueError: bad ``split``/``shard_tokens``/``workers``; a tokenizer of more than 65,536 ids
-            or without an end-of-text token (with ``eot``); documents that give no tokens.
+        ValueError: bad ``split``/``shard_tokens``/``workers``/``total``; ``out_dir`` is a file; a tokenizer
+            of more than 65,536 ids or without an end-of-text token (with ``eot``); documents that give no tokens.
+        TypeError: ``documents`` not an iterable of str; a flag that is not ``True``/``False``.
     """
     from tqdm.auto import tqdm
 
@@ -337,12 +370,17 @@ def write_shards(documents: Iterable[str], out_dir: str | os.PathLike, *, split:
         raise ValueError(f"shard_tokens must be at most {MAX_TOKENS_PER_SHARD:,} (the header's int32), "
                          f"got {shard_tokens:,}")
     workers = _default_workers() if workers is None else positive_int("workers", workers)
-    eot, overwrite = boolean("eot", eot), boolean("overwrite", overwrite)
+    eot, overwrite, progress = boolean("eot", eot), boolean("overwrite", overwrite), boolean("progress", progress)
+    total = integer("total", total, minimum=0, allow_none=True)
     if isinstance(documents, (str, bytes)):
         raise TypeError("documents must be an iterable of texts (e.g. a list of str), not one str; "
                         "wrap a single text as [text]")
-    out_dir = Path(out_dir).expanduser()
-    old = shard_files(out_dir, split) if out_dir.is_dir() else []
+    if not isinstance(documents, Iterable):
+        raise TypeError(f"documents must be an iterable of texts (e.g. a list of str), got {describe(documents)}")
+    out_dir = _as_path("out_dir", out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir {out_dir} is a file; give a folder for the shards")
+    old = shard_files(out_dir, split)
     if old and not overwrite:
         raise FileExistsError(f"{out_dir} already holds {len(old)} {split!r} shard(s) ({old[0].name}...); pass "
                               "overwrite=True to replace them, or choose another folder")
@@ -421,7 +459,23 @@ def _split_stream(fh, chars: int = _READ_CHARS) -> Iterator[str]:
 def iter_documents(paths: Iterable[str | os.PathLike], chars: int = _READ_CHARS) -> Iterator[str]:
     """The documents of UTF-8 text files, streamed: each file is cut at ``<|endoftext|>`` (a file without
     one is one document), each piece stripped of surrounding whitespace, empty ones dropped.
-    Line endings are kept as they are in the file."""
+    Line endings are kept as they are in the file.
+
+    Args:
+        paths: a list of text files (one file: ``[path]``).
+        chars: characters read at a time. Default 4 Mi.
+
+    Raises:
+        TypeError: ``paths`` is one path rather than a list of them.
+        ValueError: ``chars`` is not a positive integer; a file that is not UTF-8.
+        FileNotFoundError, IsADirectoryError: as ``open``.
+    """
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        raise TypeError(f"paths must be a list of text files, got the single path {str(paths)!r}; wrap it as [path]")
+    return _documents(paths, positive_int("chars", chars))  # checked now, not at the first document
+
+
+def _documents(paths: Iterable[str | os.PathLike], chars: int) -> Iterator[str]:
     for path in paths:
         try:
             with open(path, encoding="utf-8", newline="") as fh:
@@ -446,8 +500,9 @@ def prepare_shards(source: str | os.PathLike, out_dir: str | os.PathLike, *, val
         out_dir: the folder to write; must be empty or new unless ``overwrite``.
         val_fraction: share of the corpus held out, ``0 < val_fraction < 1``. Default 0.05.
         shard_tokens, workers: as :func:`write_shards`.
-        overwrite: write into a non-empty ``out_dir``: its ``meta.json`` is removed first and its
-            train/val shards replaced; other files are left alone.
+        overwrite: write into a non-empty ``out_dir``: its ``meta.json`` is removed when writing starts
+            (so an interrupted run leaves no ``meta.json``) and its train/val shards are replaced; other
+            files are left alone.
         progress: show progress bars.
 
     Returns:
@@ -457,33 +512,39 @@ def prepare_shards(source: str | os.PathLike, out_dir: str | os.PathLike, *, val
 
     Raises:
         FileExistsError: ``out_dir`` is not empty and ``overwrite`` is ``False``.
-        ValueError: a bad ``source``, ``val_fraction`` outside (0, 1), a source with no text.
+        ValueError: a bad ``source``, ``val_fraction`` outside (0, 1), bad ``shard_tokens``/``workers``,
+            ``out_dir`` is a file, a source with no text. These are checked before ``out_dir`` is touched.
+        TypeError: ``val_fraction`` not a number, a flag that is not ``True``/``False``, a path that is not one.
     """
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be a number between 0 and 1 (exclusive), such as 0.05; "
-                         f"got {val_fraction!r}")
-    overwrite = boolean("overwrite", overwrite)
-    out_dir = Path(out_dir).expanduser()
+    # every argument is checked before anything is fetched, read or deleted
+    val_fraction = probability("val_fraction", val_fraction, strict=True, hint=" (0 < val_fraction < 1, e.g. 0.05)")
+    if val_fraction == 0:
+        raise ValueError("val_fraction must be above 0: the validation split is never empty; pass e.g. 0.05")
+    shard_tokens = positive_int("shard_tokens", shard_tokens)
+    if shard_tokens > MAX_TOKENS_PER_SHARD:
+        raise ValueError(f"shard_tokens must be at most {MAX_TOKENS_PER_SHARD:,} (the header's int32), "
+                         f"got {shard_tokens:,}")
+    workers = None if workers is None else positive_int("workers", workers)
+    overwrite, progress = boolean("overwrite", overwrite), boolean("progress", progress)
+    out_dir = _as_path("out_dir", out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} is a file; give a folder for the shards")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"out_dir {out_dir} is not empty; pass overwrite=True (--overwrite) to replace its "
-                                  "shards, or choose a new folder")
-        (out_dir / "meta.json").unlink(missing_ok=True)  # half-replaced shards are never described as complete
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"out_dir {out_dir} is not empty; pass overwrite=True (--overwrite) to replace its "
+                              "shards, or choose a new folder")
     sources = source_files(source, progress=progress)
     enc, eot_id = _tokenizer_setup("gpt2", True)
     paths = [p for _, p, _ in sources]
-    shard_tokens = positive_int("shard_tokens", shard_tokens)
     opts = dict(shard_tokens=shard_tokens, workers=workers, progress=progress, overwrite=overwrite)
 
     n_docs = sum(1 for _ in tqdm(iter_documents(paths), desc="counting documents", unit="doc",
                                  disable=not progress, leave=False))
     if n_docs == 0:
         raise ValueError(f"source {source!r} holds no text")
+    (out_dir / "meta.json").unlink(missing_ok=True)  # from here on: half-replaced shards never look complete
     if n_docs >= 2:
         split_by = "documents"
         n_val = min(n_docs - 1, max(1, round(val_fraction * n_docs)))
@@ -566,7 +627,8 @@ class ShardLoader:
     batches the uninterrupted loader would have given.
 
     Args:
-        directory_or_files: a folder of ``{split}_NNNNNN.bin`` shards, or a list of shard files (``split`` unused).
+        directory_or_files: a folder of ``{split}_NNNNNN.bin`` shards, one shard file, or a list of
+            shard files (``split`` unused for files).
         split: which files of the folder, e.g. ``"train"`` or ``"val"``.
         batch_size: windows per batch ``B``.
         context_length: tokens per window ``T`` (``x`` and ``y`` are ``[B, T]``).
@@ -577,9 +639,11 @@ class ShardLoader:
         device: where the batches go (``"cuda"``: pinned memory and a non-blocking copy). Default CPU.
 
     Raises:
-        ValueError: a missing folder, no shards of ``split``, bad sizes or ranks, or shards too small
-            for one window of ``context_length + 1`` tokens (per rank) / for one batch (sequential).
-        ShardError: a damaged shard file.
+        ValueError: a missing folder, no shards of ``split``, bad sizes or ranks, a device that is not
+            one or is not on this machine, or shards too small for one window of ``context_length + 1``
+            tokens (per rank) / for one batch (sequential).
+        TypeError: a path that is not one, a seed or rank that is not an integer, a flag that is not a bool.
+        ShardError: a damaged shard file; FileNotFoundError: a listed file that does not exist.
     """
 
     def __init__(self, directory_or_files, split: str = "train", *, batch_size: int, context_length: int,
@@ -594,7 +658,7 @@ class ShardLoader:
             raise ValueError(f"rank must be below world_size ({self.world_size}), got {self.rank}")
         self.seed = integer("seed", seed)
         self.sequential, self.cross_shard = boolean("sequential", sequential), boolean("cross_shard", cross_shard)
-        self.device = torch.device(device) if device is not None else None
+        self.device = get_device(device) if device is not None else None  # a clear error for "gpu", or cuda without one
         self._shards = [read_shard(f) for f in self.files]  # memory maps: nothing read yet
         sizes = np.array([len(s) for s in self._shards], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(sizes)])  # global position of each shard's first token
@@ -615,9 +679,12 @@ class ShardLoader:
         self._cum = np.concatenate([[0], np.cumsum(counts)])  # windows before each stream
         self.num_windows = int(self._cum[-1])
         if self.num_windows == 0:
-            where = "one shard" if not self.cross_shard else "all shards together"
             per_rank = f" per rank (world_size={W})" if W > 1 and not self.sequential else ""
-            raise ValueError(f"a window of context_length + 1 = {T + 1:,} tokens does not fit in {where}{per_rank}: "
+            if self.cross_shard:
+                raise ValueError(f"a window of context_length + 1 = {T + 1:,} tokens does not fit in all shards "
+                                 f"together{per_rank}: they hold {total:,} tokens; use a shorter context_length or "
+                                 "more data")
+            raise ValueError(f"a window of context_length + 1 = {T + 1:,} tokens does not fit in one shard{per_rank}: "
                              f"the largest shard holds {int(sizes.max()):,} tokens; use a shorter context_length, "
                              "larger shards (shard_tokens), or cross_shard=True")
         if self.sequential and self.num_batches == 0:
@@ -630,7 +697,7 @@ class ShardLoader:
     @staticmethod
     def _find(directory_or_files, split: str) -> list[Path]:
         if isinstance(directory_or_files, (str, os.PathLike)):
-            path = Path(directory_or_files).expanduser()
+            path = _as_path("directory_or_files", directory_or_files)
             if path.is_file():
                 return [path]
             if not path.is_dir():
@@ -643,7 +710,10 @@ class ShardLoader:
                 have = f" (it has {', '.join(repr(s) for s in there)})" if there else ""
                 raise ValueError(f"no {split!r} shards ({split}_000000.bin, ...) in {path}{have}")
             return files
-        files = [Path(f).expanduser() for f in directory_or_files]
+        if not isinstance(directory_or_files, Iterable) or isinstance(directory_or_files, bytes):
+            raise TypeError(f"directory_or_files must be a shard folder or a list of shard files, got "
+                            f"{describe(directory_or_files)}")
+        files = [_as_path("directory_or_files[i]", f) for f in directory_or_files]
         if not files:
             raise ValueError("directory_or_files is an empty list; give a shard folder or shard files")
         return files
@@ -661,6 +731,9 @@ class ShardLoader:
         if self.sequential:
             return self.num_windows // self.batch_size // self.world_size
         return self.num_tokens // self.world_size // (self.batch_size * self.context_length)
+
+    def __bool__(self) -> bool:  # ``if loader:`` must not ask a random loader for its length
+        return True
 
     def __len__(self) -> int:
         if not self.sequential:
@@ -734,15 +807,23 @@ class ShardLoader:
                 ``False`` takes only the batch count (e.g. to resume on another number of GPUs).
 
         Raises:
-            ValueError: with ``strict``, a setting that differs (named, with both values); a state
-                without a non-negative ``batches`` count.
+            ValueError: with ``strict``, a setting that differs or is missing (named, with both values);
+                a state without a ``batches`` count >= 0.
+            TypeError: ``strict`` is not ``True``/``False``.
         """
-        if not isinstance(state, dict) or not isinstance(state.get("batches"), int) or state["batches"] < 0:
-            raise ValueError("state must be a dict from ShardLoader.state_dict() (with a 'batches' count >= 0)")
+        strict = boolean("strict", strict)
+        if not isinstance(state, dict) or "batches" not in state:
+            raise ValueError(f"state must be a dict from ShardLoader.state_dict() (with a 'batches' count), got "
+                             f"{describe(state)}")
+        batches = non_negative_int("state['batches']", state["batches"], hint=" (from ShardLoader.state_dict())")
         if strict:
             for key in self._CHECKED:
-                if key in state and state[key] != getattr(self, key):
+                if key not in state:
+                    raise ValueError(f"the loader state has no {key!r}, so it may come from other settings: exact "
+                                     "resume needs a state from ShardLoader.state_dict() (pass strict=False to take "
+                                     "only its batch count)")
+                if state[key] != getattr(self, key):
                     raise ValueError(f"the loader state was saved with {key}={state[key]!r}, this loader has "
                                      f"{getattr(self, key)!r}: exact resume needs the same data and settings "
                                      "(pass strict=False to continue anyway)")
-        self._step = int(state["batches"])
+        self._step = batches

@@ -199,3 +199,14 @@ def test_bad_wsd_decay_and_schedule_name():
         lr_lambda("wsd", **KW)  # missing
     with pytest.raises(TypeError, match="optimizer"):
         scheduler("adam", **KW)
+
+
+def test_a_rate_too_large_for_a_float_and_a_schedule_that_is_not_a_name_are_value_errors():
+    with pytest.raises(ValueError, match="max_lr must be a finite number"):  # not float()'s OverflowError
+        lr_at(0, **dict(KW, max_lr=10**400))
+    with pytest.raises(ValueError, match="min_lr must be a finite number"):
+        lr_at(0, **dict(KW, min_lr=-(10**400)))
+    with pytest.raises(ValueError, match="schedule must be one of 'cosine'"):  # not "unhashable type: 'list'"
+        lr_lambda(["cosine"], **KW)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        scheduler(_sgd(), {"name": "cosine"}, **KW)

@@ -407,3 +407,135 @@ def test_loader_bad_input(tmp_path, numbered):
         ShardLoader(numbered, batch_size=100, context_length=8, sequential=True)
     with pytest.raises(TypeError, match="no length"):
         len(ShardLoader(numbered, **kw))
+
+
+# --------------------------------------------------------------------------- #
+# Bad input: every error names the argument (none from numpy, torch or os)
+# --------------------------------------------------------------------------- #
+def test_write_shard_overwrite_must_be_a_bool(tmp_path):
+    path = write_shard(tmp_path / "a.bin", [1, 2, 3])
+    with pytest.raises(TypeError, match="overwrite must be True or False"):
+        write_shard(path, [4, 5], overwrite="no")  # a truthy string must not replace the learner's file
+    assert read_shard(path).tolist() == [1, 2, 3]
+
+
+def test_bad_tokens_and_paths_name_the_argument(tmp_path):
+    for bad in (None, 5, "abc", (i for i in range(3))):
+        with pytest.raises(TypeError, match="tokens must be a sequence of token ids"):
+            write_shard(tmp_path / "a.bin", bad)
+    with pytest.raises(ValueError, match="flat sequence"):  # numpy's "inhomogeneous shape" otherwise
+        write_shard(tmp_path / "a.bin", [[1, 2], [3]])
+    with pytest.raises(TypeError, match="path must be a path"):
+        write_shard(None, [1])
+    with pytest.raises(TypeError, match="path must be a path"):
+        read_shard(None)
+    with pytest.raises(TypeError, match="directory must be a path"):
+        shard_files(None, "train")
+    for split in (None, "*", "../train"):
+        with pytest.raises(ValueError, match="split must be a name"):
+            shard_files(tmp_path, split)
+    assert not (tmp_path / "a.bin").exists()
+
+
+def test_a_folder_given_as_a_shard_file_is_named_as_a_folder(tmp_path, numbered):
+    with pytest.raises(IsADirectoryError, match="is a folder"):  # not "does not exist"
+        read_shard(numbered)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        ShardLoader([numbered], batch_size=1, context_length=4)
+
+
+def test_iter_documents_bad_arguments(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text(f"one{EOT}two", encoding="utf-8")
+    assert list(iter_documents([path], chars=1)) == ["one", "two"]
+    with pytest.raises(ValueError, match="chars must be a positive integer"):
+        iter_documents([path], chars=0)  # reading 0 characters at a time would silently give no documents
+    for single in (path, str(path)):
+        with pytest.raises(TypeError, match=r"wrap it as \[path\]"):  # not its characters as file names
+            iter_documents(single)
+
+
+def test_write_shards_bad_arguments(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="out_dir .* is a file"):  # not mkdir's "[Errno 17] File exists"
+        write_shards(["hello"], tmp_path / "file", workers=1, progress=False)
+    for bad in (None, 5):
+        with pytest.raises(TypeError, match="documents must be an iterable of texts"):
+            write_shards(bad, tmp_path / "o", workers=1, progress=False)
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        write_shards(["hello"], tmp_path / "o", workers=1, progress="no")
+    with pytest.raises(TypeError, match="total must be an integer"):
+        write_shards(["hello"], tmp_path / "o", workers=1, progress=False, total="5")
+    assert not (tmp_path / "o").exists()
+
+
+def test_tokenizer_errors_are_ours(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"'nope' is not a tiktoken encoding \(gpt2, ") as err:
+        write_shards(["hello"], tmp_path / "o", tokenizer="nope", workers=1, progress=False)
+    assert "\n" not in str(err.value)
+
+    def offline(name):
+        raise ConnectionError("Max retries exceeded")  # what requests raises offline (an OSError)
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(OSError, match="could not download the 'r50k_base' encoding.*TIKTOKEN_CACHE_DIR"):
+        write_shards(["hello"], tmp_path / "o", tokenizer="r50k_base", workers=1, progress=False)
+
+
+def test_prepare_shards_checks_every_argument_before_touching_out_dir(tmp_path):
+    out = tmp_path / "ts"
+    prepare_shards("tinystories-sample", out, progress=False, workers=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = [(dict(source="no-such-corpus"), ValueError, "registered data name"),
+           (dict(shard_tokens=0), ValueError, "shard_tokens"),
+           (dict(source="the-verdict", workers=0), ValueError, "workers"),  # one document: no write_shards call
+           (dict(val_fraction="0.1"), TypeError, "val_fraction"),
+           (dict(progress="no"), TypeError, "progress")]
+    for change, error, match in bad:
+        kw = dict(dict(source="tinystories-sample", workers=1, progress=False), **change)
+        with pytest.raises(error, match=match):
+            prepare_shards(kw.pop("source"), out, overwrite=True, **kw)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # meta.json and shards kept
+
+
+def test_loader_bad_paths_and_devices_name_the_argument(numbered):
+    kw = dict(batch_size=2, context_length=8)
+    for bad in (None, 5, str(numbered).encode()):
+        with pytest.raises(TypeError, match="directory_or_files must be a shard folder or a list"):
+            ShardLoader(bad, **kw)
+    with pytest.raises(TypeError, match=r"directory_or_files\[i\] must be a path"):
+        ShardLoader([None], **kw)
+    with pytest.raises(ValueError, match="'gpu'.*not a device name"):  # not torch's RuntimeError
+        ShardLoader(numbered, device="gpu", **kw)
+    if not torch.cuda.is_available():  # refused when made, not at the first batch
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            ShardLoader(numbered, device="cuda", **kw)
+    assert ShardLoader(numbered, device="cpu", **kw).next_batch()[0].device.type == "cpu"
+
+
+def test_cross_shard_too_short_counts_all_the_tokens(numbered):
+    with pytest.raises(ValueError, match=f"all shards together: they hold {sum(SIZES)} tokens") as err:
+        ShardLoader(numbered, batch_size=1, context_length=sum(SIZES), cross_shard=True)
+    assert "cross_shard=True" not in str(err.value)  # it already is
+
+
+def test_load_state_dict_checks_its_arguments(numbered):
+    loader = ShardLoader(numbered, batch_size=2, context_length=8)
+    state = loader.state_dict()
+    with pytest.raises(TypeError, match="strict must be True or False"):
+        loader.load_state_dict(dict(state, seed=1), strict="no")
+    for batches in (True, 2.0, -1, "3"):
+        with pytest.raises(ValueError, match=r"state\['batches'\] must be an integer >= 0"):
+            loader.load_state_dict(dict(state, batches=batches))
+    with pytest.raises(ValueError, match="has no 'batch_size'"):  # strict: a bare count is not a full state
+        loader.load_state_dict({"batches": 3})
+    loader.load_state_dict({"batches": np.int64(3)}, strict=False)
+    assert loader.state_dict()["batches"] == 3 and type(loader.state_dict()["batches"]) is int
+    assert loader.state_dict() == dict(state, batches=3)
+
+
+def test_a_random_loader_is_truthy_without_a_length(numbered):
+    loader = ShardLoader(numbered, batch_size=2, context_length=8)
+    assert loader and ShardLoader(numbered, batch_size=2, context_length=8, sequential=True)
+    with pytest.raises(TypeError, match="no length"):
+        len(loader)
