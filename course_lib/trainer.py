@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -464,7 +465,7 @@ def _shard_dir(data: str | os.PathLike, progress: bool) -> Path:
 def _loaders(cfg: TrainerConfig, directory: Path, d: _Dist, device: torch.device, T: int):
     """The training loader, and the validation loader with as many batches on every rank (or ``None``
     when the val split is too small for one batch per rank)."""
-    from .shards import ShardLoader
+    from .shards import ShardError, ShardLoader
 
     common = dict(context_length=T, rank=d.rank, world_size=d.world_size, seed=cfg.seed, device=device)
     train_loader = ShardLoader(directory, "train", batch_size=cfg.batch_size, sequential=not cfg.shuffle, **common)
@@ -473,6 +474,8 @@ def _loaders(cfg: TrainerConfig, directory: Path, d: _Dist, device: torch.device
         try:
             val_loader = ShardLoader(directory, "val", batch_size=batch, sequential=True, **common)
             count = val_loader.num_batches
+        except ShardError:                 # a damaged shard is an error, not a missing split
+            raise
         except ValueError:
             val_loader, count = None, 0
         if count > 0 or batch == 1:
@@ -592,12 +595,20 @@ def plot_log(log_or_path, ax=None):
     return ax
 
 
-def _save(path: Path, d: _Dist, cfg: TrainerConfig, raw_model: nn.Module, optimizer, model_cfg: GPTConfig,
-          extra: dict[str, Any], loader, saved_step: int | None) -> None:
-    """Every rank: gather random and data states (and FSDP's shards); rank 0 writes, atomically."""
+def _save(run: "_Run", d: _Dist, cfg: TrainerConfig, raw_model: nn.Module, optimizer, scaler, loader,
+          model_cfg: GPTConfig) -> None:
+    """Every rank: gather random and data states (and FSDP's shards); rank 0 writes ``run.checkpoint``,
+    atomically; then ``run.saved_step = run.step``.
+
+    Raises:
+        NonFiniteError: a weight is ``nan``/``inf`` (on any rank); the last good checkpoint is kept.
+    """
     import torch.distributed as dist
 
-    extra = {**extra, "rngs": _all_ranks(d, rng_state()), "loaders": _all_ranks(d, loader.state_dict())}
+    extra = {"format": _TAG, "step": run.step, "tokens": run.tokens, "train_loss": run.train_loss,
+             "val_loss": run.val_loss, "world_size": d.world_size, "trainer": cfg.to_dict(),
+             "scaler": scaler.state_dict() if scaler is not None else None,
+             "rngs": _all_ranks(d, rng_state()), "loaders": _all_ranks(d, loader.state_dict())}
     bad = len(nonfinite_parameters(raw_model)) if not cfg.fsdp else \
         sum(not bool(torch.isfinite(getattr(p, "to_local", lambda: p)()).all()) for p in raw_model.parameters())
     if d.on:
@@ -605,9 +616,9 @@ def _save(path: Path, d: _Dist, cfg: TrainerConfig, raw_model: nn.Module, optimi
         dist.all_reduce(flag)
         bad = int(flag.item())
     if bad:
-        raise NonFiniteError(f"step {extra['step']:,}: the weights became nan or inf, so the checkpoint was not "
-                             f"written; the last good one is kept ({path}, step {saved_step}). Lower max_lr and "
-                             "resume from it")
+        raise NonFiniteError(f"step {run.step:,}: the weights became nan or inf, so the checkpoint was not "
+                             f"written; the last good one is kept ({run.checkpoint}, step {run.saved_step}). Lower "
+                             "max_lr and resume from it")
     if cfg.fsdp:  # gather the full weights and optimizer state on rank 0 (collective)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -616,17 +627,19 @@ def _save(path: Path, d: _Dist, cfg: TrainerConfig, raw_model: nn.Module, optimi
         if d.master:
             full = GPTModel(model_cfg, tie_weights=cfg.tie_weights)
             full.load_state_dict(msd)
-            save_checkpoint(path, full, None, step=extra["step"], extra={**extra, "fsdp_optimizer": osd},
+            save_checkpoint(run.checkpoint, full, None, step=run.step, extra={**extra, "fsdp_optimizer": osd},
                             overwrite=True)
     elif d.master:
-        save_checkpoint(path, raw_model, optimizer, step=extra["step"], extra=extra, overwrite=True)
+        save_checkpoint(run.checkpoint, raw_model, optimizer, step=run.step, extra=extra, overwrite=True)
     if d.on:
         dist.barrier()
+    run.saved_step = run.step
 
 
-def _resume(path: Path, d: _Dist, cfg: TrainerConfig, raw_model, optimizer, device) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`train` into this rank's model, optimizer and generators;
-    returns its ``extra`` (step, tokens, loader states, ...)."""
+def _restore(run: "_Run", d: _Dist, cfg: TrainerConfig, raw_model, optimizer, scaler, loader) -> None:
+    """Load the checkpoint ``run.checkpoint`` (written by :func:`train`) into this rank's model,
+    optimizer, scaler, generators and data loader, and its counters into ``run``."""
+    path = run.checkpoint
     if cfg.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -658,7 +671,11 @@ def _resume(path: Path, d: _Dist, cfg: TrainerConfig, raw_model, optimizer, devi
                          "an exact resume needs the same number (torchrun --nproc-per-node), or start a new run "
                          "from its weights")
     set_rng_state(extra["rngs"][d.rank])
-    return extra
+    loader.load_state_dict(extra["loaders"][d.rank])
+    if scaler is not None and extra.get("scaler"):
+        scaler.load_state_dict(extra["scaler"])
+    run.step, run.tokens, run.saved_step = extra["step"], extra["tokens"], extra["step"]
+    run.train_loss, run.val_loss = extra["train_loss"], extra["val_loss"]
 
 
 # --------------------------------------------------------------------------- #
@@ -692,6 +709,223 @@ class TrainResult:
     interrupted: bool = False
     seconds: float = 0.0
     model: nn.Module | None = field(default=None, repr=False, compare=False)
+
+
+# --------------------------------------------------------------------------- #
+# The run's state, its setup, and one step
+# --------------------------------------------------------------------------- #
+@dataclass
+class _Run:
+    """The run's counters: what a checkpoint stores and a resume restores."""
+
+    checkpoint: Path
+    step: int = 0                   # optimizer steps taken, counting those before a resume
+    tokens: int = 0                 # input tokens seen, every process's
+    train_loss: float = math.nan    # the last step's, mean over the global batch
+    val_loss: float = math.nan      # the last evaluation's
+    saved_step: int | None = None   # the step of the checkpoint on disk (None: none yet)
+
+
+@dataclass
+class _Meter:
+    """Tokens/s and MFU between log lines. The first interval holds ``torch.compile`` and
+    warm-up, so the run's mean leaves it out when there are others."""
+
+    flops_per_token: float
+    peak: float                                # FLOP/s of all the processes together
+    seconds: float = 0.0                       # the open interval
+    tokens: int = 0
+    first: tuple[float, int] | None = None     # (seconds, tokens) of the first closed interval
+    timed_s: float = 0.0                       # ... and of all the later ones
+    timed_tokens: int = 0
+
+    def add(self, seconds: float, tokens: int) -> None:
+        self.seconds, self.tokens = self.seconds + seconds, self.tokens + tokens
+
+    def lap(self) -> float:
+        """Close the open interval; its tokens/s (``nan`` if it took no time)."""
+        tps = self.tokens / self.seconds if self.seconds > 0 else float("nan")
+        if self.first is None:
+            self.first = (self.seconds, self.tokens)
+        else:
+            self.timed_s, self.timed_tokens = self.timed_s + self.seconds, self.timed_tokens + self.tokens
+        self.seconds, self.tokens = 0.0, 0
+        return tps
+
+    def mfu(self, tps: float) -> float:
+        return model_flops_utilisation(tps, self.flops_per_token, self.peak) if math.isfinite(tps) else float("nan")
+
+    def mean(self) -> tuple[float, float]:
+        """``(tokens/s, MFU)`` over the closed intervals after the first (or the first alone)."""
+        first_s, first_tokens = self.first or (0.0, 0)
+        if self.timed_s > 0:
+            tps = self.timed_tokens / self.timed_s
+        else:
+            tps = first_tokens / first_s if first_s > 0 else float("nan")
+        return tps, self.mfu(tps)
+
+
+def _precision(cfg: TrainerConfig, device: torch.device) -> tuple[Callable, Any]:
+    """``(autocast, scaler)`` for ``cfg.dtype``: a context factory for the forward pass, and a
+    gradient scaler (fp16 only, else ``None``). Turns on TF32 matmuls on CUDA if ``cfg.tf32``."""
+    if cfg.dtype == "fp16" and device.type != "cuda":
+        raise ValueError(f"TrainerConfig.dtype='fp16' needs a CUDA GPU (fp16 autocast with a gradient scaler); "
+                         f"this run is on {device.type}: use dtype='bf16' or 'fp32'")
+    if cfg.dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("TrainerConfig.dtype='bf16' is not supported by this GPU; use dtype='fp16'")
+    if device.type == "cuda" and cfg.tf32:
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls on TF32 tensor cores (Ampere and later)
+    amp_dtype = DTYPES[cfg.dtype]
+    autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype is not None \
+        else contextlib.nullcontext
+    return autocast, (torch.amp.GradScaler("cuda") if cfg.dtype == "fp16" else None)
+
+
+def _prepare_run_dir(paths: dict[str, Path], resume: bool) -> bool:
+    """Rank 0: refuse to start a new run over an existing one; check the checkpoint can be
+    written. Returns whether a checkpoint is there (to resume)."""
+    existing = [p for p in (paths["checkpoint"], paths["log"]) if p.exists()]
+    if existing and not resume:
+        raise FileExistsError(
+            f"{paths['checkpoint'].parent} already holds a run ({', '.join(p.name for p in existing)}); pass "
+            "resume=True (course pretrain --resume) to continue it, or choose another out_dir (--out) for a new run")
+    check_writable(paths["checkpoint"], "the checkpoint")
+    return paths["checkpoint"].exists()
+
+
+def _write_start(paths: dict[str, Path], cfg: TrainerConfig, model_cfg: GPTConfig, d: _Dist,
+                 tokens_per_step: int, resume: bool, step: int) -> None:
+    """Rank 0, before the first step: cut the log back to ``step`` when resuming (a killed run may
+    have logged past its checkpoint) and write ``config.json``."""
+    if resume:
+        _truncate_log(paths["log"], step)
+    config = {**cfg.to_dict(), "model_config": model_cfg.to_dict(), "world_size": d.world_size,
+              "global_batch_tokens": tokens_per_step}
+    atomic_write(paths["config"], lambda fh: fh.write((json.dumps(config, indent=2) + "\n").encode()), overwrite=True)
+
+
+def _build_model(cfg: TrainerConfig, model_cfg: GPTConfig, d: _Dist, device: torch.device) -> GPTModel:
+    """The GPT on ``device``; with ``cfg.fsdp``, each block and then the whole sharded over the processes."""
+    model = GPTModel(model_cfg, tie_weights=cfg.tie_weights).to(device)
+    if cfg.fsdp:
+        if not d.on:
+            raise ValueError("TrainerConfig.fsdp=True shards the model over processes: launch with torchrun "
+                             "(--nproc-per-node 2 or more), or set fsdp=False")
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (d.world_size,))
+        for block in model.trf_blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def _wrap(raw_model: nn.Module, cfg: TrainerConfig, d: _Dist, device: torch.device) -> nn.Module:
+    """The module the loop calls: ``raw_model``, compiled if ``cfg.compile``, in DDP under torchrun
+    (FSDP's model is already sharded)."""
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if d.on and not cfg.fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # the causal masks are constant buffers: no broadcast before every forward
+        quiet = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else "broadcast_buffers"
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{quiet: False})
+    return model
+
+
+def _peak_flops(cfg: TrainerConfig, device: torch.device, d: _Dist) -> float:
+    """Peak FLOP/s of all the processes, at the precision the matmuls run in (MFU's denominator)."""
+    dtype = cfg.dtype if cfg.dtype != "fp32" else ("tf32" if device.type == "cuda" and cfg.tf32 else "fp32")
+    return device_peak_flops(device, dtype, override=cfg.peak_flops) * d.world_size
+
+
+def _schedule(cfg: TrainerConfig) -> Callable[[int], float]:
+    """``lr_at(k)``: the learning rate of update ``k`` (1-based) of ``cfg.max_steps``."""
+    decay_steps = cfg.decay_steps if cfg.decay_steps is not None else (cfg.max_steps - cfg.warmup_steps) // 5
+    return functools.partial(SCHEDULES[cfg.schedule], max_lr=cfg.max_lr, min_lr=cfg.min_lr,
+                             warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
+                             **({"decay_steps": decay_steps} if cfg.schedule == "wsd" else {}))
+
+
+def _printer(d: _Dist, progress: bool, verbose: bool) -> Callable[[str], None]:
+    """``say(text)``: print on rank 0 when ``verbose`` (through tqdm while its bar is up)."""
+    from tqdm.auto import tqdm
+
+    if not (d.master and verbose):
+        return lambda text: None
+    return tqdm.write if progress else print
+
+
+def _train_step(cfg: TrainerConfig, d: _Dist, run: _Run, model: nn.Module, raw_model: nn.Module, optimizer,
+                scaler, autocast: Callable, loader, device: torch.device, interrupt: dict) -> tuple[float, float, bool]:
+    """One optimizer step over ``cfg.grad_accum_steps`` micro-batches of ``loader``.
+
+    Returns:
+        ``(train_loss, grad_norm, stop)``, the same on every rank: the loss averaged over the
+        global batch, the gradient norm before clipping, and whether any rank got a Ctrl-C.
+
+    Raises:
+        NonFiniteError: a ``nan``/``inf`` loss or gradient norm, before the update.
+    """
+    import torch.distributed as dist
+
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(cfg.grad_accum_steps):
+        x, y = loader.next_batch()                       # [B, T], [B, T]
+        last = micro == cfg.grad_accum_steps - 1
+        if d.on and cfg.fsdp:
+            raw_model.set_requires_gradient_sync(last)
+        elif d.on:
+            model.require_backward_grad_sync = last      # all-reduce on the last micro-step only
+        loss = _loss(model, x, y, autocast) / cfg.grad_accum_steps
+        loss_sum += loss.detach()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)                       # clip the true gradients
+    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):                     # FSDP: a DTensor
+        norm = norm.full_tensor()
+    stats = torch.stack([loss_sum.float(), norm.float().to(device),
+                         torch.tensor(float(interrupt["stop"]), device=device)])
+    if d.on:                                             # global loss; every rank agrees to stop
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        stats[:2] /= d.world_size
+    train_loss, grad_norm, stop = stats.tolist()
+    if not math.isfinite(train_loss) or (scaler is None and not math.isfinite(grad_norm)):  # fp16: the scaler skips
+        raise _diverged(f"the loss is {train_loss}" if not math.isfinite(train_loss)
+                        else f"the gradient norm is {grad_norm}", run)
+    if scaler is not None:
+        scaler.step(optimizer)                           # skipped if the scaled gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return train_loss, grad_norm, stop > 0
+
+
+def _diverged(what: str, run: _Run) -> NonFiniteError:
+    where = f"the last good checkpoint is {run.checkpoint} (step {run.saved_step:,})" \
+        if run.saved_step is not None else "no checkpoint was written"
+    return NonFiniteError(f"{what} at step {run.step + 1:,}: training diverged and stopped before that update; "
+                          f"{where}. Lower max_lr, lengthen the warmup or keep grad_clip, then resume "
+                          "(resume=True, course pretrain --resume) or start again")
+
+
+def _log_step(path: Path, d: _Dist, run: _Run, lr: float, grad_norm: float, meter: _Meter, evaluated: bool,
+              bar, say: Callable[[str], None]) -> None:
+    """One ``log.jsonl`` record (rank 0), the bar's postfix, and a printed line after an evaluation."""
+    tps = meter.lap()
+    record = {"step": run.step, "loss": run.train_loss, "lr": lr, "grad_norm": grad_norm, "tokens": run.tokens,
+              "tokens_per_s": tps, "mfu": meter.mfu(tps)}
+    if evaluated:
+        record["val_loss"] = run.val_loss
+        say(f"step {run.step:>6,} | loss {run.train_loss:.4f} | val loss {run.val_loss:.4f} | lr {lr:.2e} | "
+            f"{tps:,.0f} tokens/s | MFU {record['mfu']:.1%}")
+    if d.master:
+        _append_log(path, record)
+    bar.set_postfix(loss=f"{run.train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.1%}")
 
 
 # --------------------------------------------------------------------------- #
@@ -737,207 +971,78 @@ def train(cfg: TrainerConfig, *, resume: bool = False, progress: bool = True, ve
     T = model_cfg.context_length
     started = time.perf_counter()
     d, device = _distributed(cfg)
-    bar, raw_model, interrupted, fpt, peak = None, None, False, 1, 1.0
     out_dir = Path(cfg.out_dir).expanduser()
     paths = {"checkpoint": out_dir / CHECKPOINT, "log": out_dir / LOG, "config": out_dir / CONFIG}
-    step, tokens, train_loss, val_loss = 0, 0, float("nan"), float("nan")
-    interval_s, interval_tokens, timed_s, timed_tokens, first_s, first_tokens, records = 0.0, 0, 0.0, 0, 0.0, 0, 0
+    run, meter, bar, raw_model, interrupted = _Run(paths["checkpoint"]), None, None, None, False
     try:
-        # ---- precision --------------------------------------------------------------------
-        if cfg.dtype == "fp16" and device.type != "cuda":
-            raise ValueError(f"TrainerConfig.dtype='fp16' needs a CUDA GPU (fp16 autocast with a gradient scaler); "
-                             f"this run is on {device.type}: use dtype='bf16' or 'fp32'")
-        if cfg.dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("TrainerConfig.dtype='bf16' is not supported by this GPU; use dtype='fp16'")
-        if device.type == "cuda" and cfg.tf32:
-            torch.set_float32_matmul_precision("high")  # fp32 matmuls on TF32 tensor cores (Ampere and later)
-        amp_dtype = DTYPES[cfg.dtype]
-        autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None \
-            else contextlib.nullcontext
-        scaler = torch.amp.GradScaler("cuda") if cfg.dtype == "fp16" else None
-
-        # ---- the run folder: refuse to start over an existing run -----------------------------
-        def check_out_dir() -> bool:
-            existing = [p for p in (paths["checkpoint"], paths["log"]) if p.exists()]
-            if existing and not resume:
-                raise FileExistsError(
-                    f"{out_dir} already holds a run ({', '.join(p.name for p in existing)}); pass resume=True "
-                    "(course pretrain --resume) to continue it, or choose another out_dir (--out) for a new run")
-            check_writable(paths["checkpoint"], "the checkpoint")
-            return paths["checkpoint"].exists()
-
-        have_checkpoint = _on_rank0(d, check_out_dir)
+        # ---- set up: precision, the run folder, model, optimizer, data, and a resume's state ----
+        autocast, scaler = _precision(cfg, device)
+        have_checkpoint = _on_rank0(d, lambda: _prepare_run_dir(paths, resume))  # never over another run
         shard_dir = _on_rank0(d, lambda: _shard_dir(cfg.data, progress and verbose))
-
-        # ---- model, optimizer, data ---------------------------------------------------------
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        raw_model = GPTModel(model_cfg, tie_weights=cfg.tie_weights).to(device)
-        if cfg.fsdp:
-            if not d.on:
-                raise ValueError("TrainerConfig.fsdp=True shards the model over processes: launch with torchrun "
-                                 "(--nproc-per-node 2 or more), or set fsdp=False")
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = init_device_mesh(device.type, (d.world_size,))
-            for block in raw_model.trf_blocks:
-                fully_shard(block, mesh=mesh)
-            fully_shard(raw_model, mesh=mesh)
+        torch.manual_seed(cfg.seed)                      # the same initial weights on every rank
+        raw_model = _build_model(cfg, model_cfg, d, device)
         optimizer = configure_optimizer(raw_model, cfg, device)
         train_loader, val_loader, eval_batches = _loaders(cfg, shard_dir, d, device, T)
-        torch.manual_seed(cfg.seed + d.rank)  # dropout differs between ranks
+        torch.manual_seed(cfg.seed + d.rank)             # dropout differs between ranks
         if resume and have_checkpoint:
-            extra = _resume(paths["checkpoint"], d, cfg, raw_model, optimizer, device)
-            train_loader.load_state_dict(extra["loaders"][d.rank])
-            if scaler is not None and extra.get("scaler"):
-                scaler.load_state_dict(extra["scaler"])
-            step, tokens = extra["step"], extra["tokens"]
-            train_loss, val_loss = extra["train_loss"], extra["val_loss"]
-        saved_step = step if have_checkpoint else None
-        model = torch.compile(raw_model) if cfg.compile else raw_model
-        if d.on and not cfg.fsdp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            # the causal masks are constant buffers: no broadcast before every forward
-            quiet = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
-                else "broadcast_buffers"
-            model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{quiet: False})
-
-        def write_start() -> None:
-            if resume:
-                _truncate_log(paths["log"], step)  # a killed run may have logged past its checkpoint
-            config = {**cfg.to_dict(), "model_config": model_cfg.to_dict(), "world_size": d.world_size,
-                      "global_batch_tokens": cfg.batch_size * cfg.grad_accum_steps * d.world_size * T}
-            atomic_write(paths["config"], lambda fh: fh.write((json.dumps(config, indent=2) + "\n").encode()),
-                         overwrite=True)
-
-        _on_rank0(d, write_start)
-
-        # ---- what is measured ---------------------------------------------------------------
-        tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * d.world_size * T
-        fpt = flops_per_token(model_cfg, training=True)
-        peak_dtype = cfg.dtype if cfg.dtype != "fp32" else ("tf32" if device.type == "cuda" and cfg.tf32 else "fp32")
-        peak = device_peak_flops(device, peak_dtype, override=cfg.peak_flops) * d.world_size
-        decay_steps = cfg.decay_steps if cfg.decay_steps is not None else (cfg.max_steps - cfg.warmup_steps) // 5
-        schedule = dict(max_lr=cfg.max_lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-                        total_steps=cfg.max_steps, **({"decay_steps": decay_steps} if cfg.schedule == "wsd" else {}))
-        get_lr = SCHEDULES[cfg.schedule]
-        say = (lambda text: (tqdm.write(text) if progress else print(text))) if d.master and verbose \
-            else (lambda text: None)
-        bar = tqdm(total=cfg.max_steps, initial=min(step, cfg.max_steps), desc="pretraining", unit="step",
+            _restore(run, d, cfg, raw_model, optimizer, scaler, train_loader)
+        model = _wrap(raw_model, cfg, d, device)         # compiled; DDP under torchrun
+        tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * d.world_size * T  # the global batch
+        _on_rank0(d, lambda: _write_start(paths, cfg, model_cfg, d, tokens_per_step, resume, run.step))
+        meter = _Meter(flops_per_token(model_cfg, training=True), _peak_flops(cfg, device, d))
+        lr_at, say = _schedule(cfg), _printer(d, progress, verbose)
+        bar = tqdm(total=cfg.max_steps, initial=min(run.step, cfg.max_steps), desc="pretraining", unit="step",
                    disable=not (progress and d.master), dynamic_ncols=True)
-        if step > 0:
-            say(f"resumed {paths['checkpoint']} at step {step:,} ({tokens:,} tokens seen)")
+        if run.step > 0:
+            say(f"resumed {paths['checkpoint']} at step {run.step:,} ({run.tokens:,} tokens seen)")
         model.train()
 
-        # ---- the loop -----------------------------------------------------------------------
+        # ---- the loop -------------------------------------------------------------------------
         with _graceful_interrupt() as interrupt:
-            while step < cfg.max_steps:
-                lr = get_lr(step + 1, **schedule)                # update step+1 (1-based) of max_steps
+            while run.step < cfg.max_steps:
+                lr = lr_at(run.step + 1)                 # update step+1 (1-based) of max_steps
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 t0 = time.perf_counter()
-                loss_sum = torch.zeros((), device=device)
-                for micro in range(cfg.grad_accum_steps):
-                    x, y = train_loader.next_batch()             # [B, T], [B, T]
-                    last = micro == cfg.grad_accum_steps - 1
-                    if d.on and cfg.fsdp:
-                        raw_model.set_requires_gradient_sync(last)
-                    elif d.on:
-                        model.require_backward_grad_sync = last  # all-reduce on the last micro-step only
-                    loss = _loss(model, x, y, autocast) / cfg.grad_accum_steps
-                    loss_sum += loss.detach()
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                if scaler is not None:
-                    scaler.unscale_(optimizer)                   # clip the true gradients
-                norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
-                                                      cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                if hasattr(norm, "full_tensor"):                 # FSDP: a DTensor
-                    norm = norm.full_tensor()
-                stats = torch.stack([loss_sum.float(), norm.float().to(device),
-                                     torch.tensor(float(interrupt["stop"]), device=device)])
-                if d.on:                                         # global loss; every rank agrees to stop
-                    dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-                    stats[:2] /= d.world_size
-                train_loss, grad_norm, stop = stats.tolist()
-                if not math.isfinite(train_loss) or (scaler is None and not math.isfinite(grad_norm)):
-                    what = f"the loss is {train_loss}" if not math.isfinite(train_loss) else \
-                        f"the gradient norm is {grad_norm}"
-                    where = f"the last good checkpoint is {paths['checkpoint']} (step {saved_step:,})" \
-                        if saved_step is not None else "no checkpoint was written"
-                    raise NonFiniteError(f"{what} at step {step + 1:,}: training diverged and stopped before that "
-                                         f"update; {where}. Lower max_lr, lengthen the warmup or keep grad_clip, "
-                                         "then resume (resume=True, course pretrain --resume) or start again")
-                if scaler is not None:
-                    scaler.step(optimizer)                       # skipped if the scaled gradients overflowed
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens += tokens_per_step
-                interval_s += time.perf_counter() - t0
-                interval_tokens += tokens_per_step
-                stop = stop > 0
+                run.train_loss, grad_norm, stop = _train_step(cfg, d, run, model, raw_model, optimizer, scaler,
+                                                              autocast, train_loader, device, interrupt)
+                run.step, run.tokens = run.step + 1, run.tokens + tokens_per_step
+                meter.add(time.perf_counter() - t0, tokens_per_step)
 
-                # -- log, evaluate, checkpoint ------------------------------------------------
-                last_step = step == cfg.max_steps
-                do_eval = step % cfg.eval_every == 0 or last_step
-                if do_eval:
-                    val_loss = evaluate(model if cfg.fsdp else raw_model, val_loader, eval_batches, autocast, device)
-                if step % cfg.log_every == 0 or do_eval or last_step or stop:
-                    tps = interval_tokens / interval_s if interval_s > 0 else float("nan")
-                    if records == 0:  # the first interval holds compilation and warm-up: kept apart
-                        first_s, first_tokens = interval_s, interval_tokens
-                    else:
-                        timed_s, timed_tokens = timed_s + interval_s, timed_tokens + interval_tokens
-                    records += 1
-                    interval_s, interval_tokens = 0.0, 0
-                    record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                              "tokens_per_s": tps, "mfu": model_flops_utilisation(tps, fpt, peak)
-                              if math.isfinite(tps) else float("nan")}
-                    if do_eval:
-                        record["val_loss"] = val_loss
-                        say(f"step {step:>6,} | loss {train_loss:.4f} | val loss {val_loss:.4f} | lr {lr:.2e} | "
-                            f"{tps:,.0f} tokens/s | MFU {record['mfu']:.1%}")
-                    if d.master:
-                        _append_log(paths["log"], record)
-                    bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}",
-                                    mfu=f"{record['mfu']:.1%}")
+                # -- evaluate, log, checkpoint (every few steps, at the last, and on Ctrl-C) --------
+                last = run.step == cfg.max_steps
+                evaluated = run.step % cfg.eval_every == 0 or last
+                if evaluated:
+                    run.val_loss = evaluate(model if cfg.fsdp else raw_model, val_loader, eval_batches, autocast,
+                                            device)
+                if run.step % cfg.log_every == 0 or evaluated or last or stop:
+                    _log_step(paths["log"], d, run, lr, grad_norm, meter, evaluated, bar, say)
                 bar.update(1)
-                if step % cfg.checkpoint_every == 0 or last_step or stop:
-                    extra = {"format": _TAG, "step": step, "tokens": tokens, "train_loss": train_loss,
-                             "val_loss": val_loss, "world_size": d.world_size, "trainer": cfg.to_dict(),
-                             "scaler": scaler.state_dict() if scaler is not None else None}
-                    _save(paths["checkpoint"], d, cfg, raw_model, optimizer, model_cfg, extra, train_loader,
-                          saved_step)
-                    saved_step = step
+                if run.step % cfg.checkpoint_every == 0 or last or stop:
+                    _save(run, d, cfg, raw_model, optimizer, scaler, train_loader, model_cfg)
                 if callback is not None:
-                    callback({"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                    callback({"step": run.step, "loss": run.train_loss, "lr": lr, "grad_norm": grad_norm,
                               "model": raw_model, "optimizer": optimizer})
                 if stop:
                     interrupted = True
-                    say(f"interrupted: stopped after step {step:,} and saved {paths['checkpoint']}")
+                    say(f"interrupted: stopped after step {run.step:,} and saved {paths['checkpoint']}")
                     break
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, keep the last complete checkpoint
         interrupted = True
         if d.master and verbose:
-            print(f"interrupted at once after step {step:,}; the last checkpoint is kept")
+            print(f"interrupted at once after step {run.step:,}; the last checkpoint is kept")
     finally:
         if bar is not None:
             bar.close()
         if d.started and dist.is_initialized():
             dist.destroy_process_group()
-    if timed_s > 0:
-        mean_tps = timed_tokens / timed_s
-    else:
-        mean_tps = first_tokens / first_s if first_s > 0 else float("nan")
-    mean_mfu = model_flops_utilisation(mean_tps, fpt, peak) if math.isfinite(mean_tps) else float("nan")
+    tokens_per_s, mfu = meter.mean() if meter is not None else (float("nan"), float("nan"))
     if raw_model is not None:
         raw_model.eval()
     seconds = time.perf_counter() - started
     if d.master and verbose:
-        print(f"pretraining: {step:,}/{cfg.max_steps:,} steps, {tokens:,} tokens, train loss {train_loss:.4f}, "
-              f"val loss {val_loss:.4f}, {mean_tps:,.0f} tokens/s, MFU {mean_mfu:.1%}, {seconds:.1f} s"
-              + (" (interrupted)" if interrupted else ""))
-    return TrainResult(step, train_loss, val_loss, tokens, mean_tps, mean_mfu, paths, interrupted, seconds, raw_model)
+        print(f"pretraining: {run.step:,}/{cfg.max_steps:,} steps, {run.tokens:,} tokens, train loss "
+              f"{run.train_loss:.4f}, val loss {run.val_loss:.4f}, {tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%}, "
+              f"{seconds:.1f} s" + (" (interrupted)" if interrupted else ""))
+    return TrainResult(run.step, run.train_loss, run.val_loss, run.tokens, tokens_per_s, mfu, paths, interrupted,
+                       seconds, raw_model)

@@ -343,3 +343,17 @@ def test_a_corpus_name_is_tokenized_once_into_the_data_cache(monkeypatch, tmp_pa
     assert meta.stat().st_mtime_ns == first
     with pytest.raises(ValueError, match="TrainerConfig.data"):
         _train(cfg.replace(data="no-such-corpus", out_dir=str(tmp_path / "c")))
+
+
+def test_a_damaged_val_shard_is_an_error_not_a_silent_nan(shards, tmp_path):
+    """A val shard cut short must stop the run with ShardError naming it, not give val_loss=nan."""
+    import shutil
+
+    from course_lib.shards import ShardError, shard_files
+
+    data = tmp_path / "shards"
+    shutil.copytree(shards, data)
+    val = shard_files(data, "val")[0]
+    val.write_bytes(val.read_bytes()[:-7])          # truncated: the header's count no longer fits
+    with pytest.raises(ShardError, match=val.name):
+        _train(_cfg(data, tmp_path / "run"))
