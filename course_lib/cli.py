@@ -4,6 +4,9 @@
     course data list [--verify]        which registered files are present
     course data fetch NAME... | --all [--mirror DIR]
                                        download or stage data (a classroom: --all, once)
+    course data shards NAME|PATH --out DIR [--val-fraction F] [--shard-tokens N] [--workers N] [--force] [-q]
+                                       tokenize a corpus into uint16 token shards for pretraining (step 8):
+                                       DIR/train_*.bin, DIR/val_*.bin and DIR/meta.json
     course check N [--solutions | --file F] [--timeout S]
                                        check step N's exercises
     course run N [--profile P] [--out DIR]
@@ -23,6 +26,13 @@
     course evaluate DIR [--judge-url URL --judge-model NAME [--judge-key KEY]]
                                        exact match and ROUGE-L of DIR/responses.json; with a judge (any
                                        OpenAI-compatible server), its mean 0-100 score, added to DIR/metrics.json
+    course pretrain [--profile P] [--data NAME|DIR] [--out DIR] [--resume] [--compile] [--dtype bf16|fp16|fp32]
+                    [--max-steps N] [--device D] [-q]
+                                       pretrain a GPT with the production trainer (step 8): DIR/checkpoint.pt,
+                                       DIR/log.jsonl (loss, lr, tokens/s, MFU) and DIR/config.json (default DIR
+                                       runs/pretrain-<profile>); --resume continues a stopped run. Launched by
+                                       `torchrun --nproc-per-node N -m course_lib.cli pretrain ...` it trains on
+                                       N processes (DDP), and only rank 0 prints and writes
 
 Step code is imported inside the command that needs it, so ``course --help`` is instant.
 Bad input is one ``error: ...`` line on stderr and exit status 2. Output into a closed pipe
@@ -743,6 +753,267 @@ def _cmd_classify(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- #
+# Step 8: course pretrain, course data shards
+# --------------------------------------------------------------------------- #
+#: ``course pretrain --dtype`` (``course_lib.trainer.DTYPES``; a test keeps them equal).
+_DTYPES = ("bf16", "fp16", "fp32")
+
+
+def _rank() -> int:
+    """This process's rank under ``torchrun`` (0 when run alone)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _world_size() -> int:
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def _data_problem(value: str) -> str | None:
+    """Why ``--data value`` cannot feed the trainer, or ``None`` (a shard folder or a registered text)."""
+    from . import data
+    from .shards import shard_files
+
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if shard_files(path, "train"):
+            return None
+        texts = " (it holds .txt files: tokenize them first with `course data shards " + str(path) + " --out DIR`)" \
+            if any(path.glob("*.txt")) else ""
+        return (f"--data {path} holds no training shards (train_000000.bin, ...){texts}; write shards with "
+                f"`course data shards SOURCE --out {path}` or give a registered corpus name (`course data list`)")
+    if path.is_file():
+        return (f"--data {path} is a file; give a folder of shards (`course data shards {path} --out DIR` writes "
+                "one) or a registered corpus name")
+    if value == "gutenberg":
+        return None
+    entry = data.REGISTRY.get(value)
+    if entry is None:
+        texts = sorted(e.name for e in data.entries() if e.group == "text")
+        return (f"--data {value!r} is neither a folder of shards nor a registered corpus; give a folder written by "
+                f"`course data shards`, or one of: {', '.join(texts)}, gutenberg (all the books)")
+    if entry.group != "text":
+        return f"--data {value!r} is a {entry.group} file, not a text corpus; see `course data list`"
+    return None
+
+
+def _resume_command(args, profile: str, out: Path) -> str:
+    """The command that continues this run: the same options, plus ``--resume``."""
+    parts = ["course pretrain", f"--profile {profile}", f"--out {out}"]
+    if args.data:
+        parts.append(f"--data {args.data}")
+    if args.dtype:
+        parts.append(f"--dtype {args.dtype}")
+    if args.compile is not None:
+        parts.append("--compile" if args.compile else "--no-compile")
+    if args.max_steps is not None:
+        parts.append(f"--max-steps {args.max_steps}")
+    if args.device:
+        parts.append(f"--device {args.device}")
+    command = " ".join(parts + ["--resume"])
+    if _world_size() > 1:
+        command = (f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', _world_size())} -m "
+                   + command.replace("course pretrain", "course_lib.cli pretrain"))
+    return command
+
+
+def _stored_run_problem(out: Path, cfg) -> str | None:
+    """Why the run in ``out`` (its ``config.json``) cannot be resumed with ``cfg``, or ``None``."""
+    try:
+        stored = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # no readable config.json: the trainer checks the checkpoint itself
+    if not isinstance(stored, dict):
+        return None
+    wanted = {**cfg.model_config().to_dict(), "batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps,
+              "seed": cfg.seed}
+    had = {**(stored.get("model_config") or {}),
+           **{k: stored.get(k) for k in ("batch_size", "grad_accum_steps", "seed")}}
+    keys = ("n_layers", "emb_dim", "n_heads", "context_length", "vocab_size", "batch_size", "grad_accum_steps", "seed")
+    diffs = [f"{k} {had[k]} -> {wanted[k]}" for k in keys if k in had and had[k] is not None and had[k] != wanted[k]]
+    if diffs:
+        return (f"the run in --out {out} was started with other settings ({', '.join(diffs)}): resume it with the "
+                f"--profile and options it was started with (see {out / 'config.json'}), or give another --out")
+    return None
+
+
+def _cmd_pretrain(args) -> int:
+    from .config import get_device, get_profile
+
+    rank0 = _rank() == 0
+    fail = _error if rank0 else (lambda message, status=2: status)  # under torchrun, rank 0 speaks for all
+
+    # Everything that can be refused is refused before a run of minutes, not after it.
+    try:
+        profile = get_profile(args.profile).name
+        device = get_device(args.device)
+    except ValueError as err:
+        return fail(err)
+    if args.max_steps is not None and args.max_steps < 1:
+        return fail(f"--max-steps must be a positive number of optimizer steps, got {args.max_steps}")
+    if args.dtype == "fp16" and device.type != "cuda":
+        return fail(f"--dtype fp16 needs a CUDA GPU (fp16 autocast with a gradient scaler); this run is on "
+                    f"{device.type}: use --dtype bf16 or fp32")
+    if args.data is not None:
+        problem = _data_problem(args.data)
+        if problem is not None:
+            return fail(problem)
+
+    from .trainer import CHECKPOINT, CONFIG, LOG, check_config, recipe, train
+
+    out = Path(args.out).expanduser() if args.out else _default_run_dir("pretrain", profile)
+    cfg = recipe(profile)
+    changes = {"out_dir": str(out), "data": args.data, "dtype": args.dtype, "compile": args.compile,
+               "max_steps": args.max_steps, "device": args.device}
+    notes = []
+    if args.max_steps is not None and cfg.warmup_steps > args.max_steps:
+        changes["warmup_steps"] = args.max_steps // 10
+        notes.append(f"the recipe's {cfg.warmup_steps} warmup steps do not fit in --max-steps {args.max_steps}: "
+                     f"warming up for {changes['warmup_steps']}")
+    cfg = cfg.replace(skip_none=True, **changes)
+    try:
+        check_config(cfg)
+    except (ValueError, TypeError) as err:
+        return fail(err)
+
+    checkpoint_path, log_path, config_path = out / CHECKPOINT, out / LOG, out / CONFIG
+    # Every process checks (under torchrun they see the same folder), so all of them stop together.
+    from .paths import writable_problem
+
+    problem = writable_problem(out)
+    if problem is not None:
+        return fail(f"the output folder {out} (--out) {problem}: give a folder you can write")
+    folder = next((p for p in (checkpoint_path, log_path, config_path) if p.is_dir()), None)
+    if folder is not None:
+        return fail(f"--out {out} holds a folder named {folder.name}, where the file goes; give another --out")
+    earlier = [p.name for p in (checkpoint_path, log_path) if p.exists()]
+    if earlier and not args.resume:
+        return fail(f"--out {out} already holds a run ({' and '.join(earlier)}); pass --resume to continue it, "
+                    "or give another --out for a new run")
+    if args.resume and checkpoint_path.exists():
+        problem = _stored_run_problem(out, cfg)
+        if problem is not None:
+            return fail(problem)
+    if args.resume and not checkpoint_path.exists():
+        notes.append(f"--resume: no {CHECKPOINT} in {out} yet, so a new run starts")
+
+    from .checkpoint import NonFiniteError
+    from .data import DataFetchError
+
+    m = cfg.model_config()
+    if rank0:
+        procs = f", {_world_size()} processes" if _world_size() > 1 else ""
+        print(f"pretraining the {profile} recipe: {m.n_layers} layers x {m.emb_dim} wide, context {m.context_length}, "
+              f"on {cfg.data}; {cfg.max_steps:,} steps of {cfg.batch_size} x {cfg.grad_accum_steps} sequences per "
+              f"process; {device.type}{procs}, {cfg.dtype}{', compiled' if cfg.compile else ''} -> {out}", flush=True)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+    try:
+        result = train(cfg, resume=args.resume, progress=not args.quiet, verbose=not args.quiet)
+    except KeyboardInterrupt:  # before the loop (data, model) or a second Ctrl-C inside it
+        if rank0:
+            kept = f"the last checkpoint {checkpoint_path} is kept" if checkpoint_path.exists() else "no checkpoint"
+            print(f"\ninterrupted: {kept}", file=sys.stderr)
+        return 130
+    except DataFetchError as err:
+        return fail(f"{err.summary} (`course data fetch -v NAME` says how to stage a file by hand, or give --data "
+                    "a folder of shards)", 1)
+    except NonFiniteError as err:
+        return fail(err, 1)
+    except FileExistsError as err:  # a run appeared in --out meanwhile
+        return fail(f"{err}", 2)
+    except ValueError as err:  # a checkpoint that does not fit, a damaged shard file, ... (a TypeError is a bug)
+        return fail(err)
+    except OSError as err:
+        return fail(f"{err} (the last complete checkpoint, if any, is kept)", 1)
+
+    if not rank0:
+        return 130 if result.interrupted else 0
+    if not math.isfinite(result.tokens_per_s) and result.steps >= cfg.max_steps:
+        print(f"nothing to train: the run in {out} has {result.steps:,} steps, and --max-steps is "
+              f"{cfg.max_steps:,}; raise --max-steps to train on", file=sys.stderr)
+        return 0
+
+    def number(x, fmt):
+        return "n/a" if x is None or not math.isfinite(x) else format(x, fmt)
+
+    rows = [
+        ("steps", f"{result.steps:,} of {cfg.max_steps:,} ({result.tokens:,} tokens, {result.seconds:.1f} s on "
+                  f"{device.type}{f' x {_world_size()}' if _world_size() > 1 else ''})"),
+        ("loss", f"train {number(result.train_loss, '.3f')}, validation {number(result.val_loss, '.3f')}"),
+        ("speed", f"{number(result.tokens_per_s, ',.0f')} tokens/s, MFU {number(100 * result.mfu, '.1f')}%"
+                  + (" (of a rough CPU peak; see course_lib.mfu)" if device.type == "cpu" else "")),
+        ("checkpoint", str(checkpoint_path)),
+        ("log", f"{log_path} (loss, lr, gradient norm, tokens/s and MFU per step)"),
+        ("config", str(config_path)),
+    ]
+    print(f"\n{'stopped' if result.interrupted else 'pretrained'} the {profile} recipe")
+    for name, value in rows:
+        print(f"  {name:<11} {value}")
+    if result.interrupted:
+        print(f"stopped by Ctrl-C after step {result.steps:,} of {cfg.max_steps:,}; saved {checkpoint_path}. "
+              f"Continue with: {_resume_command(args, profile, out)}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _cmd_data_shards(args) -> int:
+    if not 0 < args.val_fraction < 1:
+        return _error(f"--val-fraction must be between 0 and 1 (exclusive), such as 0.05; got {args.val_fraction:g}")
+    if args.shard_tokens < 1:
+        return _error(f"--shard-tokens must be a positive number of tokens per file, got {args.shard_tokens}")
+    if args.workers is not None and args.workers < 1:
+        return _error(f"--workers must be a positive number of processes, got {args.workers}")
+    out = Path(args.out).expanduser()
+    from .paths import writable_problem
+
+    problem = writable_problem(out)
+    if problem is not None:
+        return _error(f"the output folder {out} (--out) {problem}: give a folder you can write")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        return _error(f"--out {out} is not empty; pass --force to replace its shards (other files are kept), or give "
+                      "another --out")
+
+    from .data import DataFetchError
+    from .shards import prepare_shards
+
+    workers = args.workers if args.workers is not None else "one per CPU"
+    print(f"tokenizing {args.source} with GPT-2's tokenizer ({workers} worker processes) into {out}", flush=True)
+    try:
+        meta = prepare_shards(args.source, out, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+                              workers=args.workers, overwrite=args.force, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {out} holds no meta.json, so its shards are incomplete; run the command again with "
+              "--force", file=sys.stderr)
+        return 130
+    except DataFetchError as err:
+        return _error(f"{err.summary} (`course data fetch -v NAME` says how to stage a file by hand)", 1)
+    except FileExistsError as err:
+        return _error(f"{err} (pass --force to replace them, or give another --out)")
+    except (ValueError, TypeError) as err:
+        return _error(err)
+    except OSError as err:
+        return _error(err, 1)
+
+    seconds = meta["seconds"]
+    print(f"\n{meta['source']} -> {out} (validation split by {meta['split_by']})")
+    for split, s in meta["splits"].items():
+        files = len(s["files"])
+        print(f"  {split:<7} {files:>3} file{'s' if files != 1 else ' '}  {s['tokens']:>13,} tokens  "
+              f"({s['documents']:,} document{'s' if s['documents'] != 1 else ''})")
+    rate = meta["tokens"] / seconds if seconds > 0 else float("nan")
+    print(f"  {'total':<7} {meta['tokens']:,} tokens in {seconds:.1f} s ({rate:,.0f} tokens/s)")
+    print(f"  {'meta':<7} {out / 'meta.json'}")
+    print(f"\ntrain on it: course pretrain --data {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="course", description="The LLM Sovereignty Stack: course tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -751,7 +1022,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-data", action="store_true", help="skip the data files")
     p.set_defaults(func=_cmd_doctor)
 
-    p = sub.add_parser("data", help="list or fetch the course's data files")
+    p = sub.add_parser("data", help="list, fetch or tokenize (shards) the course's data files")
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("list", help="which registered files are present")
     q.add_argument("--verify", action="store_true", help="hash every file (slower)")
@@ -767,6 +1038,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     q.add_argument("-v", "--verbose", action="store_true", help="print every source tried for a failure")
     q.set_defaults(func=_cmd_data_fetch)
+    q = dsub.add_parser("shards", help="tokenize a corpus into token shards for `course pretrain` (step 8)",
+                        description="Encode a corpus once with GPT-2's tokenizer, in parallel worker processes, into "
+                                    "DIR/train_NNNNNN.bin and DIR/val_NNNNNN.bin (uint16 token ids after a 1 KiB "
+                                    "header; see course_lib.shards) and DIR/meta.json. Every document starts with "
+                                    "<|endoftext|>; the validation split is the corpus's last documents (a single "
+                                    "document, such as a book, is split by tokens).")
+    q.add_argument("source", metavar="NAME|PATH",
+                   help="a registered text (`course data list`, e.g. tinystories-val), gutenberg (all the books), "
+                        "a .txt file, or a folder of .txt files")
+    q.add_argument("--out", metavar="DIR", required=True, help="the folder to write (new or empty unless --force)")
+    q.add_argument("--val-fraction", type=float, default=0.05, metavar="F",
+                   help="share of the corpus held out for validation (default 0.05)")
+    q.add_argument("--shard-tokens", type=int, default=2**24, metavar="N",
+                   help="tokens per shard file (default 16,777,216: 32 MiB)")
+    q.add_argument("--workers", type=int, metavar="N", help="tokenizing processes (default one per CPU)")
+    q.add_argument("--force", action="store_true",
+                   help="write into a folder that is not empty, replacing its shards (default: refuse)")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_cmd_data_shards)
 
     p = sub.add_parser("check", help="check your exercises for step N")
     p.add_argument("step", type=int, help="step number, 1-9")
@@ -830,6 +1120,37 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: refuse)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars or evaluations; only the summary")
     q.set_defaults(func=_cmd_finetune_instruct)
+
+    p = sub.add_parser("pretrain", help="pretrain a GPT with the production trainer (step 8); torchrun runs it "
+                                        "on many processes",
+                       description="Pretrain a GPT from scratch with course_lib.trainer.train and the profile's "
+                                   "recipe (course_lib.trainer.recipe): AdamW, warmup + cosine, clipping, gradient "
+                                   "accumulation, mixed precision, token shards. Writes DIR/checkpoint.pt (every "
+                                   "few hundred steps and at the end), DIR/log.jsonl (loss, lr, gradient norm, "
+                                   "tokens/s and MFU) and DIR/config.json. Ctrl-C finishes the step, saves and "
+                                   "says how to --resume. Launched by torchrun (torchrun --standalone "
+                                   "--nproc-per-node 2 -m course_lib.cli pretrain ...) the same command trains "
+                                   "with DistributedDataParallel: NCCL on GPUs, gloo on CPUs; rank 0 prints and "
+                                   "writes.")
+    p.add_argument("--profile", help="tiny, cpu or gpu (default $COURSE_PROFILE, else cpu): the recipe")
+    p.add_argument("--data", metavar="NAME|DIR",
+                   help="a folder of shards (`course data shards`) or a registered corpus, tokenized once into "
+                        "the data cache (default: the recipe's)")
+    p.add_argument("--out", metavar="DIR", help="folder for checkpoint.pt, log.jsonl and config.json "
+                                                "(default runs/pretrain-<profile>/ in the course folder)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in DIR from its checkpoint (default: refuse a DIR that holds a run)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: the recipe's; gpu compiles)")
+    p.add_argument("--dtype", choices=_DTYPES,
+                   help="autocast to bf16 (CPU and CUDA), fp16 (CUDA, with a gradient scaler) or plain fp32 "
+                        "(default: the recipe's)")
+    p.add_argument("--max-steps", type=int, metavar="N",
+                   help="optimizer steps in all, those before a --resume included; the schedule decays over them "
+                        "(default: the recipe's)")
+    p.add_argument("--device", help="cuda, mps or cpu (default $COURSE_DEVICE, else the best available)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or evaluations; only the summary")
+    p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("classify", help="label and probability of each text, with a fine-tuned classifier")
     p.add_argument("dir", metavar="DIR", help="the --out folder of `course finetune classify` (or its model.pt)")
