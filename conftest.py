@@ -72,7 +72,7 @@ def pytest_addoption(parser):
 
 
 #: Notebooks and tests that start from the profile's base model (steps 6 onwards).
-_NEEDS_BASE_MODEL = ("06_", "07_", "08_", "09_", "test_cli_classify", "test_cli_instruct")
+_NEEDS_BASE_MODEL = ("06_", "07_", "09_", "test_cli_classify", "test_cli_instruct")   # step 8 pretrains its own
 
 
 def pytest_collection_finish(session):

@@ -289,8 +289,8 @@ def recipe(profile: str) -> TrainerConfig:
     * ``"tiny"`` — a 2-layer, 64-wide GPT with a 32-token context, 30 steps on The Verdict:
       seconds on a CPU (the notebook and the tests).
     * ``"cpu"`` — ``gpt-cpu`` (4 layers, 256 wide) with a 128-token context on TinyStories'
-      validation file (~0.2 M tokens), 200 steps of 4,096 tokens (~4 passes over it): 80 TFLOPs,
-      a few minutes on a laptop's cores (time and loss: to be measured).
+      validation file (~0.2 M tokens), 150 steps of 2,048 tokens (~1.6 passes over it): about
+      30 TFLOPs, about 10 minutes on two laptop cores (measured: ``benchmarks/README.md``, step 8).
     * ``"gpu"`` — GPT-2 small (124 M, tied head), 1,024-token context, bf16, ``torch.compile``;
       32 x 16 accumulation x 1,024 tokens = 524,288 tokens (~0.5 M, GPT-3's batch for this size)
       per step on one GPU, 400 steps = 210 M tokens of TinyStories' training file
@@ -311,8 +311,8 @@ def recipe(profile: str) -> TrainerConfig:
     if key == "cpu":
         return TrainerConfig(
             model="gpt-cpu", data="tinystories-val", out_dir="runs/pretrain-cpu", batch_size=16,
-            grad_accum_steps=2, context_length=128, max_steps=200, max_lr=1e-3, min_lr=1e-4, warmup_steps=20,
-            eval_every=50, eval_batches=10, log_every=10, checkpoint_every=100)
+            grad_accum_steps=1, context_length=128, max_steps=150, max_lr=1e-3, min_lr=1e-4, warmup_steps=15,
+            eval_every=50, eval_batches=10, log_every=10, checkpoint_every=25)
     if key == "gpu":
         return TrainerConfig(
             model="gpt2-small", tie_weights=True, data="tinystories-train", out_dir="runs/pretrain-gpu",
