@@ -857,6 +857,10 @@ def _cmd_pretrain(args) -> int:
         return fail(err)
     if args.max_steps is not None and args.max_steps < 1:
         return fail(f"--max-steps must be a positive number of optimizer steps, got {args.max_steps}")
+    if args.out is not None and not args.out.strip():  # "" must not quietly mean the default folder
+        return fail("--out is empty; give a folder, or omit --out for runs/pretrain-<profile>")
+    if args.data is not None and not args.data.strip():  # nor "." (Path(""))
+        return fail("--data is empty; give a folder of shards or a registered corpus, or omit --data for the recipe's")
     if args.dtype == "fp16" and device.type != "cuda":
         return fail(f"--dtype fp16 needs a CUDA GPU (fp16 autocast with a gradient scaler); this run is on "
                     f"{device.type}: use --dtype bf16 or fp32")
@@ -884,14 +888,9 @@ def _cmd_pretrain(args) -> int:
 
     checkpoint_path, log_path, config_path = out / CHECKPOINT, out / LOG, out / CONFIG
     # Every process checks (under torchrun they see the same folder), so all of them stop together.
-    from .paths import writable_problem
-
-    problem = writable_problem(out)
+    problem = _out_problem(out, (checkpoint_path, log_path, config_path), force=True)  # writable, no folder in the way
     if problem is not None:
-        return fail(f"the output folder {out} (--out) {problem}: give a folder you can write")
-    folder = next((p for p in (checkpoint_path, log_path, config_path) if p.is_dir()), None)
-    if folder is not None:
-        return fail(f"--out {out} holds a folder named {folder.name}, where the file goes; give another --out")
+        return fail(problem)
     earlier = [p.name for p in (checkpoint_path, log_path) if p.exists()]
     if earlier and not args.resume:
         return fail(f"--out {out} already holds a run ({' and '.join(earlier)}); pass --resume to continue it, "
@@ -970,6 +969,11 @@ def _cmd_data_shards(args) -> int:
         return _error(f"--shard-tokens must be a positive number of tokens per file, got {args.shard_tokens}")
     if args.workers is not None and args.workers < 1:
         return _error(f"--workers must be a positive number of processes, got {args.workers}")
+    if not args.source.strip():
+        return _error("NAME|PATH is empty; give a registered text (`course data list`), a .txt file or a folder "
+                      "of them")
+    if not args.out.strip():
+        return _error("--out is empty; give the folder to write the shards into")
     out = Path(args.out).expanduser()
     from .paths import writable_problem
 

@@ -21,11 +21,13 @@ percent of the rough estimate below is normal. The table is approximate; pass
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["PEAK_FLOPS", "CPU_CORE_FLOPS", "FALLBACK_GPU", "DTYPES", "peak_flops", "mfu", "device_name",
@@ -89,7 +91,13 @@ def device_name(device: Any = None) -> str:
 
 
 def lookup(name: str) -> str | None:
-    """The :data:`PEAK_FLOPS` key for a device name such as ``"NVIDIA A100-SXM4-80GB"``, or ``None``."""
+    """The :data:`PEAK_FLOPS` key for a device name such as ``"NVIDIA A100-SXM4-80GB"``, or ``None``.
+
+    Raises:
+        TypeError: ``name`` is not a string.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a device name (str) such as 'NVIDIA A100-SXM4-80GB', got {type(name).__name__}")
     if name in PEAK_FLOPS:
         return name
     upper = name.upper()
@@ -99,10 +107,21 @@ def lookup(name: str) -> str | None:
     return None
 
 
+def _number(value: Any) -> float:
+    """``value`` as a float if it is a real number (NumPy's too, never a bool); else ``nan``."""
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        return math.nan
+    try:
+        return float(value)
+    except OverflowError:  # an int too large for a float
+        return math.inf
+
+
 def _positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    number = _number(value)
+    if not math.isfinite(number) or number <= 0:
         raise ValueError(f"{name} must be a positive number of FLOP/s (e.g. 989e12), got {value!r}")
-    return float(value)
+    return number
 
 
 def peak_flops(device: Any = None, dtype: str | torch.dtype = "bf16", override: float | None = None) -> float:
@@ -114,7 +133,7 @@ def peak_flops(device: Any = None, dtype: str | torch.dtype = "bf16", override: 
             Default ``None``: CUDA if available, else CPU.
         dtype: ``"bf16"``, ``"fp16"``, ``"fp32"`` or ``"tf32"`` (or the matching ``torch.dtype``).
             Default ``"bf16"``.
-        override: your own figure; when given it is returned as is (it wins over the table).
+        override: your own figure; when given it is returned (as a float) and wins over the table.
 
     Returns:
         FLOP/s. A CPU gets ``PEAK_FLOPS["cpu"]`` x the cores torch uses
@@ -122,7 +141,9 @@ def peak_flops(device: Any = None, dtype: str | torch.dtype = "bf16", override: 
         to be a :data:`FALLBACK_GPU`, with a warning (once per name) saying how to override it.
 
     Raises:
-        ValueError: an unknown dtype, or an ``override`` that is not a positive number.
+        ValueError: an unknown dtype; an ``override`` that is not a positive number; an empty
+            device name; ``"cuda"`` on a machine without CUDA.
+        TypeError: ``device`` is neither a torch device nor a string.
     """
     if override is not None:
         return _positive("override (peak_flops)", override)
@@ -137,6 +158,9 @@ def peak_flops(device: Any = None, dtype: str | torch.dtype = "bf16", override: 
         if not isinstance(device, str):
             raise TypeError(f"device must be a torch device or a device name (str), got {type(device).__name__}")
         parsed = device  # a device name such as "NVIDIA H100 80GB HBM3"
+    if isinstance(parsed, str) and not parsed.strip():
+        raise ValueError("device is an empty name; pass a torch device ('cuda', 'cpu') or a device name such as "
+                         "'NVIDIA H100 80GB HBM3'")
     if isinstance(parsed, torch.device) and parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: CUDA is not available here, so its peak cannot be read; pass a "
                          "device name (e.g. 'NVIDIA H100 80GB HBM3') or override=")
@@ -172,12 +196,10 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak: float) -> float:
         ValueError: a negative or non-finite throughput, or a ``flops_per_token``/``peak`` that is
             not a positive number.
     """
-    if isinstance(tokens_per_second, bool) or not isinstance(tokens_per_second, (int, float)) \
-            or not math.isfinite(tokens_per_second) or tokens_per_second < 0:
+    tps, fpt = _number(tokens_per_second), _number(flops_per_token)
+    if not math.isfinite(tps) or tps < 0:
         raise ValueError(f"tokens_per_second must be a finite number >= 0, got {tokens_per_second!r}")
-    if isinstance(flops_per_token, bool) or not isinstance(flops_per_token, (int, float)) \
-            or not math.isfinite(flops_per_token) or flops_per_token <= 0:
+    if not math.isfinite(fpt) or fpt <= 0:
         raise ValueError(f"flops_per_token must be a positive number (course_lib.anatomy.flops_per_token(cfg)), "
                          f"got {flops_per_token!r}")
-    peak = _positive("peak", peak)
-    return float(tokens_per_second) * float(flops_per_token) / peak
+    return tps * fpt / _positive("peak", peak)

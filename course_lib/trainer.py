@@ -44,6 +44,7 @@ import functools
 import inspect
 import json
 import math
+import numbers
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -51,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -187,7 +189,8 @@ class TrainerConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainerConfig":
-        """The config :meth:`to_dict` wrote (e.g. ``config.json``)."""
+        """The config :meth:`to_dict` wrote (e.g. ``config.json``); keys that are not fields
+        (``config.json``'s ``model_config``, ``world_size``, ...) are left out."""
         d = {k: v for k, v in dict(data).items() if k in {f.name for f in dataclasses.fields(cls)}}
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
@@ -225,62 +228,84 @@ class TrainerConfig:
             raise type(err)(f"TrainerConfig.model: {err}") from None
 
 
-def _real(name: str, value: Any, *, minimum: float = 0.0, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < minimum or (positive and value <= 0):
-        bound = "> 0" if positive else f">= {minimum:g}"
-        raise ValueError(f"TrainerConfig.{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
+def _real(name: str, value: Any, *, positive: bool = False) -> float:
+    """``value`` as a ``float`` if it is a finite real number >= 0 (> 0 with ``positive``); NumPy's too."""
+    number = math.nan
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float (10**400)
+            number = math.inf
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        raise ValueError(f"TrainerConfig.{name} must be a finite number {'> 0' if positive else '>= 0'}, "
+                         f"got {value!r}")
+    return number
 
 
 def check_config(cfg: TrainerConfig) -> TrainerConfig:
-    """Check every field of ``cfg`` (before anything is built); returns it.
+    """Check every field of ``cfg`` before anything is built or written.
+
+    Returns:
+        a copy of ``cfg`` with plain Python values (a ``numpy.int64`` becomes ``int``, a
+        ``numpy.float32`` ``float``, ``betas`` a tuple), so that ``config.json`` can hold it.
 
     Raises:
-        TypeError: ``cfg`` is not a :class:`TrainerConfig`; a flag that is not ``True``/``False``.
+        TypeError: ``cfg`` is not a :class:`TrainerConfig`; a flag that is not ``True``/``False``; a
+            ``seed`` that is not an integer; a ``model`` of the wrong kind or a bad override.
         ValueError: a bad value, naming the field (``TrainerConfig.warmup_steps ...``) and the fix.
     """
     if not isinstance(cfg, TrainerConfig):
         raise TypeError(f"cfg must be a TrainerConfig (e.g. course_lib.trainer.recipe('tiny')), got "
                         f"{type(cfg).__name__}")
+    clean: dict[str, Any] = {}
     for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches", "log_every",
                  "checkpoint_every"):
-        positive_int(f"TrainerConfig.{name}", getattr(cfg, name))
-    positive_int("TrainerConfig.context_length", cfg.context_length, allow_none=True)
-    non_negative_int("TrainerConfig.warmup_steps", cfg.warmup_steps)
-    if cfg.warmup_steps > cfg.max_steps:
+        clean[name] = positive_int(f"TrainerConfig.{name}", getattr(cfg, name))
+    clean["context_length"] = positive_int("TrainerConfig.context_length", cfg.context_length, allow_none=True)
+    clean["warmup_steps"] = non_negative_int("TrainerConfig.warmup_steps", cfg.warmup_steps)
+    if clean["warmup_steps"] > clean["max_steps"]:
         raise ValueError(f"TrainerConfig.warmup_steps ({cfg.warmup_steps}) is longer than the run "
                          f"(max_steps={cfg.max_steps}); use fewer warmup steps (a few percent of the run)")
-    max_lr = _real("max_lr", cfg.max_lr, positive=True)
-    if _real("min_lr", cfg.min_lr) > max_lr:
+    clean["max_lr"] = _real("max_lr", cfg.max_lr, positive=True)
+    clean["min_lr"] = _real("min_lr", cfg.min_lr)
+    if clean["min_lr"] > clean["max_lr"]:
         raise ValueError(f"TrainerConfig.min_lr ({cfg.min_lr:g}) is larger than max_lr ({cfg.max_lr:g}); the "
                          "schedule decays from max_lr down to min_lr (e.g. min_lr = max_lr / 10)")
-    if cfg.schedule not in SCHEDULES:
+    if not isinstance(cfg.schedule, str) or cfg.schedule not in SCHEDULES:
         raise ValueError(f"TrainerConfig.schedule must be one of {sorted(SCHEDULES)}, got {cfg.schedule!r}")
     if cfg.decay_steps is not None:
-        non_negative_int("TrainerConfig.decay_steps", cfg.decay_steps)
-        if cfg.decay_steps > cfg.max_steps - cfg.warmup_steps:
+        clean["decay_steps"] = non_negative_int("TrainerConfig.decay_steps", cfg.decay_steps)
+        if clean["decay_steps"] > clean["max_steps"] - clean["warmup_steps"]:
             raise ValueError(f"TrainerConfig.decay_steps ({cfg.decay_steps}) is longer than the steps after warmup "
                              f"({cfg.max_steps - cfg.warmup_steps})")
-    _real("weight_decay", cfg.weight_decay)
+    clean["weight_decay"] = _real("weight_decay", cfg.weight_decay)
     if not (isinstance(cfg.betas, (tuple, list)) and len(cfg.betas) == 2
-            and all(not isinstance(b, bool) and isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.betas)):
+            and all(isinstance(b, numbers.Real) and not isinstance(b, (bool, np.bool_)) and 0 <= b < 1
+                    for b in cfg.betas)):
         raise ValueError(f"TrainerConfig.betas must be two numbers in [0, 1), e.g. (0.9, 0.95), got {cfg.betas!r}")
-    _real("eps", cfg.eps, positive=True)
-    _real("grad_clip", cfg.grad_clip)
-    if cfg.dtype not in DTYPES:
+    clean["betas"] = tuple(float(b) for b in cfg.betas)
+    clean["eps"] = _real("eps", cfg.eps, positive=True)
+    clean["grad_clip"] = _real("grad_clip", cfg.grad_clip)
+    if not isinstance(cfg.dtype, str) or cfg.dtype not in DTYPES:
         raise ValueError(f"TrainerConfig.dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
     for name in ("tie_weights", "shuffle", "compile", "tf32", "fsdp"):
-        boolean(f"TrainerConfig.{name}", getattr(cfg, name))
-    integer("TrainerConfig.seed", cfg.seed)
+        clean[name] = boolean(f"TrainerConfig.{name}", getattr(cfg, name))
+    clean["seed"] = integer("TrainerConfig.seed", cfg.seed)
+    if not -2**63 <= clean["seed"] < 2**63:  # torch.manual_seed's range, with room for seed + rank
+        raise ValueError(f"TrainerConfig.seed must be between -2**63 and 2**63 - 1 (torch.manual_seed's range), "
+                         f"got {cfg.seed}; use a smaller seed such as 1234")
     if cfg.peak_flops is not None:
-        _real("peak_flops", cfg.peak_flops, positive=True)
+        clean["peak_flops"] = _real("peak_flops", cfg.peak_flops, positive=True)
     if not isinstance(cfg.data, (str, os.PathLike)) or not str(cfg.data).strip():
         raise ValueError(f"TrainerConfig.data must be a shard folder or a registered corpus name, got {cfg.data!r}")
     if not isinstance(cfg.out_dir, (str, os.PathLike)) or not str(cfg.out_dir).strip():
         raise ValueError(f"TrainerConfig.out_dir must be a folder path, got {cfg.out_dir!r}")
-    cfg.model_config()
-    return cfg
+    built = cfg.replace(context_length=None).model_config()
+    if isinstance(cfg.model, Mapping):  # the overrides as GPTConfig converted them (JSON-safe)
+        clean["model"] = {k: (v if k == "base" else getattr(built, k)) for k, v in cfg.model.items()}
+    checked = dataclasses.replace(cfg, **clean)
+    checked.model_config()
+    return checked
 
 
 def recipe(profile: str) -> TrainerConfig:
@@ -295,8 +320,8 @@ def recipe(profile: str) -> TrainerConfig:
       32 x 16 accumulation x 1,024 tokens = 524,288 tokens (~0.5 M, GPT-3's batch for this size)
       per step on one GPU, 400 steps = 210 M tokens of TinyStories' training file
       (``"tinystories-train"``), max_lr 6e-4 as GPT-3. Expected time and final loss: to be
-      measured (one H100: about 10 minutes at 40 % MFU, from the FLOPs). With N GPUs pass
-      ``grad_accum_steps=16 // N`` to keep the batch.
+      measured (from the FLOPs, 1.8e17: about 8 minutes of steps on one H100 at 40 % MFU, plus
+      compilation and evaluations). With N GPUs pass ``grad_accum_steps=16 // N`` to keep the batch.
 
     Raises:
         ValueError: an unknown profile.
@@ -364,7 +389,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def configure_optimizer(model: nn.Module, cfg: TrainerConfig, device: torch.device | str) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups` with ``cfg``'s lr, betas, eps and decay; the fused CUDA
-    kernel (one launch for all parameters) on a GPU, except with FSDP (sharded DTensors)."""
+    kernel (one launch for all parameters) on a GPU, except with FSDP (sharded DTensors).
+
+    Args:
+        model: the module whose parameters it updates (on ``device``).
+        cfg: gives ``max_lr`` (the starting lr; :func:`train` sets each step's), ``betas``, ``eps``,
+            ``weight_decay`` and ``fsdp``.
+        device: where the parameters live (``"cuda"`` turns on the fused kernel).
+    """
     fused = torch.device(device).type == "cuda" and not cfg.fsdp
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.max_lr, betas=tuple(cfg.betas),
                              eps=cfg.eps, **({"fused": True} if fused else {}))
@@ -391,14 +423,17 @@ def _distributed(cfg: TrainerConfig) -> tuple[_Dist, torch.device]:
     group already started; pick this process's device."""
     import torch.distributed as dist
 
+    try:
+        wanted = get_device(cfg.device)
+    except ValueError as err:
+        raise ValueError(f"TrainerConfig.device: {err}") from None
     if dist.is_available() and dist.is_initialized():
         d = _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True, False)
     elif "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         d = _Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)),
                   True, True)
     else:
-        return _Dist(), get_device(cfg.device)
-    wanted = get_device(cfg.device)
+        return _Dist(), wanted
     if wanted.type == "mps":
         raise ValueError("distributed training runs on CUDA (NCCL) or CPU (gloo), not MPS; pass device='cpu'")
     device = torch.device("cuda", d.local_rank) if wanted.type == "cuda" else torch.device("cpu")
@@ -443,8 +478,9 @@ def _all_ranks(d: _Dist, obj: Any) -> list[Any]:
 # --------------------------------------------------------------------------- #
 # Data
 # --------------------------------------------------------------------------- #
-def _shard_dir(data: str | os.PathLike, progress: bool) -> Path:
-    """A folder of shards: ``data`` itself, or the cache's tokenization of the corpus it names."""
+def _shard_dir(data: str | os.PathLike, *, progress: bool = False, prepare: bool = True) -> Path:
+    """A folder of shards: ``data`` itself, or the cache's tokenization of the corpus it names
+    (tokenized now if it is not there yet, unless ``prepare=False``, which only checks the name)."""
     from . import data as registry
     from .shards import prepare_shards
 
@@ -457,7 +493,7 @@ def _shard_dir(data: str | os.PathLike, progress: bool) -> Path:
                          "a folder written by `course data shards` (course_lib.shards.prepare_shards) or a name "
                          "from `course data list` (e.g. 'tinystories-val')")
     out = registry.default_cache_dir() / "shards" / name
-    if not (out / "meta.json").is_file():  # tokenized once; a folder without meta.json was interrupted
+    if prepare and not (out / "meta.json").is_file():  # tokenized once; without meta.json: interrupted
         prepare_shards(name, out, overwrite=True, progress=progress)
     return out
 
@@ -502,14 +538,28 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) -> torch
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, num_batches: int, autocast: Callable = contextlib.nullcontext,
              device: torch.device | str | None = None) -> float:
-    """Mean loss over the first ``num_batches`` batches of ``loader`` (a sequential
-    :class:`~course_lib.shards.ShardLoader`), in ``eval()`` mode; under DDP the mean over every
-    rank's batches (all-reduced). The model's mode is put back. ``nan`` with no batches.
+    """Mean cross-entropy over the first ``num_batches`` batches of ``loader``, in ``eval()`` mode
+    (the model's mode is put back afterwards).
 
-    Every rank must call it with the same ``num_batches`` (FSDP's forward is collective).
+    Args:
+        model: maps ``x`` ``[B, T]`` to logits ``[B, T, V]``.
+        loader: yields ``(x, y)``, both ``[B, T]`` (a sequential :class:`~course_lib.shards.ShardLoader`),
+            or ``None`` (no batches).
+        num_batches: how many batches to average (an integer >= 0).
+        autocast: a context factory for the forward pass. Default: none (fp32).
+        device: where the sum is kept. Default: the model's first parameter's.
+
+    Returns:
+        the mean of the batches' mean losses; under DDP the mean over every rank's batches
+        (all-reduced; every rank must call it with the same ``num_batches``, FSDP's forward is
+        collective). ``nan`` with no batches.
+
+    Raises:
+        ValueError: ``num_batches`` is not an integer >= 0.
     """
     import torch.distributed as dist
 
+    num_batches = non_negative_int("num_batches", num_batches)
     was_training = model.training
     model.eval()
     try:
@@ -952,9 +1002,12 @@ def train(cfg: TrainerConfig, *, resume: bool = False, progress: bool = True, ve
         (``interrupted=True``); a second press stops at once, keeping the last checkpoint.
 
     Raises:
-        ValueError, TypeError: a bad config (see :func:`check_config`); ``dtype="fp16"`` without
-            CUDA; data that is neither shards nor a registered corpus.
+        ValueError, TypeError: a bad config (see :func:`check_config`), ``resume``, ``progress`` or
+            ``verbose`` not ``True``/``False``; a device this machine lacks; ``dtype="fp16"`` without
+            CUDA; data that is neither shards nor a registered corpus, or too short for one window.
         FileExistsError: ``out_dir`` holds a run (checkpoint or log) and ``resume`` is ``False``.
+        NotADirectoryError, PermissionError: ``out_dir`` is a file, or cannot be written (checked
+            before the model is built).
         course_lib.checkpoint.NonFiniteError: a ``nan``/``inf`` loss or gradient, naming the step;
             raised before that update, and the last good checkpoint is kept.
         course_lib.checkpoint.CheckpointError, CheckpointMismatchError: a checkpoint that cannot be resumed.
@@ -963,8 +1016,9 @@ def train(cfg: TrainerConfig, *, resume: bool = False, progress: bool = True, ve
 
     import torch.distributed as dist
 
-    check_config(cfg)
-    boolean("resume", resume)
+    cfg = check_config(cfg)                              # plain Python values from here on
+    for name, flag in (("resume", resume), ("progress", progress), ("verbose", verbose)):
+        boolean(name, flag)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be a function of one argument, got {type(callback).__name__}")
     model_cfg = cfg.model_config()
@@ -977,8 +1031,9 @@ def train(cfg: TrainerConfig, *, resume: bool = False, progress: bool = True, ve
     try:
         # ---- set up: precision, the run folder, model, optimizer, data, and a resume's state ----
         autocast, scaler = _precision(cfg, device)
+        _on_rank0(d, lambda: _shard_dir(cfg.data, prepare=False))  # a bad name: refused before out_dir is made
         have_checkpoint = _on_rank0(d, lambda: _prepare_run_dir(paths, resume))  # never over another run
-        shard_dir = _on_rank0(d, lambda: _shard_dir(cfg.data, progress and verbose))
+        shard_dir = _on_rank0(d, lambda: _shard_dir(cfg.data, progress=progress and verbose))
         torch.manual_seed(cfg.seed)                      # the same initial weights on every rank
         raw_model = _build_model(cfg, model_cfg, d, device)
         optimizer = configure_optimizer(raw_model, cfg, device)

@@ -218,6 +218,32 @@ def test_bad_options_are_one_line(tmp_path, capsys, args, expect):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_empty_out_or_data_is_refused_not_read_as_the_default_or_the_current_folder(tmp_path, capsys,
+                                                                                         monkeypatch):
+    default = tmp_path / "default"           # where an empty --out used to train, unasked
+    monkeypatch.setattr(cli, "_default_run_dir", lambda kind, profile: default)
+    line = refused(capsys, "pretrain", "--profile", "tiny", "--out", "", "--device", "cpu", "-q", "--max-steps", "1")
+    assert "--out is empty" in line
+    assert not default.exists()
+    line = refused_pretrain(capsys, tmp_path / "run", "--data", " ")
+    assert "--data is empty" in line and "registered corpus" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_on_an_empty_folder_starts_a_new_run_and_says_so(tmp_path, capsys):
+    from course_lib.shards import prepare_shards
+
+    shards, out = tmp_path / "shards", tmp_path / "empty"
+    prepare_shards("the-verdict", shards, workers=1, progress=False)
+    out.mkdir()
+    args = ["pretrain", "--profile", "tiny", "--out", str(out), "--device", "cpu", "-q", "--data", str(shards),
+            "--max-steps", "2", "--resume"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert f"--resume: no checkpoint.pt in {out} yet, so a new run starts" in err, err
+    assert steps_of(out) == [2] and load_checkpoint(out / "checkpoint.pt")["step"] == 2
+
+
 def test_a_data_folder_without_shards_is_refused(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -272,3 +298,12 @@ def test_data_shards_writes_what_tiktoken_reads_and_the_loader_serves(tmp_path):
 def test_data_shards_bad_input_is_one_line(tmp_path, capsys, args, expect):
     assert expect in refused(capsys, "data", "shards", *args, "--out", str(tmp_path / "out"), "-q")
     assert not (tmp_path / "out").exists()
+
+
+def test_data_shards_refuses_an_empty_source_or_out(tmp_path, capsys, monkeypatch):
+    cwd = tmp_path / "cwd"                   # an empty --out used to mean ".": the shards landed here
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert "NAME|PATH is empty" in refused(capsys, "data", "shards", "", "--out", str(tmp_path / "out"), "-q")
+    assert "--out is empty" in refused(capsys, "data", "shards", "the-verdict", "--out", "", "--workers", "1", "-q")
+    assert not (tmp_path / "out").exists() and not any(cwd.iterdir())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -104,7 +105,7 @@ def test_asking_for_cuda_without_cuda_is_a_clear_error():
 def test_the_gpu_of_this_machine_is_looked_up_by_its_name():
     name = torch.cuda.get_device_name(0)
     key = M.lookup(name) or M.FALLBACK_GPU
-    assert M.peak_flops("cuda", "bf16", ) == M.PEAK_FLOPS[key]["bf16"]
+    assert M.peak_flops("cuda", "bf16") == M.PEAK_FLOPS[key]["bf16"]
 
 
 def test_lookup_maps_names_to_keys_and_unknown_to_none():
@@ -122,8 +123,25 @@ def test_mfu_against_hand_values():
     assert M.mfu(1000, 6e6, 1e10) == pytest.approx(0.6)        # 1e3 * 6e6 / 1e10
     assert M.mfu(0, 6e6, 1e10) == 0.0
     # GPT-2 small at 400k tokens/s on an H100 (bf16): 854,438,400 FLOPs/token (below) -> 34.6 %
-    assert M.mfu(400_000, 854_438_400, 989e12) == pytest.approx(400_000 * 854_438_400 / 989e12)
     assert M.mfu(400_000, 854_438_400, 989e12) == pytest.approx(0.34557, abs=1e-5)
+
+
+def test_numpy_numbers_are_numbers():
+    # a throughput from NumPy (np.int64 tokens / np.float32 seconds) is a number, not "must be a finite number"
+    assert M.mfu(np.int64(1000), np.float32(6e6), np.float64(1e10)) == pytest.approx(0.6)
+    assert M.peak_flops("cpu", override=np.float32(1.5e12)) == pytest.approx(1.5e12)
+    with pytest.raises(ValueError, match="tokens_per_second"):
+        M.mfu(np.bool_(True), 6e6, 1e10)
+
+
+def test_an_empty_device_name_or_a_name_that_is_not_a_string_is_refused():
+    for name in ("", "   "):      # not quietly an A100
+        with pytest.raises(ValueError, match="empty"):
+            M.peak_flops(name, "bf16")
+    with pytest.raises(TypeError, match="device name"):
+        M.lookup(None)
+    with pytest.raises(TypeError, match="device"):
+        M.peak_flops(3.5, "bf16")
 
 
 @pytest.mark.parametrize("args, field", [

@@ -10,6 +10,7 @@ import os
 import signal
 
 import matplotlib
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -21,8 +22,8 @@ from course_lib.data import DataFetchError
 from course_lib.model import GPTModel, LayerNorm
 from course_lib.schedules import lr_at, wsd_lr_at
 from course_lib.shards import ShardLoader, prepare_shards
-from course_lib.trainer import (TrainerConfig, check_config, configure_optimizer, param_groups, plot_log, read_log,
-                                recipe, train)
+from course_lib.trainer import (TrainerConfig, check_config, configure_optimizer, evaluate, param_groups, plot_log,
+                                read_log, recipe, train)
 
 matplotlib.use("Agg")
 torch.set_num_threads(1)
@@ -307,12 +308,56 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(sha
     ({"max_lr": 0.0}, "max_lr"),
     ({"model": "gpt-5"}, "model"),
     ({"schedule": "wsd", "decay_steps": 10}, "decay_steps"),
+    ({"schedule": ["cosine"]}, "schedule"),        # not a bare "unhashable type: 'list'"
+    ({"dtype": ["bf16"]}, "dtype"),
+    ({"max_lr": 10**400}, "max_lr"),               # not an OverflowError from math.isfinite
+    ({"seed": 2**70}, "seed"),                     # not torch.manual_seed's "Overflow when unpacking long long"
+    ({"device": "gpu"}, "device"),
+    ({}, "data"),                                  # "unused" is no corpus: refused before out_dir is made
 ])
 def test_a_bad_config_is_a_clear_error_naming_the_field(tmp_path, changes, field):
     cfg = _cfg("unused", tmp_path / "bad").replace(**changes)
     with pytest.raises(ValueError, match=f"TrainerConfig.{field}"):
         _train(cfg)
     assert not (tmp_path / "bad").exists()
+
+
+def test_an_out_dir_that_is_a_file_is_refused_naming_it(shards, tmp_path):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    with pytest.raises(NotADirectoryError, match=f"{afile} is a file"):
+        _train(_cfg(shards, afile))
+    assert afile.read_text() == "mine"
+
+
+@pytest.mark.parametrize("flag", ["resume", "progress", "verbose"])
+def test_train_flags_must_be_true_or_false(tmp_path, flag):
+    with pytest.raises(TypeError, match=f"{flag} must be True or False"):
+        train(_cfg("unused", tmp_path / "bad"), **{"progress": False, "verbose": False, flag: "no"})
+    assert not (tmp_path / "bad").exists()
+
+
+def test_numpy_numbers_in_the_config_become_plain_values_in_config_json(shards, tmp_path):
+    np_cfg = _cfg(shards, tmp_path / "np", model={**MODEL, "n_layers": np.int64(1)}, batch_size=np.int64(2),
+                  max_lr=np.float32(3e-3), betas=(np.float32(0.5), 0.95), seed=np.int64(5), max_steps=1,
+                  warmup_steps=0)
+    checked = check_config(np_cfg)
+    plain = _cfg(shards, tmp_path / "np", model={**MODEL, "n_layers": 1}, batch_size=2, max_lr=float(np.float32(3e-3)),
+                 betas=(0.5, 0.95), seed=5, max_steps=1, warmup_steps=0)
+    assert checked == plain
+    assert type(checked.batch_size) is int and type(checked.max_lr) is float and type(checked.seed) is int
+    assert type(checked.model["n_layers"]) is int and all(type(b) is float for b in checked.betas)
+    _train(np_cfg)                                 # config.json is JSON: no "int64 is not JSON serializable"
+    saved = json.loads((tmp_path / "np" / "config.json").read_text())
+    assert saved["batch_size"] == 2 and saved["model"]["n_layers"] == 1 and saved["model_config"]["n_layers"] == 1
+    assert TrainerConfig.from_dict(saved) == plain
+
+
+def test_evaluate_refuses_a_negative_number_of_batches():
+    model = GPTModel(TrainerConfig(model=MODEL, context_length=16).model_config())
+    assert math.isnan(evaluate(model, None, 0))
+    with pytest.raises(ValueError, match="num_batches"):
+        evaluate(model, None, -1)
 
 
 def test_replace_is_checked_and_the_recipes_are_valid():
@@ -325,7 +370,18 @@ def test_replace_is_checked_and_the_recipes_are_valid():
     assert gpu.model_config().n_layers == 12 and gpu.model_config().emb_dim == 768 and gpu.tie_weights
     assert gpu.batch_size * gpu.grad_accum_steps * gpu.context_length == 524_288   # ~0.5M tokens per step
     assert gpu.dtype == "bf16" and gpu.compile
+    assert gpu.max_steps * 524_288 * flops_per_token(gpu.model_config()) == pytest.approx(1.8e17, rel=0.01)
     assert recipe("tiny").model_config().n_layers == 2 and recipe("tiny").model_config().context_length == 32
+    # the cpu recipe is what its docstring says: gpt-cpu (4 x 256) at 128 tokens on tinystories-val, 150 steps
+    # of 16 x 128 = 2,048 tokens, about 30 TFLOPs (6 N + attention, by hand: N = 12 L d^2 + V d)
+    cpu = recipe("cpu")
+    m = cpu.model_config()
+    assert (m.n_layers, m.emb_dim, m.context_length, cpu.data, cpu.max_steps) == (4, 256, 128, "tinystories-val", 150)
+    assert cpu.batch_size * cpu.grad_accum_steps * cpu.context_length == 2_048
+    n = 12 * 4 * 256**2 + 50257 * 256
+    per_token = 3 * (2 * n + 4 * 4 * 128 * 256)
+    assert flops_per_token(m, training=True) == per_token
+    assert 2_048 * 150 * per_token == pytest.approx(30e12, rel=0.05)
     with pytest.raises(ValueError, match="profile"):
         recipe("huge")
 
