@@ -24,7 +24,7 @@ best and the median tokens/s of each, and "ours / nanoGPT" as the ratio of the b
 median over repeats of the ratio within a repeat (robust to a load that comes and goes).
 Target (issue 14): ours / nanoGPT >= 1.0x on a CPU.
 
-    python benchmarks/bench_trainer.py                              # cpu profile: gpt-cpu, 16 x 2 x 128 tokens
+    python benchmarks/bench_trainer.py                              # cpu profile: gpt-cpu, 16 x 128 tokens a step
     python benchmarks/bench_trainer.py --profile tiny --steps 30 --repeats 5
     python benchmarks/bench_trainer.py --batch-size 4 --grad-accum 1 --steps 5   # shorter steps, same model
 """
