@@ -24,6 +24,7 @@ MODULES: dict[str, int | None] = {
     "classification": 6,
     "instruction": 7, "evaluation": 7, "preference": 7,
     "schedules": 8, "shards": 8, "mfu": 8, "trainer": 8,
+    "lora": 9,
     "paths": None, "files": None, "checks": None, "data": None, "plots": None,
     "checker": None, "doctor": None, "cli": None, "notebook_runner": None,
 }
