@@ -1,0 +1,766 @@
+"""Step 9 — LoRA from scratch: small adapters on a frozen base, in files Hugging Face PEFT reads.
+
+* :class:`LoRALinear` — a frozen ``nn.Linear`` plus named low-rank updates
+  ``y = x W^T + b + scale * (x A^T) B^T`` (``A [r, in]``, ``B [out, r]``).
+* :func:`add_lora` — wrap a model's linear layers in place, freeze everything else; a summary.
+* :func:`merge_lora` / :func:`unmerge_lora` / :func:`unload_lora` — fold the adapter into the
+  base weight (plain ``F.linear`` speed), take it out again, or drop the wrappers.
+* Many adapters on one base: :func:`set_adapter` (a name, ``None`` for the base, or one name
+  per batch row), :func:`adapter_rows` (the same as a ``with`` block), :func:`delete_adapter`.
+* :func:`save_adapter` / :func:`load_adapter` — PEFT's folder format (``adapter_config.json``
+  + ``adapter_model.safetensors``) under GPT-2's module names; see :func:`save_adapter` for
+  how our separate query/key/value adapters become GPT-2's fused ``c_attn`` exactly.
+
+``scale = alpha / r`` as in the LoRA paper and PEFT (``alpha / sqrt(r)`` with rsLoRA): with
+the scale fixed by ``alpha``, raising ``r`` does not raise the update's size, so one learning
+rate works across ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checks import boolean, positive_int, probability
+from .classification import GPTClassifier
+from .files import atomic_write
+from .model import GPTModel
+
+__all__ = [
+    "LoRALinear",
+    "LoRASummary",
+    "DEFAULT_TARGETS",
+    "TARGET_GROUPS",
+    "add_lora",
+    "lora_layers",
+    "merge_lora",
+    "unmerge_lora",
+    "unload_lora",
+    "set_adapter",
+    "adapter_rows",
+    "delete_adapter",
+    "save_adapter",
+    "load_adapter",
+]
+
+#: The attention's query, key, value and output projections (the LoRA paper's choice, plus output).
+DEFAULT_TARGETS: tuple[str, ...] = ("W_query", "W_key", "W_value", "out_proj")
+#: Short names accepted in ``targets``.
+TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "attention": DEFAULT_TARGETS,
+    "ff": ("ff.layers.0", "ff.layers.2"),
+    "head": ("out_head",),
+}
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"adapter name must be a word of letters, digits, '_' or '-' (e.g. 'spam'), got {name!r}")
+    return name
+
+
+def _scale(rank: int, alpha: float, rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def _check_alpha(alpha: Any) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a positive number (e.g. 2 * rank), got {alpha!r}")
+    return float(alpha)
+
+
+# --------------------------------------------------------------------------- #
+# The layer
+# --------------------------------------------------------------------------- #
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus low-rank adapters, kept by name.
+
+    ``forward(x [..., in]) -> [..., out]``::
+
+        y = base(x) + scale * dropout(x) @ A.T @ B.T      # A [r, in], B [out, r]
+
+    with ``scale = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``). ``A`` is initialised
+    Kaiming-uniform (as PEFT), ``B`` zeros, so a fresh adapter changes nothing.
+
+    Args:
+        base: the layer to adapt; its parameters are frozen (``requires_grad = False``).
+        rank, alpha, dropout, rslora: of the first adapter, named ``"default"``. Default
+            dropout ``0.0``, rslora ``False``.
+        name: that adapter's name. Default ``"default"``.
+
+    Attributes:
+        base: the wrapped ``nn.Linear`` (never copied).
+        lora_A, lora_B: ``nn.ParameterDict`` of ``[r, in]`` / ``[out, r]`` by adapter name.
+        rank, alpha, rslora, scale, dropout: dicts by adapter name.
+        active: ``None`` (the base alone), a name, or a tuple with one name (or ``None``) per
+            batch row; set it with :func:`set_adapter`.
+        merged: the adapter folded into ``base.weight`` (:func:`merge_lora`), or ``None``.
+
+    Raises:
+        TypeError: ``base`` is not an ``nn.Linear``.
+        ValueError: ``rank`` not a positive integer, ``alpha`` not positive, ``dropout`` not in ``[0, 1)``.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 name: str = "default"):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        self.rank: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.rslora: dict[str, bool] = {}
+        self.scale: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self.active: str | tuple[str | None, ...] | None = None
+        self.merged: str | None = None
+        self._original: torch.Tensor | None = None
+        self.add_adapter(name, rank, alpha, dropout, rslora)
+        self.active = name
+
+    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                    A: torch.Tensor | None = None, B: torch.Tensor | None = None) -> None:
+        """Add adapter ``name`` (fresh, or with the given ``A [r, in]`` and ``B [out, r]``); not activated.
+
+        Raises:
+            ValueError: ``name`` exists or is not a word; a bad ``rank``/``alpha``/``dropout``; ``A``/``B`` misshapen.
+        """
+        name = _check_name(name)
+        if name in self.lora_A:
+            raise ValueError(f"this layer already has an adapter named {name!r}; delete_adapter it or pick another name")
+        rank = positive_int("rank", rank, hint=" (typical: 4, 8 or 16)")
+        alpha = _check_alpha(alpha)
+        dropout = probability("dropout", dropout)
+        rslora = boolean("rslora", rslora)
+        w = self.base.weight
+        if A is None:
+            A = torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))                          # as PEFT (and nn.Linear)
+        if B is None:
+            B = torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype)
+        if tuple(A.shape) != (rank, self.in_features) or tuple(B.shape) != (self.out_features, rank):
+            raise ValueError(f"adapter {name!r}: A must be [{rank}, {self.in_features}] and B "
+                             f"[{self.out_features}, {rank}], got {list(A.shape)} and {list(B.shape)}")
+        self.lora_A[name] = nn.Parameter(A.detach().to(w.device, w.dtype).clone())
+        self.lora_B[name] = nn.Parameter(B.detach().to(w.device, w.dtype).clone())
+        self.rank[name], self.alpha[name], self.rslora[name] = rank, alpha, rslora
+        self.scale[name], self.dropout[name] = _scale(rank, alpha, rslora), dropout
+
+    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Adapter ``name``'s contribution ``scale * dropout(x) @ A.T @ B.T``: ``[..., in] -> [..., out]``."""
+        x = F.dropout(x, self.dropout[name], self.training)
+        return (x @ self.lora_A[name].T) @ self.lora_B[name].T * self.scale[name]  # [.., r] -> [.., out]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scale * B @ A``: ``[out, in]``, what merging adds to ``base.weight``."""
+        return (self.lora_B[name] @ self.lora_A[name]) * self.scale[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)                                                   # [.., out]
+        active = self.active
+        if active is None or self.merged is not None:
+            return out
+        if isinstance(active, str):
+            return out + self.delta(active, x)
+        if x.dim() < 2 or x.shape[0] != len(active):
+            raise ValueError(f"set_adapter gave {len(active)} per-row adapter names but the batch has "
+                             f"{x.shape[0] if x.dim() else 0} rows; give one name (or None) per row")
+        for name in dict.fromkeys(active):                                   # each adapter once, rows grouped
+            if name is None:
+                continue
+            rows = torch.tensor([i for i, a in enumerate(active) if a == name], device=x.device)
+            out = out.index_add(0, rows, self.delta(name, x.index_select(0, rows)))
+        return out
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={r}" for n, r in self.rank.items())
+        return f"in={self.in_features}, out={self.out_features}, adapters={{{ranks}}}, active={self.active!r}"
+
+
+# --------------------------------------------------------------------------- #
+# Injecting
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class LoRASummary:
+    """What :func:`add_lora` did: ``trainable`` and ``total`` parameters, their ratio, the wrapped layers."""
+
+    trainable: int
+    total: int
+    fraction: float
+    layers: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return (f"LoRA on {len(self.layers)} layers: {self.trainable:,} of {self.total:,} parameters trainable "
+                f"({100 * self.fraction:.3f} %)")
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every :class:`LoRALinear` in ``model`` by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _pattern(name: str) -> str:
+    return re.sub(r"\.\d+\.", ".{i}.", name)
+
+
+def _adaptable(model: nn.Module) -> list[str]:
+    """Names of the linear layers LoRA can wrap (a LoRALinear counts as its layer, its ``base`` not)."""
+    inside = {n + ".base" for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear)) and n not in inside]
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return list(dict.fromkeys(_pattern(n) for n in _adaptable(model)))
+
+
+def _find_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    if isinstance(targets, str) or not isinstance(targets, Sequence) or not targets:
+        raise TypeError(f"targets must be a non-empty list of layer names such as {list(DEFAULT_TARGETS)}, "
+                        f"got {targets!r}")
+    candidates = _adaptable(model)
+    found: dict[str, None] = {}
+    for target in targets:
+        if not isinstance(target, str):
+            raise TypeError(f"targets must hold layer names (str), got {target!r}")
+        hits = [n for t in TARGET_GROUPS.get(target, (target,)) for n in candidates if n == t or n.endswith("." + t)]
+        if not hits:
+            raise ValueError(f"target {target!r} matches no linear layer of the model; its linear layers are "
+                             f"{_linear_names(model)} (or the groups {list(TARGET_GROUPS)})")
+        found.update(dict.fromkeys(sorted(hits, key=_natural)))
+    return list(found)
+
+
+def _natural(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+def _head_modules(model: nn.Module) -> list[nn.Module]:
+    if isinstance(model, GPTClassifier):
+        head = model.gpt.out_head
+        return [] if isinstance(head, LoRALinear) else [head]       # a head given LoRA trains through it
+    return []
+
+
+def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: Sequence[str] = DEFAULT_TARGETS, *,
+             dropout: float = 0.0, rslora: bool = False, name: str = "default",
+             train_head: bool | None = None) -> LoRASummary:
+    """Wrap ``model``'s chosen ``nn.Linear`` layers in :class:`LoRALinear` in place and freeze the rest.
+
+    The new adapter ``name`` becomes the active one, and only its ``A``/``B`` train (adapters
+    added earlier stay, frozen). Calling it again with another ``name`` adds a second adapter
+    to the same layers: one base, several adapters.
+
+    Args:
+        model: a :class:`~course_lib.model.GPTModel`, a :class:`~course_lib.classification.GPTClassifier`,
+            or any module with linear layers.
+        rank, alpha: ``r`` and the scale's numerator. Default 8 and 16.
+        targets: layer names, matched against the end of each module name (``"W_query"``,
+            ``"ff.layers.0"``, ``"trf_blocks.11.att.out_proj"``), or the groups ``"attention"``,
+            ``"ff"`` (both feed-forward layers) and ``"head"``. Default: query, key, value, output.
+        dropout, rslora: see :class:`LoRALinear`. Default ``0.0``, ``False``.
+        name: the adapter's name. Default ``"default"``.
+        train_head: keep a classifier's head trainable in full. Default: ``True`` for a ``GPTClassifier``
+            (unless the head itself is a target: then its adapter trains and its weight stays frozen).
+
+    Returns:
+        a :class:`LoRASummary` (trainable and total parameters, their fraction, the layers wrapped).
+
+    Raises:
+        ValueError: a bad ``rank``/``alpha``/``dropout``/``name``; a target matching no linear
+            layer (the message lists the model's linear layers); ``name`` exists already.
+        TypeError: ``model`` is not an ``nn.Module``; ``targets`` not a list of names.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    rank = positive_int("rank", rank, hint=" (typical: 4, 8 or 16)")
+    alpha, name = _check_alpha(alpha), _check_name(name)
+    names = _find_targets(model, targets)
+    taken = [n for n in names if isinstance(model.get_submodule(n), LoRALinear)
+             and name in model.get_submodule(n).lora_A]
+    if taken:
+        raise ValueError(f"layer {taken[0]} already has an adapter named {name!r}; pass another name")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        layer = model.get_submodule(n)
+        if isinstance(layer, LoRALinear):
+            layer.add_adapter(name, rank, alpha, dropout, rslora)
+        else:
+            parent, _, child = n.rpartition(".")
+            layer = LoRALinear(layer, rank, alpha, dropout, rslora, name=name)
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+    set_adapter(model, name)
+    for n in names:
+        for p in (model.get_submodule(n).lora_A[name], model.get_submodule(n).lora_B[name]):
+            p.requires_grad_(True)
+    if train_head is None:
+        train_head = isinstance(model, GPTClassifier)
+    if boolean("train_head", train_head):
+        for head in _head_modules(model):
+            for p in head.parameters():
+                p.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return LoRASummary(trainable, total, trainable / total, tuple(names))
+
+
+def _layers_or_error(model: nn.Module) -> dict[str, LoRALinear]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers; call add_lora or load_adapter first")
+    return layers
+
+
+# --------------------------------------------------------------------------- #
+# Choosing adapters
+# --------------------------------------------------------------------------- #
+def set_adapter(model: nn.Module, name: str | Sequence[str | None] | None) -> None:
+    """Choose the adapter every LoRA layer uses: a name, ``None`` (the base model alone), or a
+    list with one name (or ``None``) per batch row, so that rows for different adapters run in
+    one forward pass (each adapter's rows are gathered and get its low-rank update; the base
+    weights are shared, never copied). A layer without the named adapter runs as its base.
+
+    Raises:
+        ValueError: a name no LoRA layer has (the message lists those it has); the model has
+            no LoRA layers, or has a merged adapter (:func:`unmerge_lora` first).
+    """
+    layers = _layers_or_error(model)
+    known = sorted({n for layer in layers.values() for n in layer.lora_A})
+    wanted = [name] if name is None or isinstance(name, str) else list(name)
+    unknown = [n for n in wanted if n is not None and n not in known]
+    if unknown:
+        raise ValueError(f"unknown adapter {unknown[0]!r}; the model has {known}")
+    merged = [n for n, layer in layers.items() if layer.merged is not None]
+    if merged:
+        raise ValueError(f"layer {merged[0]} has adapter {layers[merged[0]].merged!r} merged into its weight; "
+                         "call unmerge_lora(model) before choosing another adapter")
+    for layer in layers.values():
+        if name is None or isinstance(name, str):
+            layer.active = name if name in layer.lora_A else None
+        else:
+            layer.active = tuple(n if n in layer.lora_A else None for n in wanted)
+
+
+@contextmanager
+def adapter_rows(model: nn.Module, names: str | Sequence[str | None] | None) -> Iterator[nn.Module]:
+    """``with adapter_rows(model, ["spam", None, "instr"]): logits = model(idx)`` — as
+    :func:`set_adapter` inside the block; the previous choice is restored afterwards."""
+    layers = _layers_or_error(model)
+    before = {n: layer.active for n, layer in layers.items()}
+    set_adapter(model, names)
+    try:
+        yield model
+    finally:
+        for n, layer in layers.items():
+            layer.active = before[n]
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every LoRA layer (layers left without any keep a ``None`` active).
+
+    Raises:
+        ValueError: no layer has ``name``; it is merged (unmerge first).
+    """
+    layers = _layers_or_error(model)
+    holders = [layer for layer in layers.values() if name in layer.lora_A]
+    if not holders:
+        raise ValueError(f"unknown adapter {name!r}; the model has "
+                         f"{sorted({n for layer in layers.values() for n in layer.lora_A})}")
+    if any(layer.merged == name for layer in holders):
+        raise ValueError(f"adapter {name!r} is merged; call unmerge_lora(model) before deleting it")
+    for layer in holders:
+        del layer.lora_A[name], layer.lora_B[name]
+        for d in (layer.rank, layer.alpha, layer.rslora, layer.scale, layer.dropout):
+            del d[name]
+        if layer.active == name:
+            layer.active = None
+        elif isinstance(layer.active, tuple):
+            layer.active = tuple(None if a == name else a for a in layer.active)
+
+
+# --------------------------------------------------------------------------- #
+# Merging
+# --------------------------------------------------------------------------- #
+def merge_lora(model: nn.Module, *, keep_original: bool = True) -> None:
+    """Fold each layer's active adapter into its base weight: ``W <- W + scale * B @ A``.
+
+    The model then computes the same outputs (to float rounding) at the base model's cost: the
+    forward is the base ``F.linear`` alone.
+
+    Args:
+        keep_original: keep a copy of each base weight so that :func:`unmerge_lora` restores
+            it bit for bit. ``False`` saves that memory; unmerging then subtracts (exact to
+            rounding). Default ``True``.
+
+    Raises:
+        ValueError: no LoRA layers; per-row adapters are active (one adapter per merge).
+    """
+    layers = _layers_or_error(model)
+    for n, layer in layers.items():
+        if isinstance(layer.active, tuple):
+            raise ValueError(f"layer {n} has per-row adapters active; set_adapter(model, name) to one adapter to merge")
+    with torch.no_grad():
+        for layer in layers.values():
+            if layer.merged is not None or layer.active is None:
+                continue
+            w = layer.base.weight
+            layer._original = w.detach().clone() if keep_original else None
+            w += layer.delta_weight(layer.active).to(w.dtype)
+            layer.merged = layer.active
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Take merged adapters out of the base weights again (restored exactly when merged with ``keep_original``)."""
+    with torch.no_grad():
+        for layer in _layers_or_error(model).values():
+            if layer.merged is None:
+                continue
+            if layer._original is not None:
+                layer.base.weight.copy_(layer._original)
+            else:
+                layer.base.weight -= layer.delta_weight(layer.merged).to(layer.base.weight.dtype)
+            layer._original, layer.merged = None, None
+
+
+def unload_lora(model: nn.Module, *, merge: bool = True) -> nn.Module:
+    """Replace every :class:`LoRALinear` by its base ``nn.Linear`` (with the active adapter merged
+    in when ``merge``), giving the plain model back (e.g. for ``export_hf`` or ``save_checkpoint``).
+    Returns ``model``."""
+    if merge:
+        merge_lora(model, keep_original=False)
+    for n, layer in lora_layers(model).items():
+        parent, _, child = n.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.base)
+    return model
+
+
+# --------------------------------------------------------------------------- #
+# PEFT's format
+# --------------------------------------------------------------------------- #
+_QKV = ("W_query", "W_key", "W_value")
+_HF_LINEAR = {"attn.c_proj": "att.out_proj", "mlp.c_fc": "ff.layers.0", "mlp.c_proj": "ff.layers.2"}
+_PREFIX = "base_model.model."
+
+
+def _gpt_prefix(model: nn.Module) -> tuple[GPTModel, str]:
+    if isinstance(model, GPTModel):
+        return model, ""
+    if isinstance(model, GPTClassifier):
+        return model.gpt, "gpt."
+    raise TypeError(f"model must be a GPTModel or GPTClassifier for PEFT's GPT-2 format, got {type(model).__name__}")
+
+
+def _hf_module(ours: str, n_layers: int) -> tuple[str, str | None]:
+    """Our module name (inside the GPTModel) -> (HF module name, q/k/v part or None)."""
+    if ours == "out_head":
+        return "lm_head", None
+    m = re.fullmatch(r"trf_blocks\.(\d+)\.(.+)", ours)
+    if m and int(m.group(1)) < n_layers:
+        h, rest = f"transformer.h.{m.group(1)}.", m.group(2)
+        if rest.startswith("att.") and rest[4:] in _QKV:
+            return h + "attn.c_attn", rest[4:]
+        for hf, mine in _HF_LINEAR.items():
+            if rest == mine:
+                return h + hf, None
+    raise ValueError(f"layer {ours} has no counterpart in GPT-2's Hugging Face layout, so PEFT cannot read its "
+                     "adapter; save only adapters on the attention, feed-forward or LM head layers")
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "default", *, overwrite: bool = False,
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter ``name`` as a PEFT LoRA folder for GPT-2: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+    ``peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(export), folder)`` then
+    computes what ``model`` computes with this adapter (``export`` written by
+    :func:`~course_lib.pretrained.export_hf`). Tensors are named
+    ``base_model.model.transformer.h.{i}.attn.c_attn.lora_A.weight`` (and ``lora_B``,
+    ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``, ``lm_head``); ``fan_in_fan_out`` is true
+    because GPT-2's layers are ``Conv1D`` (PEFT's ``A [r, in]``/``B [out, r]`` equal ours).
+
+    **Query, key and value in one ``c_attn``.** GPT-2 computes ``[q | k | v] = x W_c`` with one
+    ``[d, 3d]`` weight; we have three layers with adapters ``(A_q, B_q)``, ``(A_k, B_k)``,
+    ``(A_v, B_v)`` of rank ``r`` and one scale ``s``. Stacking the A's along the rank axis and
+    placing the B's on a block diagonal gives one adapter of rank ``3r``::
+
+        A_c = [A_q; A_k; A_v]                 # [3r, d]
+        B_c = [[B_q, 0, 0], [0, B_k, 0], [0, 0, B_v]]   # [3d, 3r]
+        B_c @ A_c = [B_q A_q; B_k A_k; B_v A_v]         # each part's own update, exactly
+
+    PEFT scales ``c_attn`` by ``lora_alpha / 3r``, so ``rank_pattern`` / ``alpha_pattern`` give
+    ``c_attn`` rank ``3r`` and alpha ``3r * s`` (``sqrt(3r) * s`` with rsLoRA): the product
+    and the scale are unchanged. A part without an adapter gets a zero block. Which rows of
+    ``A_c`` belong to which part is kept in the file's metadata, so :func:`load_adapter`
+    splits it back to rank ``r`` each.
+
+    Args:
+        model: a ``GPTModel`` or ``GPTClassifier`` with LoRA layers (a classifier's new head
+            has no GPT-2 counterpart: save it with :func:`~course_lib.checkpoint.save_checkpoint`).
+        folder: created if needed.
+        name: the adapter to write. Default ``"default"``.
+        overwrite: replace an adapter already in ``folder``. Default ``False``.
+        base_model_name_or_path: recorded in the config. Default ``"gpt2"``.
+
+    Returns:
+        the folder.
+
+    Raises:
+        FileExistsError: ``folder`` holds an adapter and ``overwrite`` is ``False``.
+        ValueError: unknown ``name``; an adapter on a layer GPT-2 does not have; q/k/v
+            adapters of one block with different scales.
+    """
+    from safetensors.torch import save as safetensors_bytes
+
+    gpt, prefix = _gpt_prefix(model)
+    layers = {n.removeprefix(prefix): layer for n, layer in lora_layers(model).items()
+              if name in layer.lora_A and n.startswith(prefix)}
+    if not layers:
+        known = sorted({n for layer in lora_layers(model).values() for n in layer.lora_A})
+        raise ValueError(f"unknown adapter {name!r}; the model has {known}")
+    if isinstance(model, GPTClassifier) and "out_head" in layers:
+        raise ValueError("the classifier's head has a LoRA adapter, which GPT-2's LM format cannot hold; "
+                         "leave the head out of targets (it trains in full)")
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; save_adapter writes a folder")
+    existing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if (folder / f).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{folder} already holds an adapter ({', '.join(existing)}); pass overwrite=True "
+                              "to replace it, or choose another folder")
+
+    d = gpt.cfg.emb_dim
+    grouped: dict[str, dict[str | None, LoRALinear]] = {}
+    for ours, layer in layers.items():
+        hf, part = _hf_module(ours, gpt.cfg.n_layers)
+        grouped.setdefault(hf, {})[part] = layer
+    tensors, ranks, alphas, splits = {}, {}, {}, {}
+    rslora = {layer.rslora[name] for layer in layers.values()}
+    if len(rslora) > 1:
+        raise ValueError(f"adapter {name!r} mixes rsLoRA and plain LoRA layers; PEFT has one use_rslora per adapter")
+    rslora = rslora.pop()
+    for hf, parts in grouped.items():
+        if None in parts:
+            layer = parts[None]
+            A, B, s = layer.lora_A[name], layer.lora_B[name], layer.scale[name]
+        else:
+            scales = {layer.scale[name] for layer in parts.values()}
+            if len(scales) > 1:
+                raise ValueError(f"{hf}: the query/key/value adapters have different scales {sorted(scales)}; "
+                                 "GPT-2's fused c_attn holds one scale")
+            s = scales.pop()
+            present = [p for p in _QKV if p in parts]
+            A = torch.cat([parts[p].lora_A[name] for p in present])                      # [R, d]
+            B = torch.zeros(3 * d, A.shape[0], dtype=A.dtype, device=A.device)           # [3d, R]
+            col = 0
+            for p in present:
+                r, j = parts[p].rank[name], _QKV.index(p)
+                B[j * d:(j + 1) * d, col:col + r] = parts[p].lora_B[name]
+                col += r
+            splits[hf] = [[p, parts[p].rank[name]] for p in present]
+        r = A.shape[0]
+        ranks[hf], alphas[hf] = r, s * (math.sqrt(r) if rslora else r)
+        tensors[f"{_PREFIX}{hf}.lora_A.weight"] = A.detach().cpu().contiguous()
+        tensors[f"{_PREFIX}{hf}.lora_B.weight"] = B.detach().cpu().contiguous()
+    r0, a0 = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
+    targets = sorted({_kind(hf) for hf in grouped})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path or "gpt2",
+        "r": r0, "lora_alpha": a0, "lora_dropout": max(layer.dropout[name] for layer in layers.values()),
+        "target_modules": targets, "fan_in_fan_out": True, "bias": "none", "use_rslora": rslora,
+        "use_dora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "rank_pattern": _patterns(ranks, r0), "alpha_pattern": _patterns(alphas, a0),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    blob = safetensors_bytes(tensors, metadata={"format": "pt", "course_lib.qkv_split": json.dumps(splits)})
+    atomic_write(folder / WEIGHTS_FILE, lambda fh: fh.write(blob), overwrite=True)
+    text = json.dumps(config, indent=2) + "\n"
+    atomic_write(folder / CONFIG_FILE, lambda fh: fh.write(text.encode("utf-8")), overwrite=True)
+    return folder
+
+
+def _kind(hf: str) -> str:
+    """``transformer.h.3.attn.c_attn`` -> ``attn.c_attn`` (what ``target_modules`` names)."""
+    return hf if hf == "lm_head" else hf.split(".", 3)[3]
+
+
+def _patterns(values: dict[str, Any], default: Any) -> dict[str, Any]:
+    """PEFT ``rank_pattern``/``alpha_pattern`` entries for the modules whose value is not ``default``:
+    one per kind of module (``attn\\.c_attn``) where all of that kind agree, else one per module
+    (``h\\.3\\.attn\\.c_attn``). Keys are regular expressions matched at the end of a module's name."""
+    out: dict[str, Any] = {}
+    kinds: dict[str, set] = {}
+    for hf, v in values.items():
+        kinds.setdefault(_kind(hf), set()).add(v)
+    for hf, v in values.items():
+        if v == default:
+            continue
+        if len(kinds[_kind(hf)]) == 1 and all(values.get(h, v) == v for h in values if _kind(h) == _kind(hf)):
+            out[re.escape(_kind(hf))] = v
+        else:
+            out[re.escape(hf.removeprefix("transformer."))] = v
+    return out
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    for key, value in patterns.items():                               # as PEFT's get_pattern_key
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{folder} holds no adapter: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "
+                                "(as save_adapter or PEFT's save_pretrained write)")
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{folder / CONFIG_FILE} is not valid JSON ({err}); save the adapter again") from None
+    try:
+        with safe_open(folder / WEIGHTS_FILE, framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            metadata = fh.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{folder / WEIGHTS_FILE} cannot be read as safetensors ({err}); save the adapter "
+                         "again") from None
+    return config, tensors, metadata
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *,
+                 trainable: bool = False, activate: bool = True) -> list[str]:
+    """Read a LoRA adapter folder (ours, or one PEFT trained on GPT-2) into ``model`` as adapter ``name``.
+
+    Plain linear layers the adapter targets are wrapped in :class:`LoRALinear` (their weights
+    frozen, never copied). A PEFT ``c_attn`` adapter of rank ``r`` (``A [r, d]``, ``B [3d, r]``)
+    becomes three adapters sharing ``A`` with ``B``'s three row blocks, exactly; one written
+    by :func:`save_adapter` is split back into its parts (see there). ``"c_proj"`` in
+    ``target_modules`` means both ``attn.c_proj`` and ``mlp.c_proj``, as in PEFT.
+
+    Args:
+        model: a ``GPTModel`` or ``GPTClassifier`` of the adapter's base model.
+        path: the folder.
+        name: the name to give it. Default ``"default"``.
+        trainable: let its ``A``/``B`` train. Default ``False``.
+        activate: make it the active adapter. Default ``True``.
+
+    Returns:
+        the names of the layers that received it.
+
+    Raises:
+        FileNotFoundError: no adapter in ``path``.
+        ValueError: not a LoRA adapter (``peft_type``, ``bias``, DoRA); ``name`` taken; a
+            tensor the model has no layer for, or of the wrong shape (the tensor is named).
+    """
+    gpt, prefix = _gpt_prefix(model)
+    name = _check_name(name)
+    if any(name in layer.lora_A for layer in lora_layers(model).values()):
+        raise ValueError(f"the model already has an adapter named {name!r}; delete_adapter it or pick another name")
+    folder = Path(path).expanduser()
+    config, tensors, metadata = _read_adapter(folder)
+    problems = []
+    if config.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type is {config.get('peft_type')!r}, not 'LORA'")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias is {config.get('bias')!r} (only 'none' is supported)")
+    if config.get("use_dora"):
+        problems.append("use_dora is true (DoRA is not plain LoRA)")
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save {config['modules_to_save']} (full layers, not LoRA)")
+    if problems:
+        raise ValueError(f"{folder / CONFIG_FILE}: {'; '.join(problems)}")
+    r0, a0 = config.get("r", 8), config.get("lora_alpha", 8)
+    rslora = bool(config.get("use_rslora", False))
+    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    splits = json.loads(metadata.get("course_lib.qkv_split", "{}"))
+
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = re.fullmatch(rf"{re.escape(_PREFIX)}(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", key)
+        if not m:
+            raise ValueError(f"{folder / WEIGHTS_FILE}: tensor {key!r} is not a LoRA A/B weight of GPT-2")
+        modules.setdefault(m.group(1), {})[m.group(2)] = t
+    d, L = gpt.cfg.emb_dim, gpt.cfg.n_layers
+    plan: list[tuple[str, torch.Tensor, torch.Tensor, int, float]] = []   # (our module, A, B, rank, alpha)
+    for hf, ab in modules.items():
+        key = f"{_PREFIX}{hf}.lora_A.weight"
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{folder / WEIGHTS_FILE}: module {hf} lacks its "
+                             f"{'lora_B' if 'lora_A' in ab else 'lora_A'} tensor")
+        A, B = ab["lora_A"], ab["lora_B"]
+        r = A.shape[0]
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, hf, a0))
+        want_r = int(_pattern_value(config.get("rank_pattern") or {}, hf, r0))
+        m = re.fullmatch(r"transformer\.h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)", hf)
+        if hf == "lm_head" and prefix == "":
+            targets = [("out_head", gpt.out_head, 0, gpt.cfg.vocab_size)]
+        elif m and int(m.group(1)) < L:
+            i, kind = m.group(1), m.group(2)
+            if kind == "attn.c_attn":
+                targets = [(f"trf_blocks.{i}.att.{p}", None, j * d, (j + 1) * d) for j, p in enumerate(_QKV)]
+            else:
+                targets = [(f"trf_blocks.{i}.{_HF_LINEAR[kind]}", None, 0, None)]
+        else:
+            raise ValueError(f"{folder / WEIGHTS_FILE}: tensor {key!r} is for a layer this model does not have "
+                             f"({L} blocks); was the adapter made for another base model?")
+        outs = sum(gpt.get_submodule(t[0]).out_features for t in targets)
+        ins = gpt.get_submodule(targets[0][0]).in_features
+        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != ins or B.shape != (outs, r) or r != want_r:
+            raise ValueError(f"{folder / WEIGHTS_FILE}: tensor {key!r} (and its lora_B) has shapes {list(A.shape)} and "
+                             f"{list(B.shape)}, but this model needs [{want_r}, {ins}] and [{outs}, {want_r}]; "
+                             "was the adapter made for another base model?")
+        if hf in splits:                                                 # ours: the block diagonal, split back
+            col = 0
+            for part, pr in splits[hf]:
+                j = _QKV.index(part)
+                plan.append((f"trf_blocks.{hf.split('.')[2]}.att.{part}", A[col:col + pr],
+                             B[j * d:(j + 1) * d, col:col + pr], pr, alpha * _rank_ratio(pr, r, rslora)))
+                col += pr
+        else:
+            for ours, _, lo, hi in targets:
+                plan.append((ours, A, B[lo:hi] if hi is not None else B, r, alpha))
+    wrapped = []
+    for ours, A, B, r, alpha in plan:
+        full = prefix + ours
+        layer = model.get_submodule(full)
+        if isinstance(layer, LoRALinear):
+            layer.add_adapter(name, r, alpha, dropout, rslora, A=A, B=B)
+        elif not isinstance(layer, nn.Linear):
+            raise ValueError(f"{full} is a {type(layer).__name__}, not a linear layer LoRA can adapt")
+        else:
+            parent, _, child = full.rpartition(".")
+            new = LoRALinear(layer, r, alpha, dropout, rslora, name=name)
+            with torch.no_grad():
+                new.lora_A[name].copy_(A)
+                new.lora_B[name].copy_(B)
+            setattr(model.get_submodule(parent), child, new)
+            layer = new
+        for p in (layer.lora_A[name], layer.lora_B[name]):
+            p.requires_grad_(bool(trainable))
+        wrapped.append(full)
+    if activate:
+        set_adapter(model, name)
+    return wrapped
+
+
+def _rank_ratio(part_rank: int, fused_rank: int, rslora: bool) -> float:
+    """Alpha for a part of rank ``part_rank`` with the fused module's scale (``alpha / fused_rank``)."""
+    return math.sqrt(part_rank / fused_rank) if rslora else part_rank / fused_rank
