@@ -142,6 +142,7 @@ class LoRALinear(nn.Module):
 
         Raises:
             ValueError: ``name`` exists or is not a word; a bad ``rank``/``alpha``/``dropout``; ``A``/``B`` misshapen.
+            TypeError: ``A``/``B`` not a floating-point tensor.
         """
         name = _check_name(name)
         if name in self.lora_A:
@@ -151,6 +152,10 @@ class LoRALinear(nn.Module):
         dropout = probability("dropout", dropout)
         rslora = boolean("rslora", rslora)
         w = self.base.weight
+        for label, t in (("A", A), ("B", B)):
+            if t is not None and (not isinstance(t, torch.Tensor) or not t.is_floating_point()):
+                raise TypeError(f"adapter {name!r}: {label} must be a floating-point tensor or None, got "
+                                f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
         if A is None:
             A = torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype)
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))                          # as PEFT (and nn.Linear)
@@ -174,9 +179,20 @@ class LoRALinear(nn.Module):
         return (self.lora_B[name] @ self.lora_A[name]) * self.scale[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in] -> [..., out]``; with per-row adapters ``x`` is ``[batch, ...]``, one name per row.
+
+        Raises:
+            ValueError: per-row adapters and a batch of another size; training (grad on, ``train()``)
+                while the adapter is merged (its ``A``/``B`` would get no gradient).
+        """
         out = self.base(x)                                                   # [.., out]
         active = self.active
-        if active is None or self.merged is not None:
+        if self.merged is not None:
+            if self.training and torch.is_grad_enabled() and self.lora_A[self.merged].requires_grad:
+                raise ValueError(f"adapter {self.merged!r} is merged into the base weight, so it would get no "
+                                   "gradient; call unmerge_lora(model) before training (or model.eval())")
+            return out
+        if active is None:
             return out
         if isinstance(active, str):
             return out + self.delta(active, x)
@@ -285,7 +301,8 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: Sequen
 
     Raises:
         ValueError: a bad ``rank``/``alpha``/``dropout``/``name``; a target matching no linear
-            layer (the message lists the model's linear layers); ``name`` exists already.
+            layer (the message lists the model's linear layers); ``name`` exists already on any layer
+            (one adapter is made by one call).
         TypeError: ``model`` is not an ``nn.Module``; ``targets`` not a list of names.
     """
     if not isinstance(model, nn.Module):
@@ -293,10 +310,10 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: Sequen
     rank = positive_int("rank", rank, hint=" (typical: 4, 8 or 16)")
     alpha, name = _check_alpha(alpha), _check_name(name)
     names = _find_targets(model, targets)
-    taken = [n for n in names if isinstance(model.get_submodule(n), LoRALinear)
-             and name in model.get_submodule(n).lora_A]
+    taken = [n for n, layer in lora_layers(model).items() if name in layer.lora_A]
     if taken:
-        raise ValueError(f"layer {taken[0]} already has an adapter named {name!r}; pass another name")
+        raise ValueError(f"layer {taken[0]} already has an adapter named {name!r}; pass another name "
+                         "(or delete_adapter it first)")
     for p in model.parameters():
         p.requires_grad_(False)
     for n in names:
@@ -323,6 +340,8 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: Sequen
 
 
 def _layers_or_error(model: nn.Module) -> dict[str, LoRALinear]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers; call add_lora or load_adapter first")
@@ -338,13 +357,25 @@ def set_adapter(model: nn.Module, name: str | Sequence[str | None] | None) -> No
     one forward pass (each adapter's rows are gathered and get its low-rank update; the base
     weights are shared, never copied). A layer without the named adapter runs as its base.
 
+    Args:
+        model: a model with :class:`LoRALinear` layers.
+        name: ``"spam"``, ``None``, or ``["spam", None, "instr"]`` for a batch of 3 rows (the
+            forward then needs exactly that many rows).
+
     Raises:
+        TypeError: ``model`` not an ``nn.Module``; ``name`` not a str, ``None`` or a non-empty
+            list/tuple of those.
         ValueError: a name no LoRA layer has (the message lists those it has); the model has
             no LoRA layers, or has a merged adapter (:func:`unmerge_lora` first).
     """
     layers = _layers_or_error(model)
     known = sorted({n for layer in layers.values() for n in layer.lora_A})
+    if not (name is None or isinstance(name, str) or isinstance(name, (list, tuple))):
+        raise TypeError(f"name must be an adapter name, None, or a list with one name (or None) per batch row, "
+                        f"got {type(name).__name__}")
     wanted = [name] if name is None or isinstance(name, str) else list(name)
+    if not wanted or not all(n is None or isinstance(n, str) for n in wanted):
+        raise TypeError(f"a per-row adapter list must be non-empty and hold names (str) or None, got {name!r}")
     unknown = [n for n in wanted if n is not None and n not in known]
     if unknown:
         raise ValueError(f"unknown adapter {unknown[0]!r}; the model has {known}")
@@ -362,7 +393,11 @@ def set_adapter(model: nn.Module, name: str | Sequence[str | None] | None) -> No
 @contextmanager
 def adapter_rows(model: nn.Module, names: str | Sequence[str | None] | None) -> Iterator[nn.Module]:
     """``with adapter_rows(model, ["spam", None, "instr"]): logits = model(idx)`` — as
-    :func:`set_adapter` inside the block; the previous choice is restored afterwards."""
+    :func:`set_adapter` inside the block; the previous choice is restored afterwards.
+
+    Raises:
+        TypeError, ValueError: as :func:`set_adapter`.
+    """
     layers = _layers_or_error(model)
     before = {n: layer.active for n, layer in layers.items()}
     set_adapter(model, names)
@@ -406,6 +441,8 @@ def merge_lora(model: nn.Module, *, keep_original: bool = True) -> None:
     forward is the base ``F.linear`` alone.
 
     Args:
+        model: a model with :class:`LoRALinear` layers; layers already merged are skipped, so
+            a second call does nothing.
         keep_original: keep a copy of each base weight so that :func:`unmerge_lora` restores
             it bit for bit. ``False`` saves that memory; unmerging then subtracts (exact to
             rounding). Default ``True``.
@@ -428,7 +465,13 @@ def merge_lora(model: nn.Module, *, keep_original: bool = True) -> None:
 
 
 def unmerge_lora(model: nn.Module) -> None:
-    """Take merged adapters out of the base weights again (restored exactly when merged with ``keep_original``)."""
+    """Take merged adapters out of the base weights again (restored exactly when merged with
+    ``keep_original``). Layers not merged are left as they are, so a second call does nothing.
+
+    Raises:
+        TypeError: ``model`` not an ``nn.Module``.
+        ValueError: the model has no LoRA layers.
+    """
     with torch.no_grad():
         for layer in _layers_or_error(model).values():
             if layer.merged is None:
@@ -443,7 +486,16 @@ def unmerge_lora(model: nn.Module) -> None:
 def unload_lora(model: nn.Module, *, merge: bool = True) -> nn.Module:
     """Replace every :class:`LoRALinear` by its base ``nn.Linear`` (with the active adapter merged
     in when ``merge``), giving the plain model back (e.g. for ``export_hf`` or ``save_checkpoint``).
-    Returns ``model``."""
+
+    Args:
+        merge: fold the active adapter in first (:func:`merge_lora`). Default ``True``.
+
+    Returns:
+        ``model``, without LoRA layers.
+
+    Raises:
+        ValueError: no LoRA layers; per-row adapters active (with ``merge``).
+    """
     if merge:
         merge_lora(model, keep_original=False)
     for n, layer in lora_layers(model).items():
@@ -458,6 +510,12 @@ def unload_lora(model: nn.Module, *, merge: bool = True) -> nn.Module:
 _QKV = ("W_query", "W_key", "W_value")
 _HF_LINEAR = {"attn.c_proj": "att.out_proj", "mlp.c_fc": "ff.layers.0", "mlp.c_proj": "ff.layers.2"}
 _PREFIX = "base_model.model."
+
+
+def _folder(label: str, path: Any) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{label} must be a folder path (str or Path), got {type(path).__name__}")
+    return Path(path).expanduser()
 
 
 def _gpt_prefix(model: nn.Module) -> tuple[GPTModel, str]:
@@ -523,8 +581,9 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
 
     Raises:
         FileExistsError: ``folder`` holds an adapter and ``overwrite`` is ``False``.
-        ValueError: unknown ``name``; an adapter on a layer GPT-2 does not have; q/k/v
-            adapters of one block with different scales.
+        TypeError: ``folder`` not a path; ``overwrite`` not a bool; ``model`` not a GPTModel/GPTClassifier.
+        ValueError: ``folder`` (or a folder above it) is a file; unknown ``name``; an adapter on a
+            layer GPT-2 does not have; q/k/v adapters of one block with different scales.
     """
     from safetensors.torch import save as safetensors_bytes
 
@@ -537,9 +596,12 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
     if isinstance(model, GPTClassifier) and "out_head" in layers:
         raise ValueError("the classifier's head has a LoRA adapter, which GPT-2's LM format cannot hold; "
                          "leave the head out of targets (it trains in full)")
-    folder = Path(folder).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} is a file; save_adapter writes a folder")
+    overwrite = boolean("overwrite", overwrite)
+    folder = _folder("folder", folder)
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"{blocker} is a file, so the folder {folder} cannot be made; save_adapter writes a "
+                         "folder: choose another path")
     existing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if (folder / f).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{folder} already holds an adapter ({', '.join(existing)}); pass overwrite=True "
@@ -628,13 +690,18 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 def _read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 
-    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{folder} holds no adapter: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "
-                                "(as save_adapter or PEFT's save_pretrained write)")
+    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} holds no adapter: {' and '.join(missing)} missing (an adapter folder "
+                                f"has {CONFIG_FILE} and {WEIGHTS_FILE}, as save_adapter or PEFT's "
+                                "save_pretrained write)")
     try:
         config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{folder / CONFIG_FILE} is not valid JSON ({err}); save the adapter again") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{folder / CONFIG_FILE} must hold a JSON object (PEFT's LoraConfig), got "
+                         f"{type(config).__name__}")
     try:
         with safe_open(folder / WEIGHTS_FILE, framework="pt") as fh:
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
@@ -666,15 +733,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         the names of the layers that received it.
 
     Raises:
-        FileNotFoundError: no adapter in ``path``.
-        ValueError: not a LoRA adapter (``peft_type``, ``bias``, DoRA); ``name`` taken; a
-            tensor the model has no layer for, or of the wrong shape (the tensor is named).
+        FileNotFoundError: no adapter in ``path`` (the missing file is named).
+        TypeError: ``path`` not a path; ``trainable``/``activate`` not a bool; ``model`` not a
+            GPTModel/GPTClassifier.
+        ValueError: not a LoRA adapter (``peft_type``, ``bias``, DoRA); a bad ``r``,
+            ``lora_alpha``, ``lora_dropout`` or pattern in the config; ``name`` taken; a tensor
+            the model has no layer for, missing its partner, or of the wrong shape or dtype (the
+            tensor is named).
     """
     gpt, prefix = _gpt_prefix(model)
     name = _check_name(name)
+    trainable, activate = boolean("trainable", trainable), boolean("activate", activate)
     if any(name in layer.lora_A for layer in lora_layers(model).values()):
         raise ValueError(f"the model already has an adapter named {name!r}; delete_adapter it or pick another name")
-    folder = Path(path).expanduser()
+    folder = _folder("path", path)
     config, tensors, metadata = _read_adapter(folder)
     problems = []
     if config.get("peft_type", "LORA") != "LORA":
@@ -687,10 +759,25 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         problems.append(f"modules_to_save {config['modules_to_save']} (full layers, not LoRA)")
     if problems:
         raise ValueError(f"{folder / CONFIG_FILE}: {'; '.join(problems)}")
-    r0, a0 = config.get("r", 8), config.get("lora_alpha", 8)
+    where = f"{folder / CONFIG_FILE}: "
+    r0 = positive_int("r", config.get("r", 8), hint=f" in {folder / CONFIG_FILE}")
+    try:
+        a0 = _check_alpha(config.get("lora_alpha", 8))
+        dropout = probability("lora_dropout", config.get("lora_dropout", 0.0) or 0.0)
+    except ValueError as err:
+        raise ValueError(where + str(err)) from None
     rslora = bool(config.get("use_rslora", False))
-    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
-    splits = json.loads(metadata.get("course_lib.qkv_split", "{}"))
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise ValueError(f"{where}{key} must be a mapping of module patterns to values, got "
+                             f"{type(config[key]).__name__}")
+    try:
+        splits = json.loads(metadata.get("course_lib.qkv_split", "{}"))
+    except json.JSONDecodeError:
+        splits = None
+    if not isinstance(splits, dict):
+        raise ValueError(f"{folder / WEIGHTS_FILE}: its course_lib.qkv_split metadata is damaged; "
+                         "save the adapter again")
 
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -706,6 +793,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             raise ValueError(f"{folder / WEIGHTS_FILE}: module {hf} lacks its "
                              f"{'lora_B' if 'lora_A' in ab else 'lora_A'} tensor")
         A, B = ab["lora_A"], ab["lora_B"]
+        if not (A.is_floating_point() and B.is_floating_point()):
+            raise ValueError(f"{folder / WEIGHTS_FILE}: tensor {key!r} (and its lora_B) must be floating point, "
+                             f"got {A.dtype} and {B.dtype}")
         r = A.shape[0]
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, hf, a0))
         want_r = int(_pattern_value(config.get("rank_pattern") or {}, hf, r0))

@@ -232,3 +232,175 @@ def test_unknown_adapter_names():
             call()
     with pytest.raises(ValueError, match="already has an adapter named 'spam'"):
         add_lora(model, rank=2, alpha=4, name="spam")
+
+
+# --------------------------------------------------------------------------- #
+# Bad input: our errors, naming the argument (each was a deep error or silently accepted)
+# --------------------------------------------------------------------------- #
+def test_set_adapter_rejects_wrong_types():
+    model = _model()
+    add_lora(model, rank=2, alpha=4)
+    for bad in (3, b"default", [], [3], ("default", 1.5)):
+        with pytest.raises(TypeError, match="name|per-row"):
+            set_adapter(model, bad)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        set_adapter("model", "default")
+
+
+def test_add_lora_refuses_a_name_already_used_on_other_layers():
+    model = _model()
+    add_lora(model, rank=2, alpha=4, name="spam")                          # attention layers
+    with pytest.raises(ValueError, match="already has an adapter named 'spam'"):
+        add_lora(model, rank=2, alpha=4, targets=("ff",), name="spam")    # would freeze the first half
+    assert all("spam" not in layer.lora_A for n, layer in lora_layers(model).items() if ".ff." in n)
+
+
+def test_training_a_merged_adapter_is_refused():
+    model = _model()
+    add_lora(model, rank=2, alpha=4)
+    merge_lora(model)
+    model.train()
+    with pytest.raises(ValueError, match="unmerge_lora"):
+        model(_idx())
+    model.eval()
+    with torch.no_grad():
+        model(_idx())                                                      # inference merged: fine
+    unmerge_lora(model)
+    model.train()
+    model(_idx()).sum().backward()
+    assert model.trf_blocks[0].att.W_query.lora_B["default"].grad is not None
+
+
+def test_add_adapter_rejects_non_tensors():
+    layer = LoRALinear(nn.Linear(2, 2), 2, 4)
+    with pytest.raises(TypeError, match="A must be a floating-point tensor"):
+        layer.add_adapter("x", 2, 4, A=[[1.0, 2.0], [3.0, 4.0]])
+    with pytest.raises(TypeError, match="B must be a floating-point tensor"):
+        layer.add_adapter("x", 2, 4, B=torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_save_adapter_bad_paths_and_flags(tmp_path):
+    model = _model()
+    add_lora(model, rank=2, alpha=4)
+    (tmp_path / "file").write_text("x")
+    for folder in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(ValueError, match="is a file"):
+            save_adapter(model, folder)
+    with pytest.raises(TypeError, match="folder must be a folder path"):
+        save_adapter(model, None)
+    save_adapter(model, tmp_path / "ad")
+    before = (tmp_path / "ad" / "adapter_model.safetensors").read_bytes()
+    _randomize(model, "default")
+    with pytest.raises(TypeError, match="overwrite must be True or False"):
+        save_adapter(model, tmp_path / "ad", overwrite="yes")              # a truthy string is not consent
+    assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == before
+
+
+def _edited_copy(src, dst, config=None, tensors=None):
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    if config is not None:
+        path = dst / "adapter_config.json"
+        path.write_text(json.dumps(config(json.loads(path.read_text()))))
+    if tensors is not None:
+        with safe_open(dst / "adapter_model.safetensors", "pt") as fh:
+            metadata = fh.metadata()
+        ts = load_file(dst / "adapter_model.safetensors")
+        tensors(ts)
+        save_file(ts, dst / "adapter_model.safetensors", metadata=metadata)
+    return dst
+
+
+KEY = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+
+
+@pytest.mark.parametrize("config, tensors, error, match", [
+    (lambda c: [1, 2], None, ValueError, "must hold a JSON object"),
+    (lambda c: c | {"peft_type": "IA3"}, None, ValueError, "peft_type is 'IA3'"),
+    (lambda c: c | {"r": "8"}, None, ValueError, "r must be a positive integer"),
+    (lambda c: c | {"lora_alpha": "x"}, None, ValueError, "alpha must be a positive number"),
+    (lambda c: c | {"lora_dropout": "x"}, None, ValueError, "lora_dropout must be a probability"),
+    (lambda c: c | {"rank_pattern": [1]}, None, ValueError, "rank_pattern must be a mapping"),
+    (None, lambda ts: ts.pop(KEY), ValueError, r"c_attn lacks its lora_A"),
+    (None, lambda ts: ts.update({"foo.weight": torch.zeros(2)}), ValueError, "'foo.weight' is not a LoRA"),
+    (None, lambda ts: ts.update({KEY: torch.zeros(6, 33)}), ValueError, r"c_attn\.lora_A\.weight.*shapes"),
+    (None, lambda ts: ts.update({KEY: ts[KEY].long()}), ValueError, "must be floating point"),
+])
+def test_load_adapter_refuses_damaged_files(tmp_path, config, tensors, error, match):
+    model = _model()
+    add_lora(model, rank=2, alpha=4)
+    save_adapter(model, tmp_path / "ad")
+    bad = _edited_copy(tmp_path / "ad", tmp_path / "bad", config, tensors)
+    fresh = _model()
+    with pytest.raises(error, match=match):
+        load_adapter(fresh, bad)
+    assert not lora_layers(fresh)                                          # nothing half-loaded
+
+
+def test_load_adapter_bad_paths_and_flags(tmp_path):
+    model = _model()
+    add_lora(model, rank=2, alpha=4)
+    save_adapter(model, tmp_path / "ad")
+    with pytest.raises(TypeError, match="path must be a folder path"):
+        load_adapter(_model(), None)
+    with pytest.raises(TypeError, match="trainable must be True or False"):
+        load_adapter(_model(), tmp_path / "ad", trainable="no")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json missing"):
+        load_adapter(_model(), tmp_path / "half")
+
+
+# --------------------------------------------------------------------------- #
+# Adapters with the KV cache and fast decoding (course_lib.inference)
+# --------------------------------------------------------------------------- #
+def _greedy_without_cache(model, idx, n):
+    out = idx
+    with torch.no_grad():
+        for _ in range(n):
+            out = torch.cat([out, model(out)[:, -1].argmax(-1, keepdim=True)], dim=1)   # [B, T + 1]
+    return out
+
+
+@pytest.mark.parametrize("switch_first", [False, True])
+def test_generate_with_adapters_equals_step_by_step_forward(monkeypatch, switch_first):
+    """fast_decoding switches LoRALinear.base to the few-rows route and must not fuse (skip) the
+    adapters of a LoRA-wrapped W_query/W_key/W_value; with it switched on before add_lora, the
+    bases are fused Q/K/V layers inside the wrappers."""
+    from course_lib import inference
+    monkeypatch.setattr(inference, "FEW_ROWS_MIN_SIZE", 0)               # small layers take the routes too
+    model, idx = _model(), _idx(B=3, T=5)
+    if switch_first:
+        inference.fast_decoding(model)
+    add_lora(model, rank=2, alpha=4, name="a")
+    add_lora(model, rank=2, alpha=4, targets=("W_query", "W_value", "ff"), name="b")
+    _randomize(model, "a", seed=1)
+    _randomize(model, "b", seed=2)
+    set_adapter(model, "a")
+    torch.testing.assert_close(inference.generate(model, idx, 8), _greedy_without_cache(model, idx, 8))
+    with adapter_rows(model, [None, None, None]):
+        base_text = inference.generate(model, idx, 8)
+    assert not torch.equal(base_text, inference.generate(model, idx, 8))  # the adapter changes the text
+    rows = ["a", None, "b"]
+    with adapter_rows(model, rows):
+        mixed = inference.generate(model, idx, 8)
+    for i, name in enumerate(rows):
+        set_adapter(model, name)
+        torch.testing.assert_close(mixed[i:i + 1], _greedy_without_cache(model, idx[i:i + 1], 8))
+    # prefill/decode_step with fast decoding on by hand, and merged weights picked up by the fused copy
+    inference.fast_decoding(model)
+    assert type(model.trf_blocks[0].att.W_query) is LoRALinear
+    set_adapter(model, "b")
+    with torch.no_grad():
+        want = model(idx)                                                  # [B, T, V]
+        cache, logits = inference.prefill(model, idx[:, :4])
+        torch.testing.assert_close(logits, want[:, 3], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(inference.decode_step(model, cache, idx[:, 4]), want[:, 4], atol=1e-5, rtol=1e-5)
+        merge_lora(model)
+        torch.testing.assert_close(inference.prefill(model, idx)[1], want[:, -1], atol=1e-5, rtol=1e-5)
+        unmerge_lora(model)
+    inference.fast_decoding(model, False)
