@@ -13,3 +13,22 @@ def corpus(name: str) -> str:
         return fetch(name, progress=False).read_text(encoding="utf-8")
     except DataFetchError as err:
         pytest.skip(f"{name} is not staged (set COURSE_DATA_MIRROR): {err}".splitlines()[0])
+
+
+def gpt2_tiktoken():
+    """``tiktoken.get_encoding("gpt2")``, the independent reference, from tiktoken's own loader
+    and cache (the mirror's ``tiktoken_cache`` when ``TIKTOKEN_CACHE_DIR`` is unset); skips the
+    test when it cannot be loaded offline."""
+    import os
+    from pathlib import Path
+
+    tiktoken = pytest.importorskip("tiktoken")
+    if "TIKTOKEN_CACHE_DIR" not in os.environ:
+        mirror = os.environ.get("COURSE_DATA_MIRROR", "")
+        if mirror and (Path(mirror) / "tiktoken_cache").is_dir():
+            os.environ["TIKTOKEN_CACHE_DIR"] = str(Path(mirror) / "tiktoken_cache")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as err:  # offline with no cache
+        pytest.skip(f"tiktoken cannot load gpt2 offline (set TIKTOKEN_CACHE_DIR to a folder holding "
+                    f"its cached files, e.g. <mirror>/tiktoken_cache): {type(err).__name__}")

@@ -4,8 +4,6 @@ every staged corpus, edge cases, arbitrary Unicode, special tokens, partial id s
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import regex
@@ -13,7 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from course_lib.data import GUTENBERG_BOOKS, DataFetchError, fetch
-from _corpora import corpus
+from _corpora import corpus, gpt2_tiktoken
 from course_lib.tokenizers import ENDOFTEXT, GPT2_SPLIT_PATTERN, TIKTOKEN_GPT2_PATTERN, GPT2Tokenizer, tiktoken_gpt2
 
 tiktoken = pytest.importorskip("tiktoken")
@@ -22,16 +20,7 @@ EOT = "<|endoftext|>"
 
 @pytest.fixture(scope="module")
 def ref():
-    """tiktoken.get_encoding("gpt2"), the independent reference (tiktoken's own loader and cache)."""
-    if "TIKTOKEN_CACHE_DIR" not in os.environ:
-        mirror = os.environ.get("COURSE_DATA_MIRROR", "")
-        if mirror and (Path(mirror) / "tiktoken_cache").is_dir():
-            os.environ["TIKTOKEN_CACHE_DIR"] = str(Path(mirror) / "tiktoken_cache")
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as err:  # offline with no cache
-        pytest.skip(f"tiktoken cannot load gpt2 offline (set TIKTOKEN_CACHE_DIR to a folder holding "
-                    f"its cached files, e.g. <mirror>/tiktoken_cache): {type(err).__name__}")
+    return gpt2_tiktoken()
 
 
 @pytest.fixture(scope="module")

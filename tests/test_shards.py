@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from _corpora import corpus
+from _corpora import corpus, gpt2_tiktoken
 from course_lib import data
 from course_lib.shards import (HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, ShardError, ShardLoader, iter_documents,
                                prepare_shards, read_shard, shard_files, write_shard, write_shards)
@@ -23,15 +22,7 @@ EOT, EOT_ID = "<|endoftext|>", 50256
 
 @pytest.fixture(scope="module")
 def ref():
-    """tiktoken.get_encoding("gpt2"): the independent reference (tiktoken's own loader and cache)."""
-    if "TIKTOKEN_CACHE_DIR" not in os.environ:
-        mirror = os.environ.get("COURSE_DATA_MIRROR", "")
-        if mirror and (Path(mirror) / "tiktoken_cache").is_dir():
-            os.environ["TIKTOKEN_CACHE_DIR"] = str(Path(mirror) / "tiktoken_cache")
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as err:  # offline with no cache
-        pytest.skip(f"tiktoken cannot load gpt2 offline (set TIKTOKEN_CACHE_DIR): {type(err).__name__}")
+    return gpt2_tiktoken()
 
 
 @pytest.fixture(scope="module")
