@@ -32,3 +32,16 @@ def gpt2_tiktoken():
     except Exception as err:  # offline with no cache
         pytest.skip(f"tiktoken cannot load gpt2 offline (set TIKTOKEN_CACHE_DIR to a folder holding "
                     f"its cached files, e.g. <mirror>/tiktoken_cache): {type(err).__name__}")
+
+
+def verdict_shards(tmp_path_factory):
+    """The Verdict written as token shards (``prepare_shards``) into a new temporary folder;
+    skips the test when the corpus is not staged."""
+    from course_lib.shards import prepare_shards
+
+    out = tmp_path_factory.mktemp("verdict") / "shards"
+    try:
+        prepare_shards("the-verdict", out, workers=1, progress=False)
+    except DataFetchError as err:
+        pytest.skip(f"the-verdict is not staged (set COURSE_DATA_MIRROR): {err}".splitlines()[0])
+    return out

@@ -16,12 +16,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from _corpora import verdict_shards
 from course_lib.anatomy import flops_per_token
 from course_lib.checkpoint import CheckpointError, NonFiniteError, load_checkpoint, save_checkpoint
 from course_lib.data import DataFetchError
 from course_lib.model import GPTModel, LayerNorm
 from course_lib.schedules import lr_at, wsd_lr_at
-from course_lib.shards import ShardLoader, prepare_shards
+from course_lib.shards import ShardLoader
 from course_lib.trainer import (TrainerConfig, check_config, configure_optimizer, evaluate, param_groups, plot_log,
                                 read_log, recipe, train)
 
@@ -34,12 +35,7 @@ MODEL = {"base": "gpt-tiny", "n_layers": 2, "emb_dim": 32, "n_heads": 2, "drop_r
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("verdict") / "shards"
-    try:
-        prepare_shards("the-verdict", out, workers=1, progress=False)
-    except DataFetchError as err:
-        pytest.skip(f"the-verdict is not staged (set COURSE_DATA_MIRROR): {err}".splitlines()[0])
-    return out
+    return verdict_shards(tmp_path_factory)
 
 
 def _cfg(shards, out, **changes) -> TrainerConfig:

@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _corpora import verdict_shards
 from course_lib.checkpoint import load_checkpoint
-from course_lib.data import DataFetchError
-from course_lib.shards import prepare_shards
 from course_lib.trainer import TrainerConfig, read_log, train
 
 torch.set_num_threads(1)
@@ -63,12 +62,7 @@ if dist.is_initialized():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("verdict") / "shards"
-    try:
-        prepare_shards("the-verdict", out, workers=1, progress=False)
-    except DataFetchError as err:
-        pytest.skip(f"the-verdict is not staged (set COURSE_DATA_MIRROR): {err}".splitlines()[0])
-    return out
+    return verdict_shards(tmp_path_factory)
 
 
 def _cfg(shards, out, **changes) -> TrainerConfig:
