@@ -67,6 +67,10 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version   # tensors made under inference_mode keep no count
+
+
 def _check_name(name: Any) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(f"adapter name must be a word of letters, digits, '_' or '-' (e.g. 'spam'), got {name!r}")
@@ -133,6 +137,7 @@ class LoRALinear(nn.Module):
         self.active: str | tuple[str | None, ...] | None = None
         self.merged: str | None = None
         self._original: torch.Tensor | None = None
+        self._rows: tuple | None = None          # per-row stacks (see _row_stacks): (key, stamp, params, A, B)
         self.add_adapter(name, rank, alpha, dropout, rslora)
         self.active = name
 
@@ -164,6 +169,7 @@ class LoRALinear(nn.Module):
         if tuple(A.shape) != (rank, self.in_features) or tuple(B.shape) != (self.out_features, rank):
             raise ValueError(f"adapter {name!r}: A must be [{rank}, {self.in_features}] and B "
                              f"[{self.out_features}, {rank}], got {list(A.shape)} and {list(B.shape)}")
+        self._rows = None
         self.lora_A[name] = nn.Parameter(A.detach().to(w.device, w.dtype).clone())
         self.lora_B[name] = nn.Parameter(B.detach().to(w.device, w.dtype).clone())
         self.rank[name], self.alpha[name], self.rslora[name] = rank, alpha, rslora
@@ -180,6 +186,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in] -> [..., out]``; with per-row adapters ``x`` is ``[batch, ...]``, one name per row.
+
+        Per-row adapters with no gradient wanted and dropout off (``eval()`` or ``p = 0``): two
+        batched products with each row's adapter stacked (:meth:`_row_stacks`, kept between calls).
+        Otherwise (training) each adapter's rows are gathered and updated in turn.
 
         Raises:
             ValueError: per-row adapters and a batch of another size; training (grad on, ``train()``)
@@ -199,12 +209,43 @@ class LoRALinear(nn.Module):
         if x.dim() < 2 or x.shape[0] != len(active):
             raise ValueError(f"set_adapter gave {len(active)} per-row adapter names but the batch has "
                              f"{x.shape[0] if x.dim() else 0} rows; give one name (or None) per row")
-        for name in dict.fromkeys(active):                                   # each adapter once, rows grouped
-            if name is None:
-                continue
+        names = [n for n in dict.fromkeys(active) if n is not None]
+        if not names:
+            return out
+        params = [p for n in names for p in (self.lora_A[n], self.lora_B[n])]
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+        if not grad and (not self.training or all(self.dropout[n] == 0 for n in names)):
+            A, B = self._row_stacks(active, names, params)                     # [B, in, r], [B, r, out]
+            xr = x.reshape(x.shape[0], math.prod(x.shape[1:-1]), self.in_features)   # [B, T, in] (T = 1 for 2-D)
+            return out + torch.bmm(torch.bmm(xr, A), B).view(out.shape)       # [B, T, r] -> [.., out]
+        for name in names:                                          # training: each adapter once, rows grouped
             rows = torch.tensor([i for i, a in enumerate(active) if a == name], device=x.device)
             out = out.index_add(0, rows, self.delta(name, x.index_select(0, rows)))
         return out
+
+    def _row_stacks(self, active: tuple[str | None, ...], names: list[str],
+                    params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's adapter as stacks ``A [batch, in, r_max]`` and ``B [batch, r_max, out]`` (scale
+        folded into ``B``; smaller ranks and ``None`` rows zero-padded, which adds exact zeros).
+
+        Built once per per-row choice and kept; rebuilt when ``active``, the adapters' scales or
+        any of their ``A``/``B`` (replaced, moved, or changed in place: ``_version``) change.
+        """
+        key = (active, tuple(self.scale[n] for n in names))
+        stamp = tuple((_version(p), p.data_ptr()) for p in params)
+        c = self._rows
+        if c is None or c[0] != key or c[1] != stamp or any(a is not b for a, b in zip(params, c[2])):
+            r = max(self.rank[n] for n in names)
+            w = params[0]
+            with torch.no_grad():
+                A = w.new_zeros(len(active), self.in_features, r)                 # [B, in, r]
+                B = w.new_zeros(len(active), r, self.out_features)                # [B, r, out]
+                for i, n in enumerate(active):
+                    if n is not None:
+                        A[i, :, :self.rank[n]] = self.lora_A[n].T
+                        B[i, :self.rank[n]] = self.lora_B[n].T * self.scale[n]
+            self._rows = c = (key, stamp, params, A, B)
+        return c[3], c[4]
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.rank.items())
@@ -423,6 +464,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         raise ValueError(f"adapter {name!r} is merged; call unmerge_lora(model) before deleting it")
     for layer in holders:
         del layer.lora_A[name], layer.lora_B[name]
+        layer._rows = None
         for d in (layer.rank, layer.alpha, layer.rslora, layer.scale, layer.dropout):
             del d[name]
         if layer.active == name:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -136,15 +137,23 @@ def test_merge_unmerge():
     torch.testing.assert_close(plain, unmerged, atol=1e-5, rtol=1e-5)
 
 
-def test_mixed_adapter_batch_equals_each_row_alone():
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "grad"])
+def test_mixed_adapter_batch_equals_each_row_alone(mode):
+    """no_grad / inference_mode: the stacked per-row route; grad ("instr" trains): rows grouped."""
     model, idx = _model(), _idx(B=5)
     add_lora(model, rank=2, alpha=4, name="spam")
     add_lora(model, rank=4, alpha=4, targets=("attention", "ff"), name="instr")
     _randomize(model, "spam", seed=1)
     _randomize(model, "instr", seed=2)
     rows = ["spam", None, "instr", "instr", "spam"]
-    with torch.no_grad(), adapter_rows(model, rows):
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "grad": contextlib.nullcontext}
+    with context[mode](), adapter_rows(model, rows):
         mixed = model(idx)
+    stacked = [layer._rows is not None for layer in lora_layers(model).values()]
+    assert all(stacked) if mode != "grad" else not any(stacked)          # the route this mode must take
+    if mode == "grad":
+        mixed[2].sum().backward()                                          # row 2 is "instr": its B gets a gradient
+        assert model.trf_blocks[0].att.W_query.lora_B["instr"].grad.abs().sum() > 0
     for i, name in enumerate(rows):
         set_adapter(model, name)
         with torch.no_grad():
@@ -158,6 +167,65 @@ def test_mixed_adapter_batch_equals_each_row_alone():
     with pytest.raises(ValueError, match="per-row"):
         with adapter_rows(model, ["spam", None]):
             model(idx)
+
+
+def _rows_by_hand(layer, x, rows):
+    base = F.linear(x, layer.base.weight, layer.base.bias)                       # [B, .., out]
+    return torch.stack([base[i] if n is None else
+                        base[i] + layer.scale[n] * (x[i] @ layer.lora_A[n].T) @ layer.lora_B[n].T
+                        for i, n in enumerate(rows)])
+
+
+def test_per_row_stacks_mixed_ranks_and_rebuilt_on_change():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(6, 5), rank=2, alpha=4, name="a").eval()
+    layer.add_adapter("b", 3, 1.5, B=torch.randn(5, 3))
+    layer.add_adapter("c", 1, 2.0, rslora=True, B=torch.randn(5, 1))
+    with torch.no_grad():
+        layer.lora_B["a"].normal_()
+    x = torch.randn(4, 7, 6)
+    rows = ["a", "b", None, "c"]
+    set_adapter(layer, rows)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _rows_by_hand(layer, x, rows))
+        first = layer._rows
+        assert first[3].shape == (4, 6, 3) and first[4].shape == (4, 3, 5)   # padded to the largest rank
+        layer(x)
+        assert layer._rows is first                                         # kept while nothing changed
+        layer.lora_B["a"].add_(1)                                           # in place: _version moves
+        torch.testing.assert_close(layer(x), _rows_by_hand(layer, x, rows))
+        assert layer._rows is not first
+    with torch.inference_mode():
+        rows = ["c", "c", "a", "b"]
+        set_adapter(layer, rows)
+        torch.testing.assert_close(layer(x), _rows_by_hand(layer, x, rows))
+        torch.testing.assert_close(layer(x[:, 0]), _rows_by_hand(layer, x[:, 0], rows))   # 2-D x
+        x4 = x.view(4, 7, 1, 6)
+        torch.testing.assert_close(layer(x4), _rows_by_hand(layer, x4, rows))
+    layer.lora_A["b"] = nn.Parameter(torch.randn(3, 6))                     # replaced, not changed in place
+    delete_adapter(layer, "c")
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    out = layer(x)                                                            # grad on, nothing to train: stacks
+    torch.testing.assert_close(out, _rows_by_hand(layer, x, [None, None, "a", "b"]))
+    assert layer._rows is not None and layer._rows[0][0] == (None, None, "a", "b")
+
+
+def test_per_row_dropout_in_training_mode_is_applied():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(6, 5), rank=2, alpha=4, dropout=0.5, name="d").train()
+    with torch.no_grad():
+        layer.lora_B["d"].normal_()
+        x = torch.randn(3, 4, 6)
+        set_adapter(layer, ["d", "d", "d"])
+        torch.manual_seed(1)
+        out = layer(x)
+        torch.manual_seed(1)
+        want = layer.base(x) + layer.scale["d"] * (F.dropout(x, 0.5, True) @ layer.lora_A["d"].T) @ layer.lora_B["d"].T
+        torch.testing.assert_close(out, want)
+        assert layer._rows is None
+        layer.eval()
+        torch.testing.assert_close(layer(x), _rows_by_hand(layer, x, ["d"] * 3))
 
 
 def test_swapping_adapters_shares_base_weights():
