@@ -27,7 +27,7 @@ import csv
 from dataclasses import dataclass, replace
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -688,6 +688,7 @@ class FinetuneResult:
 def finetune_classifier(profile: str | None = None, *, trainable: str | None = None, pooling: str | None = None,
                         num_epochs: int | None = None, device: Any = None, base_model: nn.Module | None = None,
                         checkpoint_path: str | os.PathLike | None = None, resume: bool = False, trim: bool = True,
+                        prepare_model: Callable[[GPTClassifier], Any] | None = None,
                         progress: bool = True, verbose: bool = True) -> FinetuneResult:
     """Fine-tune the profile's base model into a spam classifier and measure it on the test split.
 
@@ -704,12 +705,19 @@ def finetune_classifier(profile: str | None = None, *, trainable: str | None = N
         base_model: start from this GPT instead of the profile's base model (it is modified).
         checkpoint_path, resume: as in :func:`~course_lib.training.train`.
         trim: batches drop their all-pad columns (:func:`trim_padding`). Default ``True``.
+        prepare_model: called once with the classifier (head added, on ``device``) before the
+            optimizer is built; it may change the model in place and which parameters train
+            (e.g. step 9's ``lambda m: add_lora(m, rank=8)``). Its return value is ignored;
+            the metrics count the parameters trainable after it. Default ``None``.
         progress, verbose: show the progress bar and the evaluations.
 
     Returns:
         a :class:`FinetuneResult`; ``metrics`` holds the accuracy of each split, the test
         precision/recall/F1 of ``spam``, the trainable parameter count, the training seconds,
         the base model, profile and recipe.
+
+    Raises:
+        TypeError: ``prepare_model`` is not callable.
     """
     import time
     from dataclasses import asdict
@@ -726,6 +734,8 @@ def finetune_classifier(profile: str | None = None, *, trainable: str | None = N
                if v is not None}
     recipe = replace(recipe, **changes)
     positive_int("num_epochs", recipe.num_epochs)
+    if prepare_model is not None and not callable(prepare_model):
+        raise TypeError(f"prepare_model must be a function of the model or None, got {type(prepare_model).__name__}")
     device = get_device(device)
     train_df, val_df, test_df = split_dataset(load_sms_spam(), seed=recipe.seed)
     if recipe.max_train_rows is not None:
@@ -747,6 +757,8 @@ def finetune_classifier(profile: str | None = None, *, trainable: str | None = N
     model = add_classifier_head(gpt.to(device), trainable=recipe.trainable, pooling=recipe.pooling,
                                 verbose=verbose)
     model.max_length = train_set.max_length
+    if prepare_model is not None:
+        prepare_model(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
                                   weight_decay=recipe.weight_decay)
     started = time.perf_counter()

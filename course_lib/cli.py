@@ -13,14 +13,18 @@
                                        execute notebook N headless, print time per section
     course lab [JUPYTER OPTIONS]       open the course in JupyterLab
     course finetune classify [--profile P] [--trainable head|last-block|all] [--pooling last|mean]
+                             [--lora RANK [--alpha A] [--targets LIST]]
                              [--epochs N] [--out DIR] [--device D] [--force] [-q]
                                        fine-tune the profile's base model into a spam classifier (step 6):
-                                       DIR/model.pt and DIR/metrics.json (default DIR runs/classify-<profile>)
+                                       DIR/model.pt and DIR/metrics.json (default DIR runs/classify-<profile>);
+                                       with --lora, LoRA adapters and the head train (step 9) and DIR/adapter/
+                                       holds the adapters in PEFT's format
     course classify DIR TEXT... | -    label and probability of each text (- reads texts from stdin, one a line)
     course finetune instruct [--profile P] [--style alpaca|phi3] [--mask-prompt] [--epochs N] [--out DIR]
-                             [--device D] [--force] [-q]
+                             [--lora RANK [--alpha A] [--targets LIST]] [--device D] [--force] [-q]
                                        instruction-tune the profile's base model (step 7): DIR/model.pt,
-                                       DIR/responses.json and DIR/metrics.json (default DIR runs/instruct-<profile>)
+                                       DIR/responses.json and DIR/metrics.json (default DIR runs/instruct-<profile>);
+                                       with --lora only LoRA adapters train (step 9), written to DIR/adapter/
     course generate DIR "INSTRUCTION" [--input TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]
                                        the tuned model's response, in the template it was tuned with
     course evaluate DIR [--judge-url URL --judge-model NAME [--judge-key KEY]]
@@ -184,6 +188,71 @@ _TRAINABLE = ("head", "last-block", "all")
 _POOLING = ("last", "mean")
 
 
+#: ``course_lib.lora.DEFAULT_TARGETS`` (written out for the same reason; a test keeps them equal).
+_LORA_TARGETS = ("W_query", "W_key", "W_value", "out_proj")
+
+
+class _LoRARefused(Exception):
+    """``add_lora`` refused ``--targets`` (raised inside the fine-tuning, before any training step)."""
+
+
+def _lora_options(args) -> tuple[int, float, tuple[str, ...]] | str | None:
+    """``--lora``/``--alpha``/``--targets`` as ``(rank, alpha, targets)``; ``None`` without ``--lora``;
+    or the message of an error. ``--alpha`` defaults to ``2 * rank``."""
+    if args.lora is None:
+        if args.alpha is not None or args.targets is not None:
+            return "--alpha and --targets set up LoRA adapters: give --lora RANK as well (e.g. --lora 8)"
+        return None
+    if args.lora < 1:
+        return f"--lora must be a positive rank (typical: 4, 8 or 16), got {args.lora}"
+    alpha = 2.0 * args.lora if args.alpha is None else args.alpha
+    if not math.isfinite(alpha) or alpha <= 0:
+        return f"--alpha must be a positive number (default: 2 x the rank), got {args.alpha}"
+    if args.targets is None:
+        return args.lora, alpha, _LORA_TARGETS
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    if not targets:
+        return ("--targets must list layer names or groups separated by commas, e.g. "
+                "--targets W_query,W_value or --targets attention,ff")
+    return args.lora, alpha, targets
+
+
+#: The two files of a PEFT adapter folder (``course_lib.lora.CONFIG_FILE`` / ``WEIGHTS_FILE``).
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _lora_prepare(lora: tuple[int, float, tuple[str, ...]], summary: dict):
+    """The ``prepare_model`` hook of the fine-tuning: ``add_lora`` with the options; its summary in ``summary``."""
+    from .lora import add_lora
+
+    def prepare(model):
+        try:
+            summary["lora"] = add_lora(model, rank=lora[0], alpha=lora[1], targets=list(lora[2]))
+        except (ValueError, TypeError) as err:
+            raise _LoRARefused(str(err)) from None
+
+    return prepare
+
+
+def _lora_metrics(lora: tuple[int, float, tuple[str, ...]], summary, note: str) -> dict:
+    """What ``metrics.json`` records of a LoRA run under ``"lora"``."""
+    return {"rank": lora[0], "alpha": lora[1], "targets": list(lora[2]), "layers": list(summary.layers),
+            "trainable_parameters": summary.trainable, "total_parameters": summary.total, "adapter": "adapter",
+            "note": note}
+
+
+def _drop_new_adapter(adapter_dir: Path, was_there: bool) -> None:
+    """Remove the adapter folder a failed run wrote, unless an earlier run's was there."""
+    if was_there:
+        return
+    for name in _ADAPTER_FILES:
+        (adapter_dir / name).unlink(missing_ok=True)
+    try:
+        adapter_dir.rmdir()
+    except OSError:
+        pass
+
+
 def _error(message: str, status: int = 2) -> int:
     """One ``error: ...`` line on stderr (a message of several lines is joined into one)."""
     print("error: " + " ".join(str(message).split()), file=sys.stderr)
@@ -241,9 +310,22 @@ def _cmd_finetune_classify(args) -> int:
         return _error(err)
     if args.epochs is not None and args.epochs < 1:
         return _error(f"--epochs must be a positive number of epochs, got {args.epochs}")
+    lora = _lora_options(args)
+    if isinstance(lora, str):
+        return _error(lora)
+    if lora is not None:
+        if args.trainable is not None:
+            return _error("--trainable and --lora exclude each other: with --lora the adapters and the new head "
+                          "train; drop one of them")
+        if any(t in ("head", "out_head") or t.endswith(".out_head") for t in lora[2]):
+            return _error("--targets: the classifier's head trains in full already (and a LoRA on it has no place "
+                          "in PEFT's GPT-2 format); leave 'head' out of --targets")
     out = Path(args.out).expanduser() if args.out else _default_run_dir("classify", profile)
-    model_path, metrics_path = out / "model.pt", out / "metrics.json"
-    refused = _out_problem(out, (model_path, metrics_path), args.force)
+    model_path, metrics_path, adapter_dir = out / "model.pt", out / "metrics.json", out / "adapter"
+    adapter_files = tuple(adapter_dir / name for name in _ADAPTER_FILES)
+    if lora is not None and adapter_dir.exists() and not adapter_dir.is_dir():
+        return _error(f"--out {out} holds a file named adapter, where the adapter folder goes; give another --out")
+    refused = _out_problem(out, (model_path, metrics_path, *(adapter_files if lora else ())), args.force)
     if refused is not None:
         return _error(refused)
 
@@ -252,11 +334,17 @@ def _cmd_finetune_classify(args) -> int:
     from .data import DataFetchError
     from .files import atomic_write
 
-    print(f"fine-tuning the {profile} profile's base model into a spam classifier on {device} "
-          f"(writes {model_path} and {metrics_path.name})", flush=True)
+    summary: dict = {}
+    prepare = _lora_prepare(lora, summary) if lora is not None else None
+    what = f"LoRA adapters (rank {lora[0]}) and a spam classifier head" if lora else "a spam classifier"
+    print(f"fine-tuning the {profile} profile's base model into {what} on {device} "
+          f"(writes {model_path}{', adapter/' if lora else ''} and {metrics_path.name})", flush=True)
     try:
         result = finetune_classifier(profile, trainable=args.trainable, pooling=args.pooling, num_epochs=args.epochs,
-                                     device=device, progress=not args.quiet, verbose=not args.quiet)
+                                     device=device, progress=not args.quiet, verbose=not args.quiet,
+                                     **({"prepare_model": prepare} if lora else {}))
+    except _LoRARefused as err:
+        return _error(f"--targets: {err}")
     except KeyboardInterrupt:
         print(f"\ninterrupted: nothing was written to {out}", file=sys.stderr)
         return 130
@@ -271,30 +359,63 @@ def _cmd_finetune_classify(args) -> int:
               f"nothing was written to {out}; run the command again to fine-tune it fully", file=sys.stderr)
         return 130
 
-    # model.pt first (the large file: a full disk shows here, and atomic_write leaves no part of it), then
-    # metrics.json; the metrics are also stored inside model.pt, so the model always carries its own.
     metrics = _json_safe(dict(result.metrics))
+    adapter_was_there = any(f.exists() for f in adapter_files)
+
+    def drop_adapter() -> None:  # a failed write leaves no adapter/ that was not there before
+        if lora is not None:
+            _drop_new_adapter(adapter_dir, adapter_was_there)
+
+    if lora is not None:
+        # The adapters (PEFT's folder) first, while the model still has them; then they are merged into
+        # the base weights, so model.pt is a plain classifier that `course classify` and
+        # model_from_checkpoint read. The head trains in full and lives in model.pt only.
+        from .lora import save_adapter, unload_lora
+
+        metrics["recipe"]["trainable"] = "lora"
+        metrics["lora"] = _lora_metrics(
+            lora, summary["lora"],
+            "adapter/ holds the LoRA adapters in Hugging Face PEFT's format (GPT-2 module names); the "
+            "classification head trained in full and is stored only in model.pt, which holds the "
+            "classifier with the adapters merged into its weights")
+        try:
+            save_adapter(result.model, adapter_dir, overwrite=args.force,
+                         base_model_name_or_path=None if profile == "gpu" else f"course_lib {profile} base model")
+        except FileExistsError as err:  # written by someone else while this run trained
+            return _error(f"{err} (it appeared during the run; pass --force to replace it, or give another --out)", 1)
+        except (OSError, ValueError) as err:
+            drop_adapter()
+            return _error(f"{err} (nothing was written to {out})", 1)
+        unload_lora(result.model, merge=True)
+
+    # model.pt next (the large file: a full disk shows here, and atomic_write leaves no part of it), then
+    # metrics.json; the metrics are also stored inside model.pt, so the model always carries its own.
     text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"
     model_was_there = model_path.exists()
     try:
         save_checkpoint(model_path, result.model, step=history.step, overwrite=args.force, include_rng=False,
                         extra={"kind": "classifier", "metrics": metrics, "history": _json_safe(history.to_dict())})
     except FileExistsError as err:  # written by someone else while this run trained
+        drop_adapter()
         return _error(f"{err} (it appeared during the run; pass --force to replace it, or give another --out)", 1)
     except (NonFiniteError, OSError) as err:
+        drop_adapter()
         return _error(f"{err} (nothing was written to {out})", 1)
     try:
         atomic_write(metrics_path, lambda fh: fh.write(text.encode("utf-8")), overwrite=args.force)
     except OSError as err:
         if not model_was_there:  # leave the folder as it was: no model without its metrics.json
             model_path.unlink(missing_ok=True)
+            drop_adapter()
             return _error(f"{err} (nothing was written to {out})", 1)
         return _error(f"{err} ({model_path} was replaced; its metrics are stored inside it as well)", 1)
 
     m = metrics
     print(f"\nspam classifier from {m['base_model']}")
+    trained_what = (f"LoRA r={lora[0]}, alpha={lora[1]:g} on {len(m['lora']['layers'])} layers + head"
+                    if lora else m['recipe']['trainable'])
     rows = [
-        ("trainable", f"{m['recipe']['trainable']}: {m['trainable_parameters']:,} of {m['total_parameters']:,} "
+        ("trainable", f"{trained_what}: {m['trainable_parameters']:,} of {m['total_parameters']:,} "
                       f"parameters ({100 * m['trainable_parameters'] / m['total_parameters']:.2f}%)"),
         ("pooling", m["recipe"]["pooling"]),
         ("epochs", f"{m['recipe']['num_epochs']} ({history.step:,} steps, {m['seconds']:.1f} s on {m['device']})"),
@@ -303,7 +424,8 @@ def _cmd_finetune_classify(args) -> int:
         ("test, spam", f"precision {_percent(m['test_precision'])}, recall {_percent(m['test_recall'])}, "
                        f"F1 {_percent(m['test_f1'])}"),
         ("test rows", f"{m['rows']['test']:,} (train {m['rows']['train']:,}, validation {m['rows']['val']:,})"),
-        ("model", str(model_path)),
+        ("model", str(model_path) + (" (adapters merged in)" if lora else "")),
+        *([("adapter", f"{adapter_dir} (PEFT format; the head is in model.pt)")] if lora else []),
         ("metrics", str(metrics_path)),
     ]
     for name, value in rows:
@@ -366,9 +488,17 @@ def _cmd_finetune_instruct(args) -> int:
         return _error(err)
     if args.epochs is not None and args.epochs < 1:
         return _error(f"--epochs must be a positive number of epochs, got {args.epochs}")
+    lora = _lora_options(args)
+    if isinstance(lora, str):
+        return _error(lora)
     out = Path(args.out).expanduser() if args.out else _default_run_dir("instruct", profile)
     model_path, responses_path, metrics_path = out / "model.pt", out / "responses.json", out / "metrics.json"
-    refused = _out_problem(out, (model_path, responses_path, metrics_path), args.force)
+    adapter_dir = out / "adapter"
+    adapter_files = tuple(adapter_dir / name for name in _ADAPTER_FILES)
+    if lora is not None and adapter_dir.exists() and not adapter_dir.is_dir():
+        return _error(f"--out {out} holds a file named adapter, where the adapter folder goes; give another --out")
+    refused = _out_problem(out, (model_path, responses_path, metrics_path, *(adapter_files if lora else ())),
+                           args.force)
     if refused is not None:
         return _error(refused)
 
@@ -377,12 +507,18 @@ def _cmd_finetune_instruct(args) -> int:
     from .files import atomic_write
     from .instruction import finetune_instructions
 
-    print(f"instruction-tuning the {profile} profile's base model on {device} "
-          f"(writes {model_path}, {responses_path.name} and {metrics_path.name})", flush=True)
+    summary: dict = {}
+    prepare = _lora_prepare(lora, summary) if lora is not None else None
+    what = f"LoRA adapters (rank {lora[0]}) on " if lora else ""
+    print(f"instruction-tuning {what}the {profile} profile's base model on {device} "
+          f"(writes {model_path}, {'adapter/, ' if lora else ''}{responses_path.name} and {metrics_path.name})",
+          flush=True)
     try:
         result = finetune_instructions(profile, style=args.style, mask_prompt=True if args.mask_prompt else None,
                                        num_epochs=args.epochs, device=device, progress=not args.quiet,
-                                       verbose=not args.quiet)
+                                       verbose=not args.quiet, **({"prepare_model": prepare} if lora else {}))
+    except _LoRARefused as err:
+        return _error(f"--targets: {err}")
     except KeyboardInterrupt:
         print(f"\ninterrupted: nothing was written to {out}", file=sys.stderr)
         return 130
@@ -402,6 +538,25 @@ def _cmd_finetune_instruct(args) -> int:
     # `course generate` and `course evaluate` must read the model with the template it learned:
     # the style is in metrics.json and in the checkpoint (which `course generate FILE` reads alone).
     metrics = _json_safe({**result.metrics, "style": style})
+    adapter_was_there = any(f.exists() for f in adapter_files)
+    if lora is not None:
+        # The adapters (PEFT's folder) first, while the model still has them; then they are merged into the
+        # base weights, so model.pt is a plain GPT that `course generate` and model_from_checkpoint read.
+        from .lora import save_adapter, unload_lora
+
+        metrics["lora"] = _lora_metrics(
+            lora, summary["lora"],
+            "adapter/ holds the LoRA adapters in Hugging Face PEFT's format (GPT-2 module names); model.pt "
+            "holds the model with the adapters merged into its weights")
+        try:
+            save_adapter(result.model, adapter_dir, overwrite=args.force,
+                         base_model_name_or_path=None if profile == "gpu" else f"course_lib {profile} base model")
+        except FileExistsError as err:  # written by someone else while this run trained
+            return _error(f"{err} (it appeared during the run; pass --force to replace it, or give another --out)", 1)
+        except (OSError, ValueError) as err:
+            _drop_new_adapter(adapter_dir, adapter_was_there)
+            return _error(f"{err} (nothing was written to {out})", 1)
+        unload_lora(result.model, merge=True)
     metrics_text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"
     responses_text = json.dumps(_json_safe(list(result.responses)), indent=2, ensure_ascii=False,
                                 allow_nan=False) + "\n"
@@ -421,6 +576,8 @@ def _cmd_finetune_instruct(args) -> int:
         (metrics_path, text_writer(metrics_path, metrics_text)),
     ])
     if failed is not None:
+        if lora is not None:
+            _drop_new_adapter(adapter_dir, adapter_was_there)
         if failed.startswith("interrupted"):
             print(failed, file=sys.stderr)
             return 130
@@ -445,7 +602,12 @@ def _cmd_finetune_instruct(args) -> int:
         ("stopped", f"{_percent(m.get('stopped_at_end_of_text'))} of the responses ended with end-of-text "
                     f"(base {_percent(m.get('base_stopped_at_end_of_text'))}); "
                     f"{_percent(m.get('with_template_markers'))} hold a template header"),
-        ("model", str(model_path)),
+        *([("LoRA", f"r={lora[0]}, alpha={lora[1]:g} on {len(m['lora']['layers'])} layers: "
+                     f"{m['lora']['trainable_parameters']:,} of {m['lora']['total_parameters']:,} parameters "
+                     f"trained ({100 * m['lora']['trainable_parameters'] / m['lora']['total_parameters']:.2f}%)")]
+          if lora else []),
+        ("model", str(model_path) + (" (adapters merged in)" if lora else "")),
+        *([("adapter", f"{adapter_dir} (PEFT format)")] if lora else []),
         ("responses", str(responses_path)),
         ("metrics", str(metrics_path)),
     ]
@@ -1018,6 +1180,18 @@ def _cmd_data_shards(args) -> int:
     return 0
 
 
+def _add_lora_arguments(q, head: str) -> None:
+    """``--lora RANK``, ``--alpha A``, ``--targets LIST`` (step 9) on the sub-command parser ``q``."""
+    q.add_argument("--lora", type=int, metavar="RANK",
+                   help=f"train LoRA adapters of this rank (step 9) instead of the model's weights; {head}, "
+                        "and DIR/adapter/ holds the adapters in Hugging Face PEFT's format (typical: 4, 8, 16)")
+    q.add_argument("--alpha", type=float, metavar="A", help="LoRA's alpha; the update is scaled by alpha / rank "
+                                                            "(default: 2 x the rank)")
+    q.add_argument("--targets", metavar="LIST",
+                   help="layers that get adapters, separated by commas: names such as W_query,W_value or the "
+                        "groups attention and ff (default: " + ",".join(_LORA_TARGETS) + ")")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="course", description="The LLM Sovereignty Stack: course tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1092,8 +1266,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the profile's recipe)")
     q.add_argument("--pooling", choices=_POOLING,
                    help="read the last real token, or average over real tokens (default: the recipe's, last)")
+    _add_lora_arguments(q, "the new head trains in full")
     q.add_argument("--epochs", type=int, help="epochs over the training split (default: the recipe's)")
-    q.add_argument("--out", metavar="DIR", help="folder for model.pt and metrics.json "
+    q.add_argument("--out", metavar="DIR", help="folder for model.pt and metrics.json (and adapter/ with --lora) "
                                                 "(default runs/classify-<profile>/ in the course folder)")
     q.add_argument("--device", help="cuda, mps or cpu (default $COURSE_DEVICE, else the best available)")
     q.add_argument("--force", action="store_true",
@@ -1115,9 +1290,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mask-prompt", action="store_true",
                    help="learn only the response: the prompt's tokens get no loss (default: the recipe's, "
                         "which learns both)")
+    _add_lora_arguments(q, "nothing else trains")
     q.add_argument("--epochs", type=int, help="epochs over the training split (default: the recipe's)")
-    q.add_argument("--out", metavar="DIR", help="folder for model.pt, responses.json and metrics.json "
-                                                "(default runs/instruct-<profile>/ in the course folder)")
+    q.add_argument("--out", metavar="DIR", help="folder for model.pt, responses.json and metrics.json (and adapter/ "
+                                                "with --lora) (default runs/instruct-<profile>/ in the course folder)")
     q.add_argument("--device", help="cuda, mps or cpu (default $COURSE_DEVICE, else the best available)")
     q.add_argument("--force", action="store_true",
                    help="replace the model.pt, responses.json and metrics.json of an earlier run in DIR "

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -421,6 +421,7 @@ class InstructResult:
 def finetune_instructions(profile: str | None = None, *, style: str | None = None, mask_prompt: bool | None = None,
                           num_epochs: int | None = None, device: Any = None, base_model: nn.Module | None = None,
                           checkpoint_path: str | os.PathLike | None = None, resume: bool = False,
+                          prepare_model: Callable[[nn.Module], Any] | None = None,
                           progress: bool = True, verbose: bool = True) -> InstructResult:
     """Instruction-tune the profile's model, then answer the test split and score the answers.
 
@@ -435,10 +436,18 @@ def finetune_instructions(profile: str | None = None, *, style: str | None = Non
         device: where to train. Default :func:`~course_lib.config.get_device`.
         base_model: start from this GPT instead of the recipe's base (it is modified).
         checkpoint_path, resume: as in :func:`~course_lib.training.train`.
+        prepare_model: called once with the model (on ``device``) before the base model is
+            evaluated and the optimizer built; it may change the model in place and which
+            parameters train (e.g. step 9's ``lambda m: add_lora(m, rank=8)``: a fresh adapter
+            changes no output). Only parameters with ``requires_grad`` are optimized. Its return
+            value is ignored. Default ``None``.
         progress, verbose: progress bars; evaluations printed.
 
     Returns:
         an :class:`InstructResult`.
+
+    Raises:
+        TypeError: ``prepare_model`` is not callable.
     """
     import time
     from dataclasses import asdict
@@ -458,6 +467,8 @@ def finetune_instructions(profile: str | None = None, *, style: str | None = Non
     recipe = replace(recipe, **changes)
     _check_style(recipe.style)
     positive_int("num_epochs", recipe.num_epochs)
+    if prepare_model is not None and not callable(prepare_model):
+        raise TypeError(f"prepare_model must be a function of the model or None, got {type(prepare_model).__name__}")
     device = get_device(device)
     train_set, test_set, val_set = split_instruction_data(load_instruction_data(), seed=recipe.seed)
     if recipe.max_train is not None:
@@ -470,6 +481,8 @@ def finetune_instructions(profile: str | None = None, *, style: str | None = Non
     else:
         model, base_name = load_gpt2(recipe.base), f"{recipe.base} (OpenAI)"
     model.to(device)
+    if prepare_model is not None:
+        prepare_model(model)
     tokenizer = tiktoken_gpt2()
     max_len = recipe.allowed_max_length or model.cfg.context_length
     collate_fn = partial(collate, allowed_max_length=max_len, mask_prompt=recipe.mask_prompt)
@@ -485,7 +498,8 @@ def finetune_instructions(profile: str | None = None, *, style: str | None = Non
     base_texts = generate_responses(model, tokenizer, eval_set, style=recipe.style,
                                     max_new_tokens=recipe.max_new_tokens, progress=progress, stats=base_stats)
     base_scores = mean_scores(base_texts, [e["output"] for e in eval_set])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
+                                  weight_decay=recipe.weight_decay)
     started = time.perf_counter()
     history = train(model, train_loader, val_loader, optimizer, device, num_epochs=recipe.num_epochs,
                     eval_freq=recipe.eval_freq, eval_iter=recipe.eval_iter, seed=recipe.seed,
