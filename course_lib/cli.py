@@ -253,6 +253,24 @@ def _drop_new_adapter(adapter_dir: Path, was_there: bool) -> None:
         pass
 
 
+def _save_adapter_then_merge(model, adapter_dir: Path, force: bool, profile: str, out: Path, drop) -> int | None:
+    """Write ``model``'s adapters to ``adapter_dir`` (PEFT's folder) while it still has them, then merge
+    them into its weights (so model.pt is a plain model). Returns an exit status on failure, else None;
+    ``drop()`` removes an adapter folder this run created."""
+    from .lora import save_adapter, unload_lora
+
+    try:
+        save_adapter(model, adapter_dir, overwrite=force,
+                     base_model_name_or_path=None if profile == "gpu" else f"course_lib {profile} base model")
+    except FileExistsError as err:  # written by someone else while this run trained
+        return _error(f"{err} (it appeared during the run; pass --force to replace it, or give another --out)", 1)
+    except (OSError, ValueError) as err:
+        drop()
+        return _error(f"{err} (nothing was written to {out})", 1)
+    unload_lora(model, merge=True)
+    return None
+
+
 def _error(message: str, status: int = 2) -> int:
     """One ``error: ...`` line on stderr (a message of several lines is joined into one)."""
     print("error: " + " ".join(str(message).split()), file=sys.stderr)
@@ -370,23 +388,15 @@ def _cmd_finetune_classify(args) -> int:
         # The adapters (PEFT's folder) first, while the model still has them; then they are merged into
         # the base weights, so model.pt is a plain classifier that `course classify` and
         # model_from_checkpoint read. The head trains in full and lives in model.pt only.
-        from .lora import save_adapter, unload_lora
-
         metrics["recipe"]["trainable"] = "lora"
         metrics["lora"] = _lora_metrics(
             lora, summary["lora"],
             "adapter/ holds the LoRA adapters in Hugging Face PEFT's format (GPT-2 module names); the "
             "classification head trained in full and is stored only in model.pt, which holds the "
             "classifier with the adapters merged into its weights")
-        try:
-            save_adapter(result.model, adapter_dir, overwrite=args.force,
-                         base_model_name_or_path=None if profile == "gpu" else f"course_lib {profile} base model")
-        except FileExistsError as err:  # written by someone else while this run trained
-            return _error(f"{err} (it appeared during the run; pass --force to replace it, or give another --out)", 1)
-        except (OSError, ValueError) as err:
-            drop_adapter()
-            return _error(f"{err} (nothing was written to {out})", 1)
-        unload_lora(result.model, merge=True)
+        failed = _save_adapter_then_merge(result.model, adapter_dir, args.force, profile, out, drop_adapter)
+        if failed is not None:
+            return failed
 
     # model.pt next (the large file: a full disk shows here, and atomic_write leaves no part of it), then
     # metrics.json; the metrics are also stored inside model.pt, so the model always carries its own.
@@ -542,21 +552,14 @@ def _cmd_finetune_instruct(args) -> int:
     if lora is not None:
         # The adapters (PEFT's folder) first, while the model still has them; then they are merged into the
         # base weights, so model.pt is a plain GPT that `course generate` and model_from_checkpoint read.
-        from .lora import save_adapter, unload_lora
-
         metrics["lora"] = _lora_metrics(
             lora, summary["lora"],
             "adapter/ holds the LoRA adapters in Hugging Face PEFT's format (GPT-2 module names); model.pt "
             "holds the model with the adapters merged into its weights")
-        try:
-            save_adapter(result.model, adapter_dir, overwrite=args.force,
-                         base_model_name_or_path=None if profile == "gpu" else f"course_lib {profile} base model")
-        except FileExistsError as err:  # written by someone else while this run trained
-            return _error(f"{err} (it appeared during the run; pass --force to replace it, or give another --out)", 1)
-        except (OSError, ValueError) as err:
-            _drop_new_adapter(adapter_dir, adapter_was_there)
-            return _error(f"{err} (nothing was written to {out})", 1)
-        unload_lora(result.model, merge=True)
+        failed = _save_adapter_then_merge(result.model, adapter_dir, args.force, profile, out,
+                                          lambda: _drop_new_adapter(adapter_dir, adapter_was_there))
+        if failed is not None:
+            return failed
     metrics_text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"
     responses_text = json.dumps(_json_safe(list(result.responses)), indent=2, ensure_ascii=False,
                                 allow_nan=False) + "\n"
