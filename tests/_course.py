@@ -16,3 +16,10 @@ def fake_course(tmp_path, cells) -> Path:
     nb.cells = cells
     nbformat.write(nb, root / "notebooks" / "07_demo.ipynb")
     return root
+
+
+def one_error_line(stderr: str) -> str:
+    """``stderr`` of a refused ``course`` command: one ``error: ...`` line, no traceback."""
+    assert stderr.count("\n") == 1 and stderr.startswith("error: "), stderr
+    assert "Traceback" not in stderr
+    return stderr

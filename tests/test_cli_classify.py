@@ -28,6 +28,7 @@ from course_lib.classification import GPTClassifier
 from course_lib.config import get_config
 from course_lib.model import GPTModel
 from course_lib.tokenizers import tiktoken_gpt2
+from _course import one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,12 +41,6 @@ TEXTS = [SPAMMY, HAMMY, "ok", LONG]
 def course(*args, stdin: str | None = None, timeout=300):
     return subprocess.run([sys.executable, "-m", "course_lib.cli", *args], cwd=ROOT, env=dict(os.environ),
                           input=stdin, capture_output=True, text=True, timeout=timeout)
-
-
-def one_error_line(stderr: str) -> str:
-    assert stderr.count("\n") == 1 and stderr.startswith("error: "), stderr
-    assert "Traceback" not in stderr
-    return stderr
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ from course_lib.instruction import InstructResult, generate_response
 from course_lib.model import GPTModel
 from course_lib.tokenizers import tiktoken_gpt2
 from course_lib.training import History
+from _course import one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ("model.pt", "responses.json", "metrics.json")
@@ -42,12 +43,6 @@ FILES = ("model.pt", "responses.json", "metrics.json")
 def course(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "course_lib.cli", *args], cwd=ROOT, env=dict(os.environ),
                           capture_output=True, text=True, timeout=timeout)
-
-
-def one_error_line(stderr: str) -> str:
-    assert stderr.count("\n") == 1 and stderr.startswith("error: "), stderr
-    assert "Traceback" not in stderr
-    return stderr
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

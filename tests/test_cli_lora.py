@@ -23,6 +23,7 @@ from course_lib.base_model import load_base_model
 from course_lib.checkpoint import model_from_checkpoint
 from course_lib.classification import GPTClassifier
 from course_lib.lora import DEFAULT_TARGETS, LoRALinear, load_adapter
+from _course import one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 RANK = 4
@@ -32,12 +33,6 @@ def course(*args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "course_lib.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def one_error_line(stderr: str) -> str:
-    assert stderr.count("\n") == 1 and stderr.startswith("error: "), stderr
-    assert "Traceback" not in stderr
-    return stderr
 
 
 @pytest.fixture(scope="module")
