@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["positive_int", "non_negative_int", "integer", "probability", "boolean", "describe"]
+__all__ = ["positive_int", "non_negative_int", "integer", "positive_float", "probability", "boolean", "describe"]
 
 
 def describe(value: Any) -> str:
@@ -63,6 +63,21 @@ def positive_int(name: str, value: Any, *, allow_none: bool = False, hint: str =
         extra = " or None" if allow_none else ""
         raise ValueError(f"{name} must be a positive integer{extra}, got {value!r}{hint}")
     return int(value)
+
+
+def positive_float(name: str, value: Any, *, hint: str = "") -> float:
+    """``value`` as a ``float`` if it is a finite real number > 0 (a learning rate, a scale).
+
+    >>> positive_float("lr", 3e-4)
+    0.0003
+
+    Raises:
+        ValueError: anything else (booleans, strings, 0, negatives, nan and inf included); ``hint``
+            is appended to the message.
+    """
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number above 0, got {describe(value)}{hint}")
+    return float(value)
 
 
 def non_negative_int(name: str, value: Any, *, hint: str = "") -> int:

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .checks import boolean, positive_int
+from .checks import boolean, positive_float, positive_int
 from .config import GPTConfig
 from .model import GPTModel, count_parameters
 from .training import History, train
@@ -686,7 +686,7 @@ class FinetuneResult:
 
 
 def finetune_classifier(profile: str | None = None, *, trainable: str | None = None, pooling: str | None = None,
-                        num_epochs: int | None = None, device: Any = None, base_model: nn.Module | None = None,
+                        num_epochs: int | None = None, lr: float | None = None, device: Any = None, base_model: nn.Module | None = None,
                         checkpoint_path: str | os.PathLike | None = None, resume: bool = False, trim: bool = True,
                         prepare_model: Callable[[GPTClassifier], Any] | None = None,
                         progress: bool = True, verbose: bool = True) -> FinetuneResult:
@@ -700,7 +700,7 @@ def finetune_classifier(profile: str | None = None, *, trainable: str | None = N
     Args:
         profile: ``tiny``, ``cpu`` or ``gpu``; default the active one. Picks the base model
             (:func:`~course_lib.base_model.load_base_model`) and :data:`CLASSIFIER_RECIPES`.
-        trainable, pooling, num_epochs: override the recipe's.
+        trainable, pooling, num_epochs, lr: override the recipe's.
         device: where to train. Default :func:`~course_lib.config.get_device`.
         base_model: start from this GPT instead of the profile's base model (it is modified).
         checkpoint_path, resume: as in :func:`~course_lib.training.train`.
@@ -730,10 +730,11 @@ def finetune_classifier(profile: str | None = None, *, trainable: str | None = N
 
     prof = get_profile(profile)
     recipe = CLASSIFIER_RECIPES[prof.name]
-    changes = {k: v for k, v in (("trainable", trainable), ("pooling", pooling), ("num_epochs", num_epochs))
-               if v is not None}
+    changes = {k: v for k, v in (("trainable", trainable), ("pooling", pooling), ("num_epochs", num_epochs),
+                                 ("lr", lr)) if v is not None}
     recipe = replace(recipe, **changes)
     positive_int("num_epochs", recipe.num_epochs)
+    positive_float("lr", recipe.lr)
     if prepare_model is not None and not callable(prepare_model):
         raise TypeError(f"prepare_model must be a function of the model or None, got {type(prepare_model).__name__}")
     device = get_device(device)

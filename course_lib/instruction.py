@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from .checks import boolean, positive_int
+from .checks import boolean, positive_float, positive_int
 from .training import History, train
 
 __all__ = [
@@ -419,8 +419,8 @@ class InstructResult:
 
 
 def finetune_instructions(profile: str | None = None, *, style: str | None = None, mask_prompt: bool | None = None,
-                          num_epochs: int | None = None, device: Any = None, base_model: nn.Module | None = None,
-                          checkpoint_path: str | os.PathLike | None = None, resume: bool = False,
+                          num_epochs: int | None = None, lr: float | None = None, device: Any = None,
+                          base_model: nn.Module | None = None, checkpoint_path: str | os.PathLike | None = None, resume: bool = False,
                           prepare_model: Callable[[nn.Module], Any] | None = None,
                           progress: bool = True, verbose: bool = True) -> InstructResult:
     """Instruction-tune the profile's model, then answer the test split and score the answers.
@@ -432,7 +432,7 @@ def finetune_instructions(profile: str | None = None, *, style: str | None = Non
 
     Args:
         profile: ``tiny``, ``cpu`` or ``gpu``; default the active one (:data:`INSTRUCTION_RECIPES`).
-        style, mask_prompt, num_epochs: override the recipe's.
+        style, mask_prompt, num_epochs, lr: override the recipe's.
         device: where to train. Default :func:`~course_lib.config.get_device`.
         base_model: start from this GPT instead of the recipe's base (it is modified).
         checkpoint_path, resume: as in :func:`~course_lib.training.train`.
@@ -462,11 +462,12 @@ def finetune_instructions(profile: str | None = None, *, style: str | None = Non
 
     prof = get_profile(profile)
     recipe = INSTRUCTION_RECIPES[prof.name]
-    changes = {k: v for k, v in (("style", style), ("mask_prompt", mask_prompt), ("num_epochs", num_epochs))
-               if v is not None}
+    changes = {k: v for k, v in (("style", style), ("mask_prompt", mask_prompt), ("num_epochs", num_epochs),
+                                 ("lr", lr)) if v is not None}
     recipe = replace(recipe, **changes)
     _check_style(recipe.style)
     positive_int("num_epochs", recipe.num_epochs)
+    positive_float("lr", recipe.lr)
     if prepare_model is not None and not callable(prepare_model):
         raise TypeError(f"prepare_model must be a function of the model or None, got {type(prepare_model).__name__}")
     device = get_device(device)

@@ -43,6 +43,8 @@ __all__ = [
     "LoRASummary",
     "DEFAULT_TARGETS",
     "TARGET_GROUPS",
+    "LoRARecipe",
+    "LORA_RECIPES",
     "add_lora",
     "lora_layers",
     "merge_lora",
@@ -62,6 +64,34 @@ TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "attention": DEFAULT_TARGETS,
     "ff": ("ff.layers.0", "ff.layers.2"),
     "head": ("out_head",),
+}
+
+
+@dataclass(frozen=True)
+class LoRARecipe:
+    """How ``course finetune classify|instruct --lora RANK`` trains adapters for one profile
+    (``RANK`` and ``--alpha``/``--targets``/``--lr``/``--epochs`` override these).
+
+    Attributes:
+        rank, alpha: ``r`` and the scale's numerator (``alpha = 2 * rank`` is the common choice).
+        targets: as in :func:`add_lora`.
+        lr: AdamW's learning rate. Adapters start at zero and are small: they want a larger
+            rate than a full fine-tune.
+        num_epochs: ``None``: the full fine-tune's (step 6's or step 7's recipe).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    lr: float = 3e-4
+    num_epochs: int | None = None
+
+
+#: ``LORA_RECIPES[task][profile]``, task ``"classify"`` (step 6's spam data) or ``"instruct"`` (step 7's).
+LORA_RECIPES: dict[str, dict[str, LoRARecipe]] = {
+    "classify": {"tiny": LoRARecipe(lr=1e-3), "cpu": LoRARecipe(), "gpu": LoRARecipe(rank=16, alpha=16, lr=1e-4)},
+    "instruct": {"tiny": LoRARecipe(lr=1e-3), "cpu": LoRARecipe(lr=1e-3), "gpu": LoRARecipe(rank=16, alpha=32,
+                                                                                           lr=3e-4)},
 }
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"

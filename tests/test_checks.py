@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from course_lib.checks import boolean, describe, integer, non_negative_int, positive_int, probability
+from course_lib.checks import boolean, describe, integer, non_negative_int, positive_float, positive_int, probability
 
 
 def re_repr(value) -> str:
@@ -89,3 +89,13 @@ def test_describe_names_the_type_and_cuts_long_values():
     assert describe(None) == "None"
     assert describe("0.1") == "the str '0.1'"
     assert describe("x" * 100) == "the str '" + "x" * 39 + "..."
+
+
+@pytest.mark.parametrize("value", [0, -1e-3, float("nan"), float("inf"), True, "3e-4", None, [1e-3]])
+def test_positive_float_refuses_what_is_not_a_finite_positive_number(value):
+    with pytest.raises(ValueError, match=r"^lr must be a finite number above 0, got "):
+        positive_float("lr", value)
+
+
+def test_positive_float_returns_plain_floats():
+    assert positive_float("lr", np.float32(0.5)) == 0.5 and type(positive_float("lr", 2)) is float

@@ -25,6 +25,9 @@ MODULES: dict[str, int | None] = {
     "instruction": 7, "evaluation": 7, "preference": 7,
     "schedules": 8, "shards": 8, "mfu": 8, "trainer": 8,
     "lora": 9,
+    "export": 9,
+    "engine": 9,
+    "serve": 9,
     "paths": None, "files": None, "checks": None, "data": None, "plots": None,
     "checker": None, "doctor": None, "cli": None, "notebook_runner": None,
 }
