@@ -167,6 +167,7 @@ class LoRALinear(nn.Module):
         self.active: str | tuple[str | None, ...] | None = None
         self.merged: str | None = None
         self._original: torch.Tensor | None = None
+        self._tied: nn.Parameter | None = None  # while merged: the base weight another layer shares
         self._rows: tuple | None = None          # per-row stacks (see _row_stacks): (key, stamp, params, A, B)
         self.add_adapter(name, rank, alpha, dropout, rslora)
         self.active = name
@@ -510,7 +511,9 @@ def merge_lora(model: nn.Module, *, keep_original: bool = True) -> None:
     """Fold each layer's active adapter into its base weight: ``W <- W + scale * B @ A``.
 
     The model then computes the same outputs (to float rounding) at the base model's cost: the
-    forward is the base ``F.linear`` alone.
+    forward is the base ``F.linear`` alone. A base weight shared with another layer (a head tied
+    to the token embedding) is merged into a copy: the embedding stays as it was, the model's
+    ``tie_weights`` reads ``False`` while merged, and :func:`unmerge_lora` ties it again.
 
     Args:
         model: a model with :class:`LoRALinear` layers; layers already merged are skipped, so
@@ -526,33 +529,56 @@ def merge_lora(model: nn.Module, *, keep_original: bool = True) -> None:
     for n, layer in layers.items():
         if isinstance(layer.active, tuple):
             raise ValueError(f"layer {n} has per-row adapters active; set_adapter(model, name) to one adapter to merge")
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for layer in layers.values():
             if layer.merged is not None or layer.active is None:
                 continue
             w = layer.base.weight
-            layer._original = w.detach().clone() if keep_original else None
+            if uses[id(w)] > 1:  # shared (a head tied to the token embedding): merge into a copy, keep the tie's
+                layer._tied, layer._original = w, None
+                layer.base.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+                w = layer.base.weight
+            else:
+                layer._original = w.detach().clone() if keep_original else None
             w += layer.delta_weight(layer.active).to(w.dtype)
             layer.merged = layer.active
+    _sync_tie_flags(model)
+
+
+def _sync_tie_flags(model: nn.Module) -> None:
+    """A GPTModel whose head a merge untied says so (``export_hf``, checkpoints read the flag)."""
+    for m in model.modules():
+        if isinstance(m, GPTModel) and m.tie_weights:
+            head = m.out_head.base if isinstance(m.out_head, LoRALinear) else m.out_head
+            m.tie_weights = head.weight is m.tok_emb.weight
 
 
 def unmerge_lora(model: nn.Module) -> None:
     """Take merged adapters out of the base weights again (restored exactly when merged with
-    ``keep_original``). Layers not merged are left as they are, so a second call does nothing.
+    ``keep_original``, or when the weight is shared with another layer: a tied head gets its
+    tie back). Layers not merged are left as they are, so a second call does nothing.
 
     Raises:
         TypeError: ``model`` not an ``nn.Module``.
         ValueError: the model has no LoRA layers.
     """
+    layers = _layers_or_error(model)
     with torch.no_grad():
-        for layer in _layers_or_error(model).values():
+        for layer in layers.values():
             if layer.merged is None:
                 continue
-            if layer._original is not None:
+            if layer._tied is not None:
+                layer.base.weight = layer._tied
+            elif layer._original is not None:
                 layer.base.weight.copy_(layer._original)
             else:
                 layer.base.weight -= layer.delta_weight(layer.merged).to(layer.base.weight.dtype)
-            layer._original, layer.merged = None, None
+            layer._original, layer._tied, layer.merged = None, None, None
+    for m in model.modules():
+        if isinstance(m, GPTModel) and not m.tie_weights:
+            head = m.out_head.base if isinstance(m.out_head, LoRALinear) else m.out_head
+            m.tie_weights = head.weight is m.tok_emb.weight
 
 
 def unload_lora(model: nn.Module, *, merge: bool = True) -> nn.Module:

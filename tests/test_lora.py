@@ -472,3 +472,25 @@ def test_generate_with_adapters_equals_step_by_step_forward(monkeypatch, switch_
         torch.testing.assert_close(inference.prefill(model, idx)[1], want[:, -1], atol=1e-5, rtol=1e-5)
         unmerge_lora(model)
     inference.fast_decoding(model, False)
+
+
+def test_merging_a_head_adapter_leaves_a_tied_token_embedding_alone():
+    """Regression: the merge wrote into the weight the tied head shares with the token embedding."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0, qkv_bias=False)
+    model = GPTModel(cfg, tie_weights=True).eval()
+    embedding = model.tok_emb.weight.detach().clone()
+    add_lora(model, rank=2, alpha=4, targets=["head", "W_query"])
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B["default"])
+    x = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        adapted = model(x)
+        merge_lora(model)
+        assert torch.equal(model.tok_emb.weight, embedding) and model.tie_weights is False
+        torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-5)
+        unmerge_lora(model)
+        assert model.out_head.base.weight is model.tok_emb.weight and model.tie_weights is True
+        unload_lora(model)
+        assert torch.equal(model.tok_emb.weight, embedding) and model.tie_weights is False
+        torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-5)
