@@ -222,6 +222,26 @@ class KVCache:
         lengths[row] = n
         self._set_lengths(lengths)
 
+    def first_rows(self, n: int) -> "KVCache":
+        """A cache over rows ``0..n-1`` of this one, sharing its memory (no copy): a server
+        keeps its running requests in the first rows and decodes only those. What the view
+        stores (keys, values, ``lengths``) lands in this cache; call :meth:`load_row` or
+        :meth:`crop` here, or take a new view, after decoding through it.
+
+        Raises:
+            ValueError: ``n`` not an integer in ``[1, batch_size]``.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.batch_size:
+            raise ValueError(f"n must be an integer in [1, batch_size={self.batch_size}], got {n!r}")
+        view = KVCache.__new__(KVCache)
+        view.keys, view.values = self.keys[:, :n], self.values[:, :n]   # [L, n, H, max_len, D] views
+        view.lengths = self.lengths[:n]                                  # a view: advance() updates ours
+        lengths = view.lengths.tolist()
+        view._longest = max(lengths)
+        view._pos = lengths[0] if all(k == lengths[0] for k in lengths) else None
+        view._where = None
+        return view
+
     def _set_lengths(self, lengths: list[int]) -> None:
         self.lengths.copy_(torch.tensor(lengths, dtype=torch.long))
         self._longest = max(lengths)

@@ -1,0 +1,430 @@
+"""The batching engine (course_lib.engine) against inference.generate, tiktoken and step 9's adapters,
+on tiny random models; and KVCache.first_rows, the view it decodes through."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import course_lib.engine as engine_mod
+from course_lib.config import GPTConfig, get_config
+from course_lib.engine import (Completion, Engine, EngineError, PromptTooLong, RequestFailed, SamplingParams,
+                               UnknownModel, _Detokenizer)
+from course_lib.inference import KVCache, decode_step, generate, prefill
+from course_lib.lora import add_lora, load_adapter, lora_layers, save_adapter, set_adapter
+from course_lib.model import GPTModel
+
+LONG = GPTConfig(vocab_size=50257, context_length=256, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
+                 qkv_bias=False)
+GREEDY = dict(temperature=0, stop_token_ids=())
+
+
+@pytest.fixture(scope="module")
+def enc():
+    """tiktoken's GPT-2 encoding (the reference detokenizer), built offline from the course's files."""
+    from course_lib.tokenizers import tiktoken_gpt2
+    try:
+        return tiktoken_gpt2()
+    except Exception as err:  # no data mirror
+        pytest.skip(f"GPT-2's BPE files are not available offline: {err}")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPTModel(get_config("gpt-tiny")).eval()      # context 64
+
+
+@pytest.fixture(scope="module")
+def long_model():
+    torch.manual_seed(1)
+    return GPTModel(LONG).eval()
+
+
+@pytest.fixture(autouse=True)
+def _no_thread_leaks():
+    yield
+    left = [t for t in threading.enumerate() if t.name.startswith("engine-")]
+    assert not left, f"engine threads left running: {left}"
+
+
+def _prompt(n, seed=0):
+    return torch.randint(0, 50257, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _ref(model, ids, n, **kw):
+    """The tokens inference.generate adds to ids (greedy unless kw says otherwise)."""
+    return generate(model, torch.tensor([ids]), n, **kw)[0, len(ids):].tolist()
+
+
+class Stepped(Engine):
+    """An engine whose decode steps wait for the test's go-ahead (deterministic interleavings)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.gate = threading.Semaphore(0)
+
+    def _decode(self):
+        self.gate.acquire()
+        super()._decode()
+
+    def shutdown(self):
+        self.gate.release(10_000)
+        super().shutdown()
+
+
+# --------------------------------------------------------------------------- #
+# Greedy output and batching
+# --------------------------------------------------------------------------- #
+def test_greedy_alone_equals_generate(model, enc):
+    with Engine(copy.deepcopy(model), enc) as eng:
+        for n, new in ((1, 12), (5, 20), (17, 9), (40, 23)):
+            ids = _prompt(n, seed=n)
+            c = eng.generate(ids, SamplingParams(max_tokens=new, **GREEDY))
+            want = _ref(model, ids, new)
+            assert c.token_ids == want
+            assert c.text == enc.decode(want)
+            assert (c.finish_reason, c.prompt_tokens, c.completion_tokens) == ("length", n, new)
+        text = "The quick brown fox"
+        c = eng.generate(text, SamplingParams(max_tokens=8, **GREEDY))
+        assert c.token_ids == _ref(model, enc.encode(text), 8) and c.prompt_tokens == len(enc.encode(text))
+
+
+def test_32_concurrent_requests_unmixed(model, enc):
+    jobs = [(_prompt(1 + (7 * i) % 30, seed=100 + i), 4 + (5 * i) % 17) for i in range(32)]
+    want = [_ref(model, ids, new) for ids, new in jobs]
+    with Engine(copy.deepcopy(model), enc, max_batch=8) as eng:
+        with ThreadPoolExecutor(8) as pool:        # submitted from many threads at once
+            got = list(pool.map(lambda job: eng.generate(job[0], SamplingParams(max_tokens=job[1], **GREEDY)),
+                                jobs))
+        stats = eng.stats()
+    assert [c.token_ids for c in got] == want
+    assert [c.text for c in got] == [enc.decode(w) for w in want]
+    total = sum(new for _, new in jobs)
+    assert stats["tokens_generated"] == total and stats["requests_finished"] == 32
+    assert stats["running"] == stats["waiting"] == 0
+    assert stats["steps"] < total - 32 - 20      # one forward pass served several rows (alone: total - 32)
+
+
+def test_request_joins_mid_batch(long_model, enc):
+    a_ids, b_ids = _prompt(9, seed=1), _prompt(3, seed=2)
+    with Stepped(copy.deepcopy(long_model), enc) as eng:
+        a = eng.submit(a_ids, SamplingParams(max_tokens=40, **GREEDY))
+        it = iter(a)
+        eng.gate.release(5)
+        first = [next(it) for _ in range(6)]            # the prefill's token and 5 decode steps
+        b = eng.submit(b_ids, SamplingParams(max_tokens=10, **GREEDY))
+        eng.gate.release(10_000)
+        rest = list(it)
+        cb, ca = b.result(), a.result()
+        steps = eng.stats()["steps"]
+    assert ca.token_ids == _ref(long_model, a_ids, 40) and cb.token_ids == _ref(long_model, b_ids, 10)
+    assert [t for d in first + rest for t in d.token_ids] == ca.token_ids
+    assert steps == 39                                   # b's 9 decode steps rode along with a's
+
+
+def test_length_and_context_full(model, enc):
+    with Engine(copy.deepcopy(model), enc) as eng:
+        ids = _prompt(60, seed=3)                        # context 64: room for 4 new tokens
+        c = eng.generate(ids, SamplingParams(max_tokens=16, **GREEDY))
+        assert (c.finish_reason, c.completion_tokens) == ("length", 4)
+        assert c.token_ids == _ref(model, ids, 4)
+        c = eng.generate(_prompt(63, seed=4), SamplingParams(max_tokens=5, **GREEDY))
+        assert (c.finish_reason, c.completion_tokens) == ("length", 1)
+        with pytest.raises(PromptTooLong, match="context length is 64") as err:
+            eng.submit(_prompt(64), SamplingParams())
+        assert (err.value.prompt_tokens, err.value.limit) == (64, 64) and isinstance(err.value, ValueError)
+        with pytest.raises(EngineError, match="no tokens"):
+            eng.submit([])
+
+
+# --------------------------------------------------------------------------- #
+# Stop strings, stop tokens, detokenizing
+# --------------------------------------------------------------------------- #
+def test_stop_strings_excluded_and_earliest_wins(model, enc):
+    ids = _prompt(4, seed=5)
+    want = _ref(model, ids, 40)
+    full = enc.decode(want)
+    late, early = full[25:29], full[12:15]
+    cut = min(full.find(late), full.find(early))
+    with Engine(copy.deepcopy(model), enc) as eng:
+        h = eng.submit(ids, SamplingParams(max_tokens=40, stop=[late, early], **GREEDY))
+        deltas = list(h)
+        c = h.result()
+    assert c.text == full[:cut] and c.finish_reason == "stop" == deltas[-1].finish_reason
+    assert "".join(d.text for d in deltas) == c.text                # never more than the final text
+    assert c.token_ids == want[:len(c.token_ids)] and len(c.token_ids) < 40
+    first = early if full.find(early) == cut else late
+    assert enc.decode(c.token_ids).find(first) == cut and first not in enc.decode(c.token_ids[:-1])
+
+
+def test_stop_token_ends_and_is_left_out(model, enc):
+    ids = _prompt(6, seed=6)
+    want = _ref(model, ids, 30)
+    stop = want[7]
+    k = want.index(stop)
+    with Engine(copy.deepcopy(model), enc) as eng:
+        c = eng.generate(ids, SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[stop]))
+    assert c.token_ids == want[:k] and c.text == enc.decode(want[:k])
+    assert (c.finish_reason, c.completion_tokens) == ("stop", k + 1)
+    assert SamplingParams().stop_token_ids == (enc.eot_token,) == (50256,)
+
+
+def test_detokenizer_holds_back_partial_utf8_and_stop_prefixes(enc):
+    text = "Grüße, 日本語 🙂 and 🙃 END tail"
+    ids = enc.encode(text)
+    d = _Detokenizer(enc, ("END",))
+    out, held, stopped = [], 0, False
+    for t in ids:
+        piece, stopped = d.add(t)
+        out.append(piece)
+        held += piece == ""
+        if stopped:
+            break
+    assert stopped and "".join(out) == "Grüße, 日本語 🙂 and 🙃 " == d.text
+    assert not any("\ufffd" in p for p in out) and held > 0          # partial characters were held
+    d = _Detokenizer(enc, ("ENDX", "zz"))
+    pieces = [d.add(t)[0] for t in ids]
+    assert "".join(pieces) + d.flush() == enc.decode(ids) == text
+
+    class DecodeOnly:                                               # a tokenizer without decode_bytes
+        decode = staticmethod(enc.decode)
+
+    d = _Detokenizer(DecodeOnly(), ())
+    pieces = [d.add(t)[0] for t in ids]
+    assert "".join(pieces) + d.flush() == text and not any("\ufffd" in p for p in pieces)
+    ids = enc.encode("one two three four")                          # 'one', ' two', ' three', ' four'
+    for stop, want in ((("three five",), [("one", False), (" two", False), (" ", False), ("three four", False)]),
+                       (("xyz", "three f"), [("one", False), (" two", False), (" ", False), ("", True)]),
+                       (("wo th",), [("one", False), (" t", False), ("", True)])):
+        d = _Detokenizer(enc, stop)
+        assert [d.add(t) for t in ids[:len(want)]] == want            # 'three' held: it may start a stop
+
+
+# --------------------------------------------------------------------------- #
+# Sampling settings
+# --------------------------------------------------------------------------- #
+def test_seed_reproducible_alone_and_in_a_batch(model, enc):
+    ids = _prompt(5, seed=7)
+    params = SamplingParams(max_tokens=20, temperature=0.9, top_k=200, top_p=0.95, seed=123, stop_token_ids=())
+    want = _ref(model, ids, 20, temperature=0.9, top_k=200, top_p=0.95, generator=torch.Generator().manual_seed(123))
+    with Engine(copy.deepcopy(model), enc) as eng:
+        alone = eng.generate(ids, params)
+        others = [eng.submit(_prompt(3 + i, seed=i), SamplingParams(max_tokens=15, temperature=1.0, seed=i))
+                  for i in range(5)]
+        again = eng.submit(ids, params)
+        other_seed = eng.submit(ids, SamplingParams(max_tokens=20, temperature=0.9, top_k=200, top_p=0.95, seed=7,
+                                                    stop_token_ids=()))
+        assert again.result() == alone and alone.token_ids == want
+        assert other_seed.result().token_ids != want
+        for h in others:
+            h.result()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", 0), ("max_tokens", 2.0), ("temperature", -0.1), ("temperature", 2.5), ("temperature", float("nan")),
+    ("temperature", "1"), ("top_p", 0), ("top_p", 1.5), ("top_k", 0), ("top_k", 2.5), ("stop", ["a"] * 5),
+    ("stop", [""]), ("stop", [1]), ("seed", 1.5), ("seed", 2**64), ("stop_token_ids", [-1]), ("stop_token_ids", 5)])
+def test_sampling_params_validated(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_sampling_params_normalised():
+    p = SamplingParams(stop="###", stop_token_ids=[1, 2], temperature=1)
+    assert p.stop == ("###",) and p.stop_token_ids == (1, 2) and p.temperature == 1.0
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+
+
+# --------------------------------------------------------------------------- #
+# Adapters, names, errors
+# --------------------------------------------------------------------------- #
+def test_adapters_per_row_equal_each_alone(model, enc, tmp_path):
+    folders = {}
+    for i, (name, targets) in enumerate((("a", ("attention",)), ("b", ("attention", "ff")))):
+        m = copy.deepcopy(model)
+        add_lora(m, rank=4, alpha=8, targets=targets, name=name)
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for layer in lora_layers(m).values():
+                layer.lora_B[name].copy_(torch.randn(layer.lora_B[name].shape, generator=g) * 0.5)
+        folders[name] = save_adapter(m, tmp_path / name, name=name)
+    ref = copy.deepcopy(model)
+    for name, folder in folders.items():
+        load_adapter(ref, folder, name)
+    jobs = [(_prompt(2 + 3 * i, seed=20 + i), [None, "a", "b"][i % 3]) for i in range(9)]
+    want = []
+    for ids, name in jobs:
+        set_adapter(ref, name)
+        want.append(_ref(ref, ids, 12))
+    assert want[1] != _ref(model, jobs[1][0], 12) and want[2] != _ref(model, jobs[2][0], 12)  # adapters matter
+    with Engine(copy.deepcopy(model), enc, name="tiny", adapters={"a": folders["a"]}, max_batch=4) as eng:
+        eng.generate([1, 2], SamplingParams(max_tokens=2))
+        eng.load_adapter("b", folders["b"])               # while the thread runs
+        assert eng.models() == ["tiny", "a", "b"]
+        handles = [eng.submit(ids, SamplingParams(max_tokens=12, **GREEDY), model=name or "tiny")
+                   for ids, name in jobs]
+        got = [h.result().token_ids for h in handles]
+        assert [h.model for h in handles] == [name or "tiny" for _, name in jobs]
+        with pytest.raises(ValueError, match="taken"):
+            eng.load_adapter("a", folders["a"])
+    assert got == want
+
+
+def test_unknown_model(model, enc):
+    with Engine(copy.deepcopy(model), enc, name="mine") as eng:
+        with pytest.raises(UnknownModel, match="'gpt-4'") as err:
+            eng.submit("hi", model="gpt-4")
+        assert err.value.name == "gpt-4" and err.value.available == ["mine"] == eng.models()
+        assert isinstance(err.value, EngineError) and isinstance(err.value, ValueError)
+        assert eng.generate("hi", SamplingParams(max_tokens=2), model="mine").completion_tokens >= 1
+    with pytest.raises(TypeError, match="GPTModel"):
+        Engine(torch.nn.Linear(2, 2), enc)
+    with pytest.raises(ValueError, match="max_batch"):
+        Engine(model, enc, max_batch=0)
+
+
+# --------------------------------------------------------------------------- #
+# Cancel, failures, shutdown, asyncio
+# --------------------------------------------------------------------------- #
+def test_cancel_frees_the_row_and_others_finish(long_model, enc):
+    a_ids, b_ids = _prompt(4, seed=8), _prompt(6, seed=9)
+    with Stepped(copy.deepcopy(long_model), enc, max_batch=2) as eng:
+        a = eng.submit(a_ids, SamplingParams(max_tokens=100, **GREEDY))
+        b = eng.submit(b_ids, SamplingParams(max_tokens=30, **GREEDY))
+        c = eng.submit(_prompt(5), SamplingParams(max_tokens=30, **GREEDY))      # waits: 2 rows
+        eng.gate.release(3)
+        deltas = iter(a)
+        for _ in range(4):
+            next(deltas)
+        assert eng.stats()["running"] == 2 and eng.stats()["waiting"] == 1
+        c.cancel()                                          # waiting: ends at once
+        assert c.result(timeout=5) == Completion("", [], "cancelled", 5, 0)
+        a.cancel()
+        eng.gate.release(1)                                 # the next token boundary
+        ca = a.result(timeout=10)
+        assert ca.finish_reason == "cancelled" and 4 <= ca.completion_tokens < 100
+        assert ca.token_ids == _ref(long_model, a_ids, ca.completion_tokens)
+        stats = eng.stats()
+        assert (stats["running"], stats["waiting"], stats["requests_cancelled"]) == (1, 0, 2)
+        eng.gate.release(10_000)
+        assert b.result().token_ids == _ref(long_model, b_ids, 30)
+        h = eng.submit(a_ids, SamplingParams(max_tokens=50, **GREEDY))
+        for _ in h:                                          # leaving the iterator cancels
+            break
+        assert h.result(timeout=10).finish_reason == "cancelled"
+
+
+def test_injected_failures_do_not_kill_the_engine(model, enc, monkeypatch):
+    real = engine_mod.sample_next_token
+
+    def flaky(logits, temperature, *args):
+        if temperature == 0.5:
+            raise RuntimeError("boom")
+        return real(logits, temperature, *args)
+
+    monkeypatch.setattr(engine_mod, "sample_next_token", flaky)
+    ids = [_prompt(3 + i, seed=30 + i) for i in range(3)]
+    with Engine(copy.deepcopy(model), enc) as eng:
+        good = [eng.submit(p, SamplingParams(max_tokens=10, **GREEDY)) for p in ids]
+        bad = eng.submit(ids[0], SamplingParams(max_tokens=10, temperature=0.5))
+        with pytest.raises(RequestFailed, match="boom") as err:
+            list(bad)
+        assert isinstance(err.value.__cause__, RuntimeError)
+        with pytest.raises(RequestFailed):
+            bad.result()
+        assert [h.result().token_ids for h in good] == [_ref(model, p, 10) for p in ids]
+        assert eng.stats()["requests_failed"] == 1
+    with Stepped(copy.deepcopy(model), enc) as eng:
+        forward = eng.model.forward
+
+        def broken(idx, kv_cache=None):                     # the batched forward itself fails, once
+            if idx.shape[0] == 2 and not broken.done:
+                broken.done = True
+                raise RuntimeError("device lost")
+            return forward(idx, kv_cache=kv_cache)
+
+        broken.done = False
+        monkeypatch.setattr(eng.model, "forward", broken)
+        hs = [eng.submit(p, SamplingParams(max_tokens=10, **GREEDY)) for p in ids[:2]]
+        eng.gate.release(10_000)                            # both rows are in before the 2nd step
+        for h in hs:
+            with pytest.raises(RequestFailed, match="device lost"):
+                h.result(timeout=10)
+        assert eng.generate(ids[2], SamplingParams(max_tokens=10, **GREEDY)).token_ids == _ref(model, ids[2], 10)
+        assert eng.stats()["requests_failed"] == 2 and eng.stats()["running"] == 0
+
+
+def test_shutdown_ends_pending_requests(long_model, enc):
+    eng = Engine(copy.deepcopy(long_model), enc, max_batch=1)
+    handles = [eng.submit(_prompt(4, seed=i), SamplingParams(max_tokens=200, **GREEDY)) for i in range(3)]
+    eng.shutdown()
+    assert not eng._thread.is_alive()
+    for h in handles[1:]:
+        with pytest.raises(RequestFailed, match="shut down"):
+            h.result(timeout=5)
+    with pytest.raises(RuntimeError, match="shut down"):
+        eng.submit([1, 2])
+    eng.shutdown()                                           # twice is fine
+
+
+def test_async_iteration_does_not_block_the_event_loop(model, enc):
+    ids = [_prompt(4, seed=40), _prompt(7, seed=41)]
+    order = []
+
+    async def main(eng):
+        async def release():
+            await asyncio.sleep(0.05)
+            order.append("released by the event loop")
+            eng.gate.release(10_000)
+
+        async def collect(h):
+            out = []
+            async for d in h:
+                if len(out) == 1:                               # the first after the prefill's
+                    order.append("first decode delta")
+                out.append(d)
+            return out
+
+        hs = [eng.submit(p, SamplingParams(max_tokens=8, **GREEDY)) for p in ids]
+        return await asyncio.wait_for(asyncio.gather(release(), *(collect(h) for h in hs)), timeout=20)
+
+    with Stepped(copy.deepcopy(model), enc) as eng:
+        timer = threading.Timer(10, eng.gate.release, [10_000])   # if the loop were blocked
+        timer.start()
+        _, *streams = asyncio.run(main(eng))
+        timer.cancel()
+    assert order[0] == "released by the event loop"
+    for p, deltas in zip(ids, streams):
+        assert [t for d in deltas for t in d.token_ids] == _ref(model, p, 8)
+        assert "".join(d.text for d in deltas) == enc.decode(_ref(model, p, 8))
+        assert [d.finish_reason for d in deltas] == [None] * 7 + ["length"]
+
+
+# --------------------------------------------------------------------------- #
+# KVCache.first_rows
+# --------------------------------------------------------------------------- #
+def test_kvcache_first_rows_view_decodes_like_a_batch(model):
+    p1, p2 = _prompt(5, seed=50), _prompt(9, seed=51)
+    with torch.no_grad():
+        ref_cache, _ = prefill(model, [p1, p2], max_len=20)
+        want = decode_step(model, ref_cache, torch.tensor([[3], [4]]))             # [2, V]
+        big = KVCache.for_model(model, 4)
+        for row, p in enumerate((p1, p2)):
+            one, _ = prefill(model, [p])
+            big.load_row(row, one)
+        view = big.first_rows(2)
+        assert view.keys.data_ptr() == big.keys.data_ptr() and view.batch_size == 2
+        got = decode_step(model, view, torch.tensor([[3], [4]]))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert big.lengths.tolist() == [6, 10, 0, 0]                                  # advanced in place
+    torch.testing.assert_close(big.keys[:, 1, :, :10], ref_cache.keys[:, 1, :, :10])
+    assert big.first_rows(1).pos == 6
+    for bad in (0, 5, 1.0, True):
+        with pytest.raises(ValueError, match="n must be"):
+            big.first_rows(bad)
