@@ -37,6 +37,20 @@
                                        runs/pretrain-<profile>); --resume continues a stopped run. Launched by
                                        `torchrun --nproc-per-node N -m course_lib.cli pretrain ...` it trains on
                                        N processes (DDP), and only rank 0 prints and writes
+    course adapters merge BASE ADAPTER --out DIR [--force]   (or --profile P ADAPTER in place of BASE)
+                                       merge a PEFT-format LoRA adapter into its base model (step 9): DIR in
+                                       Hugging Face's GPT-2 layout (transformers, vLLM, TGI)
+    course export MODEL_DIR --format hf|gguf --out PATH [--dtype f32|f16] [--force]   (or --profile P)
+                                       a model for other runtimes: a Hugging Face folder, or one GGUF file
+                                       with GPT-2's tokenizer (llama.cpp, Ollama)
+    course serve [MODEL_DIR | --profile P] [--adapter NAME=PATH ...] [--host 127.0.0.1] [--port 8000]
+                 [--api-key KEY] [--max-batch N]
+                                       serve the model behind an OpenAI-compatible API (step 9): /v1/models,
+                                       /v1/completions, /v1/chat/completions (streamed too); a request's model
+                                       picks the base or an adapter
+    course chat [MODEL_DIR | --profile P] [--adapter NAME=PATH] [--model NAME] | --base-url URL [--api-key KEY]
+                                       chat in the terminal, streamed, with history (here, or with any
+                                       OpenAI-compatible server)
 
 Step code is imported inside the command that needs it, so ``course --help`` is instant.
 Bad input is one ``error: ...`` line on stderr and exit status 2. Output into a closed pipe
@@ -162,6 +176,315 @@ def _cmd_run(args) -> int:
     return 1 if result.error else 0
 
 
+#: ``course export --format`` / ``--dtype`` (``course_lib.export.GGUF_DTYPES``, written out so that
+#: ``course --help`` imports no step code), checked by hand so that a wrong one is one ``error:`` line.
+_EXPORT_FORMATS = ("hf", "gguf")
+_EXPORT_DTYPES = ("f32", "f16")
+#: What ``export_hf`` writes into a folder (with GPT-2's vocabulary, the tokenizer files too).
+_HF_EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+def _model_source(paths: list[str], profile: str | None, names: tuple[str, ...]) -> tuple[str | None, list[str]] | str:
+    """The paths given for ``names`` (the model's first) as (model path, or ``None`` with ``--profile``; the
+    rest), or an error message."""
+    model, rest = names[0], names[1:]
+    if profile is None and len(paths) == len(names):
+        return paths[0], paths[1:]
+    if profile is not None and len(paths) == len(rest):
+        return None, paths
+    if profile is not None:
+        return (f"--profile {profile} takes the place of {model} (the profile's base model): give "
+                f"{' '.join(rest) + ' only' if rest else 'no path'}, not {len(paths)} path(s)")
+    return f"give {' '.join(names)} (or --profile P in place of {model}), not {len(paths)} path(s)"
+
+
+def _load_for_cli(path: str | None, profile: str | None):
+    """``load_model`` with its errors as a message: the model, or a string."""
+    from .data import DataFetchError
+    from .export import load_model
+
+    try:
+        return load_model(path, profile=profile, device="cpu")
+    except DataFetchError as err:
+        return err.summary
+    except (ValueError, TypeError, OSError) as err:  # CheckpointError is a ValueError
+        return str(err)
+
+
+def _hf_out_problem(out: Path, force: bool) -> str | None:
+    """Why a Hugging Face folder must not be written at ``out``, or ``None``."""
+    from .paths import writable_problem
+
+    problem = writable_problem(out)
+    if problem is not None:
+        return f"the output folder {out} (--out) {problem}: give a folder you can write"
+    if out.is_dir() and any(out.iterdir()) and not force:
+        return (f"--out {out} already exists and is not empty; pass --force to replace the model files in it, "
+                "or give a new folder")
+    folder = next((out / f for f in _HF_EXPORT_FILES if (out / f).is_dir()), None)
+    if folder is not None:
+        return f"--out {out} holds a folder named {folder.name}, where a file goes; give another --out"
+    return None
+
+
+def _write_hf(model, out: Path, force: bool) -> int | None:
+    """``export_hf`` with its errors as ``error:`` lines; ``None`` when written."""
+    from .data import DataFetchError
+    from .pretrained import export_hf
+
+    try:
+        export_hf(model, out, overwrite=force)
+    except DataFetchError as err:
+        return _error(f"GPT-2's tokenizer files could not be fetched: {err.summary}", 1)
+    except (ValueError, OSError) as err:
+        return _error(err, 1)
+    return None
+
+
+def _cmd_adapters_merge(args) -> int:
+    source = _model_source(args.paths, args.profile, ("BASE", "ADAPTER"))
+    if isinstance(source, str):
+        return _error(source)
+    base, (adapter,) = source
+    adapter = Path(adapter).expanduser()
+    if not adapter.is_dir():
+        return _error(f"the adapter folder {adapter} does not exist; give the folder holding "
+                      f"{' and '.join(_ADAPTER_FILES)} (e.g. the adapter/ of `course finetune ... --lora`)")
+    out = Path(args.out).expanduser()
+    problem = _hf_out_problem(out, args.force)
+    if problem is not None:
+        return _error(problem)
+    loaded = _load_for_cli(base, args.profile)
+    if isinstance(loaded, str):
+        return _error(loaded)
+
+    from .lora import load_adapter, unload_lora
+
+    try:
+        layers = load_adapter(loaded.model, adapter)
+    except (ValueError, TypeError, OSError) as err:
+        return _error(err)
+    unload_lora(loaded.model, merge=True)  # a tied head is merged into its own copy (the embedding stays)
+    failed = _write_hf(loaded.model, out, args.force)
+    if failed is not None:
+        return failed
+    print(f"merged {adapter} ({len(layers)} layers) into {loaded.source}: wrote {out} (Hugging Face GPT-2 layout; "
+          "transformers, vLLM and TGI read it, `course export` turns it into GGUF)")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    if args.format not in _EXPORT_FORMATS:
+        return _error(f"--format must be hf (a Hugging Face folder, for transformers, vLLM, TGI) or gguf (one file, "
+                      f"for llama.cpp and Ollama), got {args.format!r}")
+    if args.dtype not in _EXPORT_DTYPES:
+        return _error(f"--dtype must be f32 or f16, got {args.dtype!r}")
+    source = _model_source([args.model] if args.model else [], args.profile, ("MODEL_DIR",))
+    if isinstance(source, str):
+        return _error(source)
+    out = Path(args.out).expanduser()
+    if args.format == "hf":
+        problem = _hf_out_problem(out, args.force)
+    else:
+        from .paths import writable_problem
+
+        problem = writable_problem(out.parent)
+        if out.is_dir():
+            problem = f"--out {out} is a folder; give the GGUF file to write, e.g. {out / 'model.gguf'}"
+        elif problem is not None:
+            problem = f"cannot write --out {out}: the folder {out.parent} {problem}"
+        elif out.exists() and not args.force:
+            problem = f"--out {out} already exists; pass --force to replace it, or give another file name"
+    if problem is not None:
+        return _error(problem)
+    loaded = _load_for_cli(source[0], args.profile)
+    if isinstance(loaded, str):
+        return _error(loaded)
+    model = loaded.model
+    if args.format == "hf":
+        if args.dtype == "f16":
+            model.half()
+        failed = _write_hf(model, out, args.force)
+        if failed is not None:
+            return failed
+    else:
+        from .data import DataFetchError
+        from .export import export_gguf
+
+        src = Path(loaded.source)   # general.name: the run folder, the HF folder, or "course_lib profile tiny"
+        name = {"checkpoint": src.parent.name, "hf": src.name}.get(loaded.kind, f"course_lib {loaded.source}")
+        try:
+            export_gguf(model, out, dtype=args.dtype, overwrite=args.force, name=name)
+        except DataFetchError as err:
+            return _error(f"GPT-2's tokenizer files could not be fetched: {err.summary}", 1)
+        except ValueError as err:
+            return _error(err)
+        except OSError as err:
+            return _error(err, 1)
+    what = "a Hugging Face folder" if args.format == "hf" else "a GGUF file"
+    print(f"wrote {out}: {what} ({args.dtype}) of {loaded.source}")
+    return 0
+
+
+def _adapter_options(values: list[str] | None) -> dict[str, str] | str:
+    """``--adapter NAME=PATH ...`` as ``{name: path}``, or an error message."""
+    adapters: dict[str, str] = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            return (f"--adapter wants NAME=PATH (the name clients send as model, then the adapter's folder), "
+                    f"got {value!r}")
+        if name in adapters:
+            return f"--adapter {name} is given twice; give each adapter its own name"
+        if not Path(path).expanduser().is_dir():
+            return (f"--adapter {name}={path}: no such folder; give the adapter/ folder that `course finetune ... "
+                    "--lora` wrote (adapter_config.json + adapter_model.safetensors)")
+        adapters[name] = str(Path(path).expanduser())
+    return adapters
+
+
+def _serving_engine(args):
+    """``(engine, style, note)`` for ``course serve`` / ``course chat`` from MODEL_DIR or --profile, or an exit
+    status; ``note`` (or ``None``) says that the model records no template, printed once the command starts."""
+    if args.model_dir is not None and args.profile is not None:
+        return _error("give MODEL_DIR or --profile, not both (--profile serves that profile's base model)")
+    if args.max_batch < 1:
+        return _error(f"--max-batch must be a positive number of requests decoded together, got {args.max_batch}")
+    adapters = _adapter_options(args.adapter)
+    if isinstance(adapters, str):
+        return _error(adapters)
+    from .config import get_device, get_profile
+    from .data import DataFetchError
+
+    try:
+        device = get_device(args.device)
+        profile = None if args.model_dir is not None else get_profile(args.profile).name
+    except ValueError as err:
+        return _error(err)
+    from .engine import Engine
+    from .export import load_model
+
+    try:
+        loaded = load_model(args.model_dir, profile=profile, device=device)
+    except DataFetchError as err:
+        return _error(f"{err.summary} (`course data fetch -v NAME` says how to stage a file by hand)", 1)
+    except (ValueError, TypeError, OSError) as err:
+        return _error(err)
+    if getattr(args, "name", None):
+        name = args.name  # course serve --name
+    elif profile is not None:
+        name = f"{profile}-base"
+    else:
+        target = Path(args.model_dir).expanduser().resolve()
+        name = (target.parent if target.is_file() else target).name or "model"
+    if name in adapters:
+        return _error(f"--adapter {name} has the base model's name; give the adapter another name")
+    try:
+        engine = Engine(loaded.model, name=name, adapters=adapters, max_batch=args.max_batch, device=device)
+    except (ValueError, TypeError, OSError) as err:
+        return _error(f"--adapter: {err}" if adapters else err)
+    style, note = args.style or loaded.style, None
+    if style is None:
+        note = (f"note: {loaded.source} records no prompt template (a base model?); chats are written in alpaca's "
+                "(--style chooses)")
+    return engine, style or "alpaca", note
+
+
+def _cmd_serve(args) -> int:
+    if not 0 <= args.port <= 65535:
+        return _error(f"--port must be a port number from 1 to 65535 (0: any free port), got {args.port}")
+    if args.api_key is not None and not args.api_key.strip():
+        return _error("--api-key is empty; give the key clients must send, or leave the option out")
+    if not args.host.strip():
+        return _error("--host is empty; give 127.0.0.1 (this machine only) or 0.0.0.0 (the network, with --api-key)")
+    loaded = _serving_engine(args)
+    if isinstance(loaded, int):
+        return loaded
+    engine, style, note = loaded
+    from .serve import serve
+
+    if note:
+        print(note, file=sys.stderr)
+    try:
+        serve(engine, args.host, args.port, api_key=args.api_key, style=style)
+    except (ValueError, OSError) as err:
+        return _error(err, 1)
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    from .serve import chat
+
+    if args.max_tokens < 1:
+        return _error(f"--max-tokens must be a positive number of tokens, got {args.max_tokens}")
+    if not (math.isfinite(args.temperature) and 0 <= args.temperature <= 2):
+        return _error(f"--temperature must be from 0 (greedy) to 2, got {args.temperature:g}")
+    if args.base_url is not None:
+        local = [o for o, v in (("MODEL_DIR", args.model_dir), ("--profile", args.profile),
+                                ("--adapter", args.adapter)) if v]
+        if local:
+            return _error(f"--base-url chats with a server's model; {' and '.join(local)} load one here: "
+                          "give one or the other")
+        if not args.base_url.startswith(("http://", "https://")):
+            return _error(f"--base-url must start with http:// or https://, e.g. http://127.0.0.1:8000/v1; "
+                          f"got {args.base_url!r}")
+        import openai
+
+        from .serve import client_replier
+
+        try:
+            reply = client_replier(args.base_url, api_key=args.api_key, model=args.model,
+                                   max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+        except (ConnectionError, ValueError, openai.APIError) as err:
+            return _error(err, 1)
+        print(f"chatting with {args.base_url} (/reset forgets the history; /exit or Ctrl-D ends)", file=sys.stderr)
+        try:
+            return chat(reply, system=args.system)
+        except openai.APIError as err:
+            return _error(err, 1)
+        except KeyboardInterrupt:
+            return 0
+    if args.api_key is not None:
+        return _error("--api-key goes with --base-url (the key of that server)")
+    loaded = _serving_engine(args)
+    if isinstance(loaded, int):
+        return loaded
+    engine, style, note = loaded
+    from .engine import SamplingParams
+    from .serve import engine_replier
+
+    try:
+        if args.model is not None and args.model not in engine.models():
+            return _error(f"--model {args.model!r} is not loaded; choose one of {engine.models()}")
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+        reply = engine_replier(engine, model=args.model, style=style, params=params)
+        if note:
+            print(note, file=sys.stderr)
+        print(f"chatting with {args.model or engine.name} (/reset forgets the history; /exit or Ctrl-D ends)",
+              file=sys.stderr)
+        return chat(reply, system=args.system, name=args.model or engine.name)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        engine.shutdown()
+
+
+def _add_serving_arguments(p) -> None:
+    """MODEL_DIR, --profile, --adapter, --style, --max-batch, --device: what ``course serve`` / ``course chat`` load."""
+    p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR",
+                   help="the --out folder of `course finetune instruct` or `course pretrain`, a checkpoint file, "
+                        "or a Hugging Face GPT-2 folder (default: the profile's base model)")
+    p.add_argument("--profile", help="without MODEL_DIR: serve this profile's base model (tiny, cpu or gpu; "
+                                     "default $COURSE_PROFILE, else cpu)")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH",
+                   help="also serve the PEFT LoRA adapter in folder PATH as model NAME (repeat for more)")
+    p.add_argument("--style", choices=_STYLES, help="the prompt template chats are written in (default: the one "
+                                                    "the model was tuned with, else alpaca)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N", help="requests decoded together (default 16)")
+    p.add_argument("--device", help="cuda, mps or cpu (default $COURSE_DEVICE, else the best available)")
+
+
 def _cmd_lab(args, extra: list[str]) -> int:
     from .paths import course_root
 
@@ -188,17 +511,16 @@ _TRAINABLE = ("head", "last-block", "all")
 _POOLING = ("last", "mean")
 
 
-#: ``course_lib.lora.DEFAULT_TARGETS`` (written out for the same reason; a test keeps them equal).
-_LORA_TARGETS = ("W_query", "W_key", "W_value", "out_proj")
 
 
 class _LoRARefused(Exception):
     """``add_lora`` refused ``--targets`` (raised inside the fine-tuning, before any training step)."""
 
 
-def _lora_options(args) -> tuple[int, float, tuple[str, ...]] | str | None:
+def _lora_options(args, task: str, profile: str) -> tuple[int, float, tuple[str, ...]] | str | None:
     """``--lora``/``--alpha``/``--targets`` as ``(rank, alpha, targets)``; ``None`` without ``--lora``;
-    or the message of an error. ``--alpha`` defaults to ``2 * rank``."""
+    or the message of an error. ``--alpha`` defaults to ``2 * rank``, ``--targets`` to the profile's
+    ``course_lib.lora.LORA_RECIPES[task]``."""
     if args.lora is None:
         if args.alpha is not None or args.targets is not None:
             return "--alpha and --targets set up LoRA adapters: give --lora RANK as well (e.g. --lora 8)"
@@ -209,12 +531,25 @@ def _lora_options(args) -> tuple[int, float, tuple[str, ...]] | str | None:
     if not math.isfinite(alpha) or alpha <= 0:
         return f"--alpha must be a positive number (default: 2 x the rank), got {args.alpha}"
     if args.targets is None:
-        return args.lora, alpha, _LORA_TARGETS
+        from .lora import LORA_RECIPES
+
+        return args.lora, alpha, LORA_RECIPES[task][profile].targets
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     if not targets:
         return ("--targets must list layer names or groups separated by commas, e.g. "
                 "--targets W_query,W_value or --targets attention,ff")
     return args.lora, alpha, targets
+
+
+def _lora_run(lora, task: str, profile: str, args) -> tuple[float | None, int | None]:
+    """The learning rate and epochs of a fine-tuning run: ``--lr``/``--epochs``; else, with ``--lora``, the
+    profile's ``LORA_RECIPES[task]``; else ``None`` (the full fine-tune's recipe)."""
+    if lora is None:
+        return args.lr, args.epochs
+    from .lora import LORA_RECIPES
+
+    recipe = LORA_RECIPES[task][profile]
+    return (recipe.lr if args.lr is None else args.lr), (recipe.num_epochs if args.epochs is None else args.epochs)
 
 
 #: The two files of a PEFT adapter folder (``course_lib.lora.CONFIG_FILE`` / ``WEIGHTS_FILE``).
@@ -328,7 +663,9 @@ def _cmd_finetune_classify(args) -> int:
         return _error(err)
     if args.epochs is not None and args.epochs < 1:
         return _error(f"--epochs must be a positive number of epochs, got {args.epochs}")
-    lora = _lora_options(args)
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        return _error(f"--lr must be a positive learning rate (e.g. 3e-4), got {args.lr}")
+    lora = _lora_options(args, "classify", profile)
     if isinstance(lora, str):
         return _error(lora)
     if lora is not None:
@@ -358,7 +695,8 @@ def _cmd_finetune_classify(args) -> int:
     print(f"fine-tuning the {profile} profile's base model into {what} on {device} "
           f"(writes {model_path}{', adapter/' if lora else ''} and {metrics_path.name})", flush=True)
     try:
-        result = finetune_classifier(profile, trainable=args.trainable, pooling=args.pooling, num_epochs=args.epochs,
+        lr, epochs = _lora_run(lora, "classify", profile, args)
+        result = finetune_classifier(profile, trainable=args.trainable, pooling=args.pooling, num_epochs=epochs, lr=lr,
                                      device=device, progress=not args.quiet, verbose=not args.quiet,
                                      **({"prepare_model": prepare} if lora else {}))
     except _LoRARefused as err:
@@ -498,7 +836,9 @@ def _cmd_finetune_instruct(args) -> int:
         return _error(err)
     if args.epochs is not None and args.epochs < 1:
         return _error(f"--epochs must be a positive number of epochs, got {args.epochs}")
-    lora = _lora_options(args)
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        return _error(f"--lr must be a positive learning rate (e.g. 3e-4), got {args.lr}")
+    lora = _lora_options(args, "instruct", profile)
     if isinstance(lora, str):
         return _error(lora)
     out = Path(args.out).expanduser() if args.out else _default_run_dir("instruct", profile)
@@ -524,8 +864,9 @@ def _cmd_finetune_instruct(args) -> int:
           f"(writes {model_path}, {'adapter/, ' if lora else ''}{responses_path.name} and {metrics_path.name})",
           flush=True)
     try:
+        lr, epochs = _lora_run(lora, "instruct", profile, args)
         result = finetune_instructions(profile, style=args.style, mask_prompt=True if args.mask_prompt else None,
-                                       num_epochs=args.epochs, device=device, progress=not args.quiet,
+                                       num_epochs=epochs, lr=lr, device=device, progress=not args.quiet,
                                        verbose=not args.quiet, **({"prepare_model": prepare} if lora else {}))
     except _LoRARefused as err:
         return _error(f"--targets: {err}")
@@ -1192,7 +1533,9 @@ def _add_lora_arguments(q, head: str) -> None:
                                                             "(default: 2 x the rank)")
     q.add_argument("--targets", metavar="LIST",
                    help="layers that get adapters, separated by commas: names such as W_query,W_value or the "
-                        "groups attention and ff (default: " + ",".join(_LORA_TARGETS) + ")")
+                        "groups attention and ff (default: the profile's LoRA recipe, attention for most)")
+    q.add_argument("--lr", type=float, help="AdamW's learning rate (default: the recipe's; with --lora the profile's "
+                                            "LoRA recipe's, which is higher: adapters start at zero)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1376,6 +1719,75 @@ def build_parser() -> argparse.ArgumentParser:
                    help="API key for a hosted judge (default $COURSE_JUDGE_KEY; a local server needs none)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar while the judge scores")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("adapters", help="work with LoRA adapter folders (step 9): merge one into its base model")
+    asub = p.add_subparsers(dest="adapters_command", required=True)
+    q = asub.add_parser("merge", help="fold a LoRA adapter into its base model: a Hugging Face GPT-2 folder",
+                        description="Load BASE (a course checkpoint or run folder, or a Hugging Face GPT-2 folder; "
+                                    "--profile P: that profile's base model), apply the PEFT-format adapter in "
+                                    "ADAPTER (ours or one peft trained on GPT-2), merge it into the weights and "
+                                    "write DIR in Hugging Face's layout (config.json + model.safetensors), which "
+                                    "transformers, vLLM and TGI load. An adapter made for another base model is "
+                                    "refused, naming the tensor that does not fit.")
+    q.add_argument("paths", nargs="*", metavar="BASE ADAPTER",
+                   help="the base model and the adapter folder (with --profile, only the adapter folder)")
+    q.add_argument("--profile", help="tiny, cpu or gpu: merge into this profile's base model instead of BASE")
+    q.add_argument("--out", metavar="DIR", required=True, help="the folder to write (new or empty unless --force)")
+    q.add_argument("--force", action="store_true",
+                   help="write into a folder that is not empty, replacing its model files")
+    q.set_defaults(func=_cmd_adapters_merge)
+
+    p = sub.add_parser("export", help="write a model for other runtimes: a Hugging Face folder or a GGUF file",
+                       description="Export MODEL_DIR (a course checkpoint or run folder, or a Hugging Face GPT-2 "
+                                   "folder; --profile P: that profile's base model) as a Hugging Face folder "
+                                   "(--format hf: vLLM, TGI, transformers) or one GGUF file with GPT-2's tokenizer "
+                                   "inside (--format gguf: llama.cpp's llama-server, Ollama). Writes are atomic; "
+                                   "nothing is replaced without --force.")
+    p.add_argument("model", nargs="?", metavar="MODEL_DIR", help="the model to export (omit with --profile)")
+    p.add_argument("--profile", help="tiny, cpu or gpu: export this profile's base model instead of MODEL_DIR")
+    p.add_argument("--format", required=True, metavar="hf|gguf",
+                   help="hf: a Hugging Face folder (config.json + model.safetensors); gguf: one .gguf file")
+    p.add_argument("--out", metavar="PATH", required=True,
+                   help="the folder (hf) or file (gguf, e.g. model.gguf) to write")
+    p.add_argument("--dtype", default="f32", metavar="f32|f16",
+                   help="the weights' type (default f32; with gguf, f16 applies to the matrices, as llama.cpp's "
+                        "converter does)")
+    p.add_argument("--force", action="store_true", help="replace an earlier export at --out (default: refuse)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible API (step 9)",
+                       description="Serve MODEL_DIR (the --out of `course finetune instruct` or `course pretrain`, "
+                                   "a checkpoint file, or a Hugging Face GPT-2 folder) or the profile's base model "
+                                   "at http://HOST:PORT/v1: /v1/models, /v1/completions, /v1/chat/completions "
+                                   "(streaming too) and /health, as OpenAI's API, so any OpenAI client works with "
+                                   "base_url=http://127.0.0.1:8000/v1. Concurrent requests are decoded together; "
+                                   "a request's model picks the base or an adapter. Ctrl-C stops.")
+    _add_serving_arguments(p)
+    p.add_argument("--name", help="the base model's name for clients (default: MODEL_DIR's folder name, or "
+                                  "<profile>-base)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: the network, "
+                        "with --api-key)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    p.add_argument("--api-key", metavar="KEY", help="clients must send 'Authorization: Bearer KEY' (default: none)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal, streamed (step 9)",
+                       description="A chat in the terminal with history: with MODEL_DIR or --profile the model runs "
+                                   "here (the engine of `course serve`); with --base-url it is any OpenAI-compatible "
+                                   "server (course serve, vLLM, llama.cpp, Ollama). /reset forgets the history, "
+                                   "/exit or Ctrl-D ends.")
+    _add_serving_arguments(p)
+    p.add_argument("--model", metavar="NAME", help="the adapter (or the base) to chat with (default: the base; "
+                                                   "with --base-url, the server's first model)")
+    p.add_argument("--base-url", metavar="URL", help="chat through this server instead, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key", metavar="KEY", help="with --base-url: that server's key")
+    p.add_argument("--system", metavar="TEXT", help="a system message put first in every request")
+    p.add_argument("--max-tokens", type=int, default=256, metavar="N", help="longest answer in tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.7, metavar="T",
+                   help="0 picks the likeliest token each time; higher samples more freely (default 0.7)")
+    p.add_argument("--seed", type=int, metavar="S", help="the same S gives the same answers")
+    p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("lab", help="open the course in JupyterLab (other options go to `jupyter lab`, "
                                    "e.g. course lab --no-browser --port 8899)")

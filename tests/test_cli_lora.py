@@ -22,7 +22,7 @@ from course_lib import cli
 from course_lib.base_model import load_base_model
 from course_lib.checkpoint import model_from_checkpoint
 from course_lib.classification import GPTClassifier
-from course_lib.lora import DEFAULT_TARGETS, LoRALinear, load_adapter
+from course_lib.lora import DEFAULT_TARGETS, LORA_RECIPES, LoRALinear, load_adapter
 from _course import one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,8 +167,18 @@ def test_a_file_named_adapter_is_refused(tmp_path, capsys):
     assert (out / "adapter").read_text() == "mine"
 
 
-def test_cli_default_targets_equal_the_librarys():
-    assert cli._LORA_TARGETS == DEFAULT_TARGETS
+def test_the_run_follows_the_profiles_lora_recipe(trained):
+    out, _ = trained
+    metrics, recipe = json.loads((out / "metrics.json").read_text()), LORA_RECIPES["classify"]["tiny"]
+    assert metrics["recipe"]["lr"] == recipe.lr and metrics["lora"]["targets"] == list(recipe.targets)
+
+
+@pytest.mark.parametrize("lr", ["0", "-1e-3", "nan", "inf"])
+def test_a_bad_learning_rate_is_refused_before_training(tmp_path, capsys, lr):
+    status = cli.main(["finetune", "classify", "--profile", "tiny", "--lora", "4", f"--lr={lr}",
+                       "--out", str(tmp_path / "run")])
+    assert status == 2 and "--lr must be a positive learning rate" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
 
 
 # --------------------------------------------------------------------------- #

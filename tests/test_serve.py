@@ -1,0 +1,365 @@
+"""The OpenAI-compatible server (step 9, `course_lib.serve`), through a real uvicorn server on 127.0.0.1.
+
+The model is a small random GPT (context 256, seeded) with one random LoRA adapter, ``spam``, in PEFT's
+format. Every answer is checked against an independent reference: step 5's ``inference.generate``
+(greedy) on a copy of the model made before the engine touched it, the adapter loaded into that copy
+with step 9's ``load_adapter``; and every request goes through the official ``openai`` client, or raw
+``httpx`` where the wire format itself is checked.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+
+from course_lib.config import get_config
+from course_lib.engine import Engine
+from course_lib.evaluation import judge
+from course_lib.inference import generate
+from course_lib.instruction import format_prompt
+from course_lib.lora import add_lora, load_adapter, lora_layers, save_adapter, set_adapter
+from course_lib.model import GPTModel
+from course_lib.serve import chat_prompt, create_app, running_server
+from course_lib.tokenizers import tiktoken_gpt2
+
+EOT = 50256
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiktoken_gpt2()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """``(base, with_adapter, adapter_folder)``: untouched references, and the adapter's PEFT folder."""
+    torch.manual_seed(0)
+    base = GPTModel(get_config("gpt-tiny", context_length=256)).eval()
+    trained = copy.deepcopy(base)
+    add_lora(trained, rank=4, alpha=8, name="spam")
+    with torch.no_grad():
+        for layer in lora_layers(trained).values():
+            layer.lora_B["spam"].normal_(0, 0.3)        # B starts at zero: make the adapter change something
+    folder = save_adapter(trained, tmp_path_factory.mktemp("adapter") / "spam", "spam")
+    with_adapter = copy.deepcopy(base)
+    load_adapter(with_adapter, folder, name="spam")
+    set_adapter(with_adapter, "spam")
+    return base, with_adapter.eval(), folder
+
+
+@pytest.fixture(scope="module")
+def engine(models):
+    base, _, folder = models
+    eng = Engine(copy.deepcopy(base), name="base", adapters={"spam": folder}, max_batch=16)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+    with running_server(engine) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    with openai.OpenAI(base_url=url, api_key="not-needed", max_retries=0, timeout=60) as c:
+        yield c
+
+
+def greedy(model, tok, prompt: str, max_tokens: int) -> tuple[str, str]:
+    """``(text, finish_reason)`` as the engine promises it: ``inference.generate``'s greedy tokens, cut
+    before the first end-of-text, and cut where the context is full."""
+    ids = tok.encode(prompt, allowed_special={"<|endoftext|>"})
+    room = min(max_tokens, model.cfg.context_length - len(ids))
+    new = generate(model, torch.tensor([ids]), room, temperature=0)[0, len(ids):].tolist()
+    if EOT in new:
+        return tok.decode(new[:new.index(EOT)]), "stop"
+    return tok.decode(new), "length"
+
+
+def post(url: str, path: str, body, **kwargs) -> httpx.Response:
+    return httpx.post(url + path, json=body, timeout=60, **kwargs)
+
+
+def events(response: httpx.Response) -> list:
+    """The ``data:`` payloads of a server-sent-events body (``[DONE]`` kept as the string)."""
+    out = []
+    for block in response.text.split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: "), block
+            payload = block.removeprefix("data: ")
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# chat -> prompt
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("style", ["alpaca", "phi3"])
+def test_chat_prompt_one_message_is_the_step7_template(style):
+    message = {"role": "user", "content": "Name three fruits."}
+    assert chat_prompt([message], style) == format_prompt({"instruction": "Name three fruits.", "input": ""}, style)
+
+
+def test_chat_prompt_folds_system_and_history_into_the_instruction():
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]},
+                {"role": "user", "content": "Name a fruit."}]
+    expected = ("<|user|>\nBe brief.\n\nUser: Hi\nAssistant: Hello!\n\nName a fruit.\n<|assistant|>\n")
+    assert chat_prompt(messages, "phi3") == expected
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([], "empty"),
+    ([{"role": "assistant", "content": "x"}], "last message must be the user's"),
+    ([{"role": "tool", "content": "x"}], "role"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "text parts"),
+    ([{"role": "user", "content": 3}], "string"),
+    ([{"role": "user", "content": "  "}], "empty"),
+])
+def test_chat_prompt_bad_messages(messages, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        chat_prompt(messages)
+
+
+def test_create_app_bad_arguments(engine):
+    with pytest.raises(TypeError, match="Engine"):
+        create_app(object())
+    with pytest.raises(ValueError, match="style"):
+        create_app(engine, style="chatml")
+    with pytest.raises(ValueError, match="api_key"):
+        create_app(engine, api_key="")
+
+
+# --------------------------------------------------------------------------- #
+# Through the server
+# --------------------------------------------------------------------------- #
+def test_models_list(client, url):
+    listed = client.models.list().data
+    assert [m.id for m in listed] == ["base", "spam"]
+    assert all(m.object == "model" and m.owned_by == "course" and isinstance(m.created, int) for m in listed)
+    assert client.models.retrieve("spam").id == "spam"
+    health = httpx.get(url.removesuffix("/v1") + "/health").json()
+    assert health["status"] == "ok" and health["models"] == ["base", "spam"]
+
+
+def test_completion_equals_generate(client, models, tok, caplog):
+    base, _, _ = models
+    caplog.set_level(logging.INFO, logger="course_lib.serve")
+    prompt = "Every morning the little robot"
+    text, finish = greedy(base, tok, prompt, 12)
+    r = client.completions.create(model="base", prompt=prompt, max_tokens=12, temperature=0)
+    assert r.object == "text_completion" and r.model == "base" and r.id.startswith("cmpl-")
+    assert [(c.index, c.text, c.finish_reason) for c in r.choices] == [(0, text, finish)]
+    n_prompt = len(tok.encode(prompt))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 12, n_prompt + 12)
+    # one log line per request: method, path, status, model, tokens, milliseconds (written once the reply is sent)
+    deadline = time.monotonic() + 5
+    while not any("POST /v1/completions" in rec.getMessage() for rec in caplog.records) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert any(f"POST /v1/completions 200 model=base tokens={n_prompt}+12 " in rec.getMessage()
+               for rec in caplog.records), [rec.getMessage() for rec in caplog.records]
+
+
+def test_completion_of_several_prompts_and_token_ids(client, models, tok):
+    base, _, _ = models
+    prompts = ["The cat", "A dog ran"]
+    r = client.completions.create(model="base", prompt=prompts, max_tokens=5, temperature=0)
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [greedy(base, tok, p, 5)[0] for p in prompts]
+    r = client.completions.create(model="base", prompt=tok.encode("The cat"), max_tokens=5, temperature=0)
+    assert r.choices[0].text == greedy(base, tok, "The cat", 5)[0]
+
+
+def test_chat_equals_generate(client, models, tok):
+    base, _, _ = models
+    messages = [{"role": "user", "content": "Name three fruits."}]
+    text, finish = greedy(base, tok, format_prompt({"instruction": "Name three fruits.", "input": ""}), 10)
+    r = client.chat.completions.create(model="base", messages=messages, max_completion_tokens=10, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    choice = r.choices[0]
+    assert (choice.message.role, choice.message.content, choice.finish_reason) == ("assistant", text, finish)
+    # max_tokens (the older name) works the same; without either, the answer runs to the end of the context
+    r2 = client.chat.completions.create(model="base", messages=messages, max_tokens=10, temperature=0)
+    assert r2.choices[0].message.content == text
+    r3 = client.chat.completions.create(model="base", messages=messages, temperature=0)
+    full, _ = greedy(base, tok, chat_prompt(messages), 10_000)
+    assert r3.choices[0].message.content == full
+    assert r3.usage.prompt_tokens + r3.usage.completion_tokens == 256 or r3.choices[0].finish_reason == "stop"
+
+
+def test_streaming_chunks_join_to_the_whole_text(client, url):
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    whole = client.chat.completions.create(model="base", messages=messages, max_tokens=20, temperature=0)
+    chunks = list(client.chat.completions.create(model="base", messages=messages, max_tokens=20, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+    # the wire format: data: {...} blocks, then data: [DONE]
+    raw = events(post(url, "/completions", {"model": "base", "prompt": "Once", "max_tokens": 6, "temperature": 0,
+                                            "stream": True}))
+    plain = client.completions.create(model="base", prompt="Once", max_tokens=6, temperature=0)
+    assert raw[-1] == "[DONE]" and all(e["object"] == "text_completion" for e in raw[:-1])
+    assert "".join(e["choices"][0]["text"] for e in raw[:-1]) == plain.choices[0].text
+    assert raw[-2]["choices"][0]["finish_reason"] == "length" and "usage" not in raw[-2]
+
+
+def test_stop_sequences(client, models, tok):
+    base, _, _ = models
+    prompt = "Every morning the little robot"
+    text, _ = greedy(base, tok, prompt, 12)
+    ids = tok.encode(text)
+    stop = tok.decode(ids[4:6])                      # a piece from the middle of the greedy answer
+    assert stop and stop in text
+    for stops in (stop, ["zzzz-never", stop]):
+        r = client.completions.create(model="base", prompt=prompt, max_tokens=12, temperature=0, stop=stops)
+        assert r.choices[0].text == text[:text.index(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="base", prompt=prompt, max_tokens=12, temperature=0, stop=stop,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == text[:text.index(stop)]
+
+
+def test_max_tokens_gives_finish_reason_length(client):
+    r = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                       temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+
+
+def test_seed_reproducibility_and_n(client):
+    def ask(seed, n=1):
+        r = client.completions.create(model="base", prompt="Once upon a time", max_tokens=12, temperature=1.0,
+                                      seed=seed, n=n)
+        return [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+
+    first = ask(7)
+    assert ask(7) == first and ask(8) != first
+    pair = ask(7, n=2)
+    assert len(pair) == 2 and pair[0] == first[0] and pair[1] != pair[0] and ask(7, n=2) == pair
+    streamed = ["", ""]                  # n choices streamed side by side, told apart by index
+    for c in client.completions.create(model="base", prompt="Once upon a time", max_tokens=12, temperature=1.0,
+                                       seed=7, n=2, stream=True):
+        streamed[c.choices[0].index] += c.choices[0].text
+    assert streamed == pair
+
+
+def test_adapter_is_chosen_by_model(client, models, tok):
+    base, with_adapter, _ = models
+    prompt = format_prompt({"instruction": "Is this spam? WIN A PRIZE NOW", "input": ""})
+    expected, _ = greedy(with_adapter, tok, prompt, 10)
+    assert expected != greedy(base, tok, prompt, 10)[0]
+    r = client.chat.completions.create(model="spam", messages=[{"role": "user", "content":
+                                                                "Is this spam? WIN A PRIZE NOW"}],
+                                       max_tokens=10, temperature=0)
+    assert r.choices[0].message.content == expected and r.model == "spam"
+
+
+def test_32_concurrent_requests_are_correct_and_unmixed(client, models, tok):
+    base, with_adapter, _ = models
+    prompts = [f"Story number {i}:" for i in range(8)]
+    jobs = [(p, name) for p in prompts for name in ("base", "spam")] * 2           # 32 requests
+    expected = {(p, name): greedy(base if name == "base" else with_adapter, tok, p, 8)[0]
+                for p, name in set(jobs)}
+
+    def one(job):
+        p, name = job
+        return client.completions.create(model=name, prompt=p, max_tokens=8, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(one, jobs))
+    assert answers == [expected[job] for job in jobs]
+
+
+def test_disconnect_mid_stream_cancels_and_the_server_keeps_serving(client, url, engine):
+    cancelled = engine.stats()["requests_cancelled"]
+    body = {"model": "base", "prompt": "Once", "max_tokens": 240, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=30) as raw:
+        with raw.stream("POST", url + "/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+    deadline = time.monotonic() + 10
+    while engine.stats()["requests_cancelled"] == cancelled and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.stats()["requests_cancelled"] == cancelled + 1
+    assert engine.stats()["running"] == 0
+    r = client.completions.create(model="base", prompt="Once", max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("path, body, headers, status, param, code", [
+    ("/chat/completions", b'{"model": "base", "messages": [', {"content-type": "application/json"}, 400, None, None),
+    ("/chat/completions", b"[1, 2]", {"content-type": "application/json"}, 400, None, None),
+    ("/chat/completions", {"model": "base"}, None, 400, "messages", None),
+    ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, None, 400, "model", None),
+    ("/chat/completions", {"model": "base", "messages": [{"role": "assistant", "content": "hi"}]}, None, 400,
+     "messages", None),
+    ("/completions", {"model": "base", "prompt": "hi", "temperature": 3}, None, 400, "temperature", None),
+    ("/completions", {"model": "base", "prompt": "hi", "max_tokens": 0}, None, 400, "max_tokens", None),
+    ("/completions", {"model": "base", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, None, 400, "stop", None),
+    ("/completions", {"model": "base", "prompt": "hi", "n": 0}, None, 400, "n", None),
+    ("/completions", {"model": "base", "prompt": []}, None, 400, "prompt", None),
+    ("/completions", {"model": "nope", "prompt": "hi"}, None, 404, "model", "model_not_found"),
+    ("/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, None, 404, "model",
+     "model_not_found"),
+    ("/completions", {"model": "base", "prompt": "word " * 300}, None, 400, "prompt", "context_length_exceeded"),
+    ("/nothing/here", {}, None, 404, None, "unknown_url"),
+])
+def test_errors_in_openai_shape(url, path, body, headers, status, param, code):
+    if isinstance(body, bytes):
+        r = httpx.post(url + path, content=body, headers=headers, timeout=30)
+    else:
+        r = post(url, path, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == ERROR_KEYS and error["type"] == "invalid_request_error" and error["message"]
+    assert (error["param"], error["code"]) == (param, code)
+    if code == "context_length_exceeded":
+        assert "256" in error["message"]
+
+
+def test_errors_reach_the_openai_client_as_its_exceptions(client):
+    with pytest.raises(openai.NotFoundError, match="model_not_found|does not exist"):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="256"):
+        client.completions.create(model="base", prompt="word " * 300)
+
+
+def test_api_key(engine):
+    with running_server(engine, api_key="sk-secret") as url:
+        body = {"model": "base", "prompt": "hi", "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sk-secret"}):
+            r = post(url, "/completions", body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", headers
+            assert set(r.json()["error"]) == ERROR_KEYS
+        assert post(url, "/completions", body, headers={"Authorization": "Bearer sk-secret"}).status_code == 200
+        assert httpx.get(url.removesuffix("/v1") + "/health").status_code == 200        # probes need no key
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+        assert [m.id for m in openai.OpenAI(base_url=url, api_key="sk-secret").models.list().data] == ["base", "spam"]
+
+
+def test_step7_judge_runs_through_this_server(url, engine):
+    entries = [{"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+               {"instruction": "Name a colour.", "input": "", "output": "Blue."}]
+    before = engine.stats()["requests_finished"]
+    result = judge(entries, ["5", "Red."], base_url=url, model="base", max_retries=0, timeout=60, progress=False)
+    # a random model gives no usable score; the mechanics are what is checked
+    assert result.errors == [None, None]
+    assert all(isinstance(reply, str) for reply in result.replies)
+    assert all(s is None or 0 <= s <= 100 for s in result.scores)
+    assert engine.stats()["requests_finished"] == before + 2
