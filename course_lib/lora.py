@@ -1,7 +1,8 @@
 """Step 9 — LoRA from scratch: small adapters on a frozen base, in files Hugging Face PEFT reads.
 
 * :class:`LoRALinear` — a frozen ``nn.Linear`` plus named low-rank updates
-  ``y = x W^T + b + scale * (x A^T) B^T`` (``A [r, in]``, ``B [out, r]``).
+  ``y = x W^T + b + scale * (x A^T) B^T`` (``A [r, in]``, ``B [out, r]``);
+  :class:`LoRAEmbedding` the same for a token embedding (PEFT's ``lora_embedding_A/B``).
 * :func:`add_lora` — wrap a model's linear layers in place, freeze everything else; a summary.
 * :func:`merge_lora` / :func:`unmerge_lora` / :func:`unload_lora` — fold the adapter into the
   base weight (plain ``F.linear`` speed), take it out again, or drop the wrappers.
@@ -40,6 +41,7 @@ from .model import GPTModel
 
 __all__ = [
     "LoRALinear",
+    "LoRAEmbedding",
     "LoRASummary",
     "DEFAULT_TARGETS",
     "TARGET_GROUPS",
@@ -64,6 +66,7 @@ TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "attention": DEFAULT_TARGETS,
     "ff": ("ff.layers.0", "ff.layers.2"),
     "head": ("out_head",),
+    "embedding": ("tok_emb",),
 }
 
 
@@ -149,15 +152,18 @@ class LoRALinear(nn.Module):
         ValueError: ``rank`` not a positive integer, ``alpha`` not positive, ``dropout`` not in ``[0, 1)``.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+    _BASE: type[nn.Module] = nn.Linear
+    _STACKED_ROWS = True   # per-row adapters at inference through stacked bmm (see _row_stacks)
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  name: str = "default"):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        if not isinstance(base, self._BASE):
+            raise TypeError(f"base must be an nn.{self._BASE.__name__}, got {type(base).__name__}")
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = self._sizes(base)
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         self.rank: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
@@ -192,11 +198,9 @@ class LoRALinear(nn.Module):
             if t is not None and (not isinstance(t, torch.Tensor) or not t.is_floating_point()):
                 raise TypeError(f"adapter {name!r}: {label} must be a floating-point tensor or None, got "
                                 f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if A is None:
-            A = torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype)
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))                          # as PEFT (and nn.Linear)
-        if B is None:
-            B = torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype)
+        fresh_A, fresh_B = (self._fresh(rank, w) if A is None or B is None else (None, None))
+        A = fresh_A if A is None else A
+        B = fresh_B if B is None else B
         if tuple(A.shape) != (rank, self.in_features) or tuple(B.shape) != (self.out_features, rank):
             raise ValueError(f"adapter {name!r}: A must be [{rank}, {self.in_features}] and B "
                              f"[{self.out_features}, {rank}], got {list(A.shape)} and {list(B.shape)}")
@@ -205,6 +209,16 @@ class LoRALinear(nn.Module):
         self.lora_B[name] = nn.Parameter(B.detach().to(w.device, w.dtype).clone())
         self.rank[name], self.alpha[name], self.rslora[name] = rank, alpha, rslora
         self.scale[name], self.dropout[name] = _scale(rank, alpha, rslora), dropout
+
+    @staticmethod
+    def _sizes(base: nn.Linear) -> tuple[int, int]:
+        return base.in_features, base.out_features
+
+    def _fresh(self, rank: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A new adapter's ``A`` (Kaiming-uniform, as PEFT and ``nn.Linear``) and ``B`` (zeros)."""
+        A = torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        return A, torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype)
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Adapter ``name``'s contribution ``scale * dropout(x) @ A.T @ B.T``: ``[..., in] -> [..., out]``."""
@@ -245,11 +259,11 @@ class LoRALinear(nn.Module):
             return out
         params = [p for n in names for p in (self.lora_A[n], self.lora_B[n])]
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-        if not grad and (not self.training or all(self.dropout[n] == 0 for n in names)):
+        if self._STACKED_ROWS and not grad and (not self.training or all(self.dropout[n] == 0 for n in names)):
             A, B = self._row_stacks(active, names, params)                     # [B, in, r], [B, r, out]
             xr = x.reshape(x.shape[0], math.prod(x.shape[1:-1]), self.in_features)   # [B, T, in] (T = 1 for 2-D)
             return out + torch.bmm(torch.bmm(xr, A), B).view(out.shape)       # [B, T, r] -> [.., out]
-        for name in names:                                          # training: each adapter once, rows grouped
+        for name in names:                                          # each adapter once, its rows grouped
             rows = torch.tensor([i for i, a in enumerate(active) if a == name], device=x.device)
             out = out.index_add(0, rows, self.delta(name, x.index_select(0, rows)))
         return out
@@ -283,6 +297,51 @@ class LoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, adapters={{{ranks}}}, active={self.active!r}"
 
 
+class LoRAEmbedding(LoRALinear):
+    """A frozen ``nn.Embedding`` plus low-rank adapters (PEFT's LoRA ``Embedding``).
+
+    ``forward(ids [...]) -> [..., dim]``::
+
+        y = base(ids) + scale * A.T[ids] @ B.T      # A [r, num_embeddings], B [dim, r]
+
+    A lookup is a product with one-hot rows, so this is :class:`LoRALinear` with
+    ``in = num_embeddings`` and ``out = embedding_dim``: each token id gets ``r`` numbers of
+    its own (a column of ``A``), mixed by ``B`` into the embedding space. For a task whose words
+    the base model never read (a model pretrained on children's stories reading SMS spam),
+    this is what moves their embeddings. As in PEFT, ``A`` starts at zeros and ``B`` normal
+    (a fresh adapter changes nothing), dropout is not applied, and the merge adds
+    ``scale * (B @ A).T`` to the ``[num_embeddings, dim]`` weight.
+
+    Args and attributes as :class:`LoRALinear` (``in_features`` is the vocabulary size).
+
+    Raises:
+        TypeError: ``base`` is not an ``nn.Embedding``.
+    """
+
+    _BASE = nn.Embedding
+    _STACKED_ROWS = False   # rows grouped by adapter: a lookup is cheap, a stacked [rows, vocab, r] A is not
+
+    @staticmethod
+    def _sizes(base: nn.Embedding) -> tuple[int, int]:
+        return base.num_embeddings, base.embedding_dim
+
+    def _fresh(self, rank: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        A = torch.zeros(rank, self.in_features, device=w.device, dtype=w.dtype)
+        return A, torch.randn(self.out_features, rank, device=w.device, dtype=w.dtype)
+
+    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Adapter ``name``'s contribution ``scale * A.T[ids] @ B.T``: ``ids [...] -> [..., dim]``."""
+        return F.embedding(x, self.lora_A[name].T) @ self.lora_B[name].T * self.scale[name]   # [.., r] -> [.., dim]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scale * (B @ A).T``: ``[num_embeddings, dim]``, what merging adds to ``base.weight``."""
+        return (self.lora_B[name] @ self.lora_A[name]).T * self.scale[name]
+
+
+def _wrapper(layer: nn.Module) -> type[LoRALinear]:
+    return LoRAEmbedding if isinstance(layer, nn.Embedding) else LoRALinear
+
+
 # --------------------------------------------------------------------------- #
 # Injecting
 # --------------------------------------------------------------------------- #
@@ -310,9 +369,11 @@ def _pattern(name: str) -> str:
 
 
 def _adaptable(model: nn.Module) -> list[str]:
-    """Names of the linear layers LoRA can wrap (a LoRALinear counts as its layer, its ``base`` not)."""
+    """Names of the linear and embedding layers LoRA can wrap (a LoRA layer counts as its layer, its
+    ``base`` not)."""
     inside = {n + ".base" for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear)) and n not in inside]
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Embedding, LoRALinear)) and n not in inside]
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -330,7 +391,7 @@ def _find_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
             raise TypeError(f"targets must hold layer names (str), got {target!r}")
         hits = [n for t in TARGET_GROUPS.get(target, (target,)) for n in candidates if n == t or n.endswith("." + t)]
         if not hits:
-            raise ValueError(f"target {target!r} matches no linear layer of the model; its linear layers are "
+            raise ValueError(f"target {target!r} matches no linear or embedding layer of the model; they are "
                              f"{_linear_names(model)} (or the groups {list(TARGET_GROUPS)})")
         found.update(dict.fromkeys(sorted(hits, key=_natural)))
     return list(found)
@@ -349,8 +410,10 @@ def _head_modules(model: nn.Module) -> list[nn.Module]:
 
 def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: Sequence[str] = DEFAULT_TARGETS, *,
              dropout: float = 0.0, rslora: bool = False, name: str = "default",
-             train_head: bool | None = None) -> LoRASummary:
-    """Wrap ``model``'s chosen ``nn.Linear`` layers in :class:`LoRALinear` in place and freeze the rest.
+             train_head: bool | None = None, rank_pattern: dict[str, int] | None = None,
+             alpha_pattern: dict[str, float] | None = None) -> LoRASummary:
+    """Wrap ``model``'s chosen ``nn.Linear`` layers in :class:`LoRALinear` (``nn.Embedding`` in
+    :class:`LoRAEmbedding`) in place and freeze the rest.
 
     The new adapter ``name`` becomes the active one, and only its ``A``/``B`` train (adapters
     added earlier stay, frozen). Calling it again with another ``name`` adds a second adapter
@@ -362,7 +425,10 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: Sequen
         rank, alpha: ``r`` and the scale's numerator. Default 8 and 16.
         targets: layer names, matched against the end of each module name (``"W_query"``,
             ``"ff.layers.0"``, ``"trf_blocks.11.att.out_proj"``), or the groups ``"attention"``,
-            ``"ff"`` (both feed-forward layers) and ``"head"``. Default: query, key, value, output.
+            ``"ff"`` (both feed-forward layers), ``"head"`` and ``"embedding"`` (the token
+            embedding). Default: query, key, value, output.
+        rank_pattern, alpha_pattern: another rank / alpha for some targets, keyed as ``targets``
+            (e.g. ``{"embedding": 4}``), as PEFT's options of those names. Default ``None``.
         dropout, rslora: see :class:`LoRALinear`. Default ``0.0``, ``False``.
         name: the adapter's name. Default ``"default"``.
         train_head: keep a classifier's head trainable in full. Default: ``True`` for a ``GPTClassifier``
@@ -382,6 +448,20 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: Sequen
     rank = positive_int("rank", rank, hint=" (typical: 4, 8 or 16)")
     alpha, name = _check_alpha(alpha), _check_name(name)
     names = _find_targets(model, targets)
+    ranks, alphas = dict.fromkeys(names, rank), dict.fromkeys(names, alpha)
+    for label, pattern, values, check in (("rank_pattern", rank_pattern, ranks, positive_int),
+                                          ("alpha_pattern", alpha_pattern, alphas, None)):
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise TypeError(f"{label} must be a dict of target -> value (e.g. {{'embedding': 4}}), got "
+                            f"{type(pattern).__name__}")
+        for key, value in pattern.items():
+            value = check(f"{label}[{key!r}]", value) if check else _check_alpha(value)
+            hits = [n for n in _find_targets(model, [key]) if n in values]
+            if not hits:
+                raise ValueError(f"{label} key {key!r} matches none of the targets {sorted(values)}")
+            values.update(dict.fromkeys(hits, value))
     taken = [n for n, layer in lora_layers(model).items() if name in layer.lora_A]
     if taken:
         raise ValueError(f"layer {taken[0]} already has an adapter named {name!r}; pass another name "
@@ -391,10 +471,10 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: Sequen
     for n in names:
         layer = model.get_submodule(n)
         if isinstance(layer, LoRALinear):
-            layer.add_adapter(name, rank, alpha, dropout, rslora)
+            layer.add_adapter(name, ranks[n], alphas[n], dropout, rslora)
         else:
             parent, _, child = n.rpartition(".")
-            layer = LoRALinear(layer, rank, alpha, dropout, rslora, name=name)
+            layer = _wrapper(layer)(layer, ranks[n], alphas[n], dropout, rslora, name=name)
             setattr(model.get_submodule(parent) if parent else model, child, layer)
     set_adapter(model, name)
     for n in names:
@@ -546,12 +626,16 @@ def merge_lora(model: nn.Module, *, keep_original: bool = True) -> None:
     _sync_tie_flags(model)
 
 
+def _tied(m: GPTModel) -> bool:
+    head, emb = (layer.base if isinstance(layer, LoRALinear) else layer for layer in (m.out_head, m.tok_emb))
+    return head.weight is emb.weight
+
+
 def _sync_tie_flags(model: nn.Module) -> None:
     """A GPTModel whose head a merge untied says so (``export_hf``, checkpoints read the flag)."""
     for m in model.modules():
         if isinstance(m, GPTModel) and m.tie_weights:
-            head = m.out_head.base if isinstance(m.out_head, LoRALinear) else m.out_head
-            m.tie_weights = head.weight is m.tok_emb.weight
+            m.tie_weights = _tied(m)
 
 
 def unmerge_lora(model: nn.Module) -> None:
@@ -577,8 +661,7 @@ def unmerge_lora(model: nn.Module) -> None:
             layer._original, layer._tied, layer.merged = None, None, None
     for m in model.modules():
         if isinstance(m, GPTModel) and not m.tie_weights:
-            head = m.out_head.base if isinstance(m.out_head, LoRALinear) else m.out_head
-            m.tie_weights = head.weight is m.tok_emb.weight
+            m.tie_weights = _tied(m)
 
 
 def unload_lora(model: nn.Module, *, merge: bool = True) -> nn.Module:
@@ -608,6 +691,7 @@ def unload_lora(model: nn.Module, *, merge: bool = True) -> nn.Module:
 _QKV = ("W_query", "W_key", "W_value")
 _HF_LINEAR = {"attn.c_proj": "att.out_proj", "mlp.c_fc": "ff.layers.0", "mlp.c_proj": "ff.layers.2"}
 _PREFIX = "base_model.model."
+_HF_TOP = {"out_head": "lm_head", "tok_emb": "transformer.wte", "pos_emb": "transformer.wpe"}
 
 
 def _folder(label: str, path: Any) -> Path:
@@ -626,8 +710,8 @@ def _gpt_prefix(model: nn.Module) -> tuple[GPTModel, str]:
 
 def _hf_module(ours: str, n_layers: int) -> tuple[str, str | None]:
     """Our module name (inside the GPTModel) -> (HF module name, q/k/v part or None)."""
-    if ours == "out_head":
-        return "lm_head", None
+    if ours in _HF_TOP:
+        return _HF_TOP[ours], None
     m = re.fullmatch(r"trf_blocks\.(\d+)\.(.+)", ours)
     if m and int(m.group(1)) < n_layers:
         h, rest = f"transformer.h.{m.group(1)}.", m.group(2)
@@ -637,7 +721,7 @@ def _hf_module(ours: str, n_layers: int) -> tuple[str, str | None]:
             if rest == mine:
                 return h + hf, None
     raise ValueError(f"layer {ours} has no counterpart in GPT-2's Hugging Face layout, so PEFT cannot read its "
-                     "adapter; save only adapters on the attention, feed-forward or LM head layers")
+                     "adapter; save only adapters on the embeddings, attention, feed-forward or LM head layers")
 
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "default", *, overwrite: bool = False,
@@ -648,8 +732,10 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
     computes what ``model`` computes with this adapter (``export`` written by
     :func:`~course_lib.pretrained.export_hf`). Tensors are named
     ``base_model.model.transformer.h.{i}.attn.c_attn.lora_A.weight`` (and ``lora_B``,
-    ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``, ``lm_head``); ``fan_in_fan_out`` is true
-    because GPT-2's layers are ``Conv1D`` (PEFT's ``A [r, in]``/``B [out, r]`` equal ours).
+    ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``, ``lm_head``; the token embedding's
+    ``transformer.wte.lora_embedding_A`` and ``_B``); ``fan_in_fan_out`` is true because GPT-2's
+    layers are ``Conv1D`` (PEFT's ``A [r, in]``/``B [out, r]`` equal ours). Layers whose rank or
+    alpha differs from the most common one are listed in ``rank_pattern``/``alpha_pattern``.
 
     **Query, key and value in one ``c_attn``.** GPT-2 computes ``[q | k | v] = x W_c`` with one
     ``[d, 3d]`` weight; we have three layers with adapters ``(A_q, B_q)``, ``(A_k, B_k)``,
@@ -736,8 +822,9 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
             splits[hf] = [[p, parts[p].rank[name]] for p in present]
         r = A.shape[0]
         ranks[hf], alphas[hf] = r, s * (math.sqrt(r) if rslora else r)
-        tensors[f"{_PREFIX}{hf}.lora_A.weight"] = A.detach().cpu().contiguous()
-        tensors[f"{_PREFIX}{hf}.lora_B.weight"] = B.detach().cpu().contiguous()
+        a_key, b_key = _tensor_keys(hf)
+        tensors[a_key] = A.detach().cpu().contiguous()
+        tensors[b_key] = B.detach().cpu().contiguous()
     r0, a0 = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
     targets = sorted({_kind(hf) for hf in grouped})
     config = {
@@ -756,8 +843,24 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
 
 
 def _kind(hf: str) -> str:
-    """``transformer.h.3.attn.c_attn`` -> ``attn.c_attn`` (what ``target_modules`` names)."""
-    return hf if hf == "lm_head" else hf.split(".", 3)[3]
+    """``transformer.h.3.attn.c_attn`` -> ``attn.c_attn``, ``transformer.wte`` -> ``wte`` (what
+    ``target_modules`` names)."""
+    return hf.split(".", 3)[3] if hf.startswith("transformer.h.") else hf.removeprefix("transformer.")
+
+
+def _tensor_keys(hf: str) -> tuple[str, str]:
+    """PEFT's names for a module's A and B: ``lora_A.weight`` of a linear layer, ``lora_embedding_A``
+    (a bare parameter) of an embedding."""
+    if hf in ("transformer.wte", "transformer.wpe"):
+        return f"{_PREFIX}{hf}.lora_embedding_A", f"{_PREFIX}{hf}.lora_embedding_B"
+    return f"{_PREFIX}{hf}.lora_A.weight", f"{_PREFIX}{hf}.lora_B.weight"
+
+
+def _layer_sizes(layer: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` of a linear layer, ``(num_embeddings, dim)`` of an embedding (as LoRA's A and B see them)."""
+    if isinstance(layer, nn.Embedding):
+        return layer.num_embeddings, layer.embedding_dim
+    return layer.in_features, layer.out_features
 
 
 def _patterns(values: dict[str, Any], default: Any) -> dict[str, Any]:
@@ -879,14 +982,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
 
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        m = re.fullmatch(rf"{re.escape(_PREFIX)}(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", key)
+        m = (re.fullmatch(rf"{re.escape(_PREFIX)}(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", key)
+             or re.fullmatch(rf"{re.escape(_PREFIX)}(transformer\.wte|transformer\.wpe)\.lora_embedding_([AB])"
+                             rf"(?:\.[^.]+)?", key))
         if not m:
             raise ValueError(f"{folder / WEIGHTS_FILE}: tensor {key!r} is not a LoRA A/B weight of GPT-2")
-        modules.setdefault(m.group(1), {})[m.group(2)] = t
+        modules.setdefault(m.group(1), {})["lora_" + m.group(2)[-1]] = t
     d, L = gpt.cfg.emb_dim, gpt.cfg.n_layers
     plan: list[tuple[str, torch.Tensor, torch.Tensor, int, float]] = []   # (our module, A, B, rank, alpha)
     for hf, ab in modules.items():
-        key = f"{_PREFIX}{hf}.lora_A.weight"
+        key = _tensor_keys(hf)[0]
         if set(ab) != {"lora_A", "lora_B"}:
             raise ValueError(f"{folder / WEIGHTS_FILE}: module {hf} lacks its "
                              f"{'lora_B' if 'lora_A' in ab else 'lora_A'} tensor")
@@ -900,6 +1005,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         m = re.fullmatch(r"transformer\.h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)", hf)
         if hf == "lm_head" and prefix == "":
             targets = [("out_head", gpt.out_head, 0, gpt.cfg.vocab_size)]
+        elif hf in ("transformer.wte", "transformer.wpe"):
+            targets = [("tok_emb" if hf.endswith("wte") else "pos_emb", None, 0, None)]
         elif m and int(m.group(1)) < L:
             i, kind = m.group(1), m.group(2)
             if kind == "attn.c_attn":
@@ -909,8 +1016,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         else:
             raise ValueError(f"{folder / WEIGHTS_FILE}: tensor {key!r} is for a layer this model does not have "
                              f"({L} blocks); was the adapter made for another base model?")
-        outs = sum(gpt.get_submodule(t[0]).out_features for t in targets)
-        ins = gpt.get_submodule(targets[0][0]).in_features
+        outs = sum(_layer_sizes(gpt.get_submodule(t[0]))[1] for t in targets)
+        ins = _layer_sizes(gpt.get_submodule(targets[0][0]))[0]
         if A.dim() != 2 or B.dim() != 2 or A.shape[1] != ins or B.shape != (outs, r) or r != want_r:
             raise ValueError(f"{folder / WEIGHTS_FILE}: tensor {key!r} (and its lora_B) has shapes {list(A.shape)} and "
                              f"{list(B.shape)}, but this model needs [{want_r}, {ins}] and [{outs}, {want_r}]; "
@@ -931,11 +1038,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         layer = model.get_submodule(full)
         if isinstance(layer, LoRALinear):
             layer.add_adapter(name, r, alpha, dropout, rslora, A=A, B=B)
-        elif not isinstance(layer, nn.Linear):
-            raise ValueError(f"{full} is a {type(layer).__name__}, not a linear layer LoRA can adapt")
+        elif not isinstance(layer, (nn.Linear, nn.Embedding)):
+            raise ValueError(f"{full} is a {type(layer).__name__}, not a linear or embedding layer LoRA can adapt")
         else:
             parent, _, child = full.rpartition(".")
-            new = LoRALinear(layer, r, alpha, dropout, rslora, name=name)
+            new = _wrapper(layer)(layer, r, alpha, dropout, rslora, name=name)
             with torch.no_grad():
                 new.lora_A[name].copy_(A)
                 new.lora_B[name].copy_(B)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from course_lib.classification import GPTClassifier
 from course_lib.config import GPTConfig
-from course_lib.lora import (LoRALinear, add_lora, adapter_rows, delete_adapter, load_adapter, lora_layers,
+from course_lib.lora import (LoRAEmbedding, LoRALinear, add_lora, adapter_rows, delete_adapter, load_adapter, lora_layers,
                              merge_lora, save_adapter, set_adapter, unload_lora, unmerge_lora)
 from course_lib.model import GPTModel
 
@@ -281,7 +281,7 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_target_matching_nothing_lists_linear_layers():
-    with pytest.raises(ValueError, match=r"'c_attn' matches no linear layer.*trf_blocks\.\{i\}\.att\.W_query"):
+    with pytest.raises(ValueError, match=r"'c_attn' matches no linear or embedding layer.*trf_blocks\.\{i\}\.att\.W_query"):
         add_lora(_model(), targets=("W_query", "c_attn"))
     with pytest.raises(TypeError, match="targets"):
         add_lora(_model(), targets="W_query")
@@ -494,3 +494,44 @@ def test_merging_a_head_adapter_leaves_a_tied_token_embedding_alone():
         unload_lora(model)
         assert torch.equal(model.tok_emb.weight, embedding) and model.tie_weights is False
         torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-5)
+
+
+def test_embedding_adapter_is_a_lookup_of_a_low_rank_update():
+    """LoRAEmbedding against the plain formula: the lookup of W + scale * (B @ A).T."""
+    torch.manual_seed(0)
+    base = nn.Embedding(50, 8)
+    layer = LoRAEmbedding(base, rank=3, alpha=6)
+    ids = torch.randint(0, 50, (2, 7))
+    assert torch.equal(layer(ids), base(ids))                            # fresh: A is zeros, a no-op
+    with torch.no_grad():
+        layer.lora_A["default"].normal_()
+    expected = F.embedding(ids, base.weight + 2.0 * (layer.lora_B["default"] @ layer.lora_A["default"]).T)
+    torch.testing.assert_close(layer(ids), expected)
+    with pytest.raises(TypeError, match="nn.Embedding"):
+        LoRAEmbedding(nn.Linear(2, 2), 2, 4)
+
+
+def test_embedding_targets_take_their_own_rank_and_merge_exactly():
+    torch.manual_seed(0)
+    model = _model()
+    summary = add_lora(model, rank=8, alpha=16, targets=["attention", "embedding"], rank_pattern={"embedding": 2})
+    emb = model.tok_emb
+    assert isinstance(emb, LoRAEmbedding) and emb.rank["default"] == 2 and emb.scale["default"] == 8.0
+    attention = 4 * CFG.n_layers * 8 * 2 * CFG.emb_dim
+    assert summary.trainable == attention + 2 * (CFG.vocab_size + CFG.emb_dim)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_A["default"])
+            torch.nn.init.normal_(layer.lora_B["default"])
+    x = torch.randint(0, CFG.vocab_size, (2, 9))
+    with torch.no_grad():
+        adapted = model(x)
+        merge_lora(model)
+        torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-4)
+        unmerge_lora(model)
+        set_adapter(model, ["default", None])
+        torch.testing.assert_close(model(x)[0], adapted[0], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"rank_pattern key 'ff' matches none of the targets"):
+        add_lora(_model(), targets=["attention"], rank_pattern={"ff": 2})
+    with pytest.raises(ValueError, match=r"rank_pattern\['embedding'\] must be a positive integer"):
+        add_lora(_model(), targets=["embedding"], rank_pattern={"embedding": 0})

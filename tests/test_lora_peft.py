@@ -88,7 +88,7 @@ def _peft_adapter(tmp_path, seed=0, **lora_kwargs):
     pm = peft.get_peft_model(hf, peft.LoraConfig(**kwargs)).eval()
     with torch.no_grad():
         for n, p in pm.named_parameters():
-            if "lora_B" in n:
+            if "lora_B" in n or "lora_embedding_A" in n:   # PEFT starts B (an embedding's: A) at zeros
                 p.copy_(torch.randn_like(p) * 0.2)
     pm.save_pretrained(tmp_path / "peft")
     ours = GPTModel(CFG, tie_weights=True).eval()
@@ -96,7 +96,8 @@ def _peft_adapter(tmp_path, seed=0, **lora_kwargs):
     return pm, ours
 
 
-@pytest.mark.parametrize("lora_kwargs", [{}, {"use_rslora": True, "r": 3, "lora_alpha": 5}])
+@pytest.mark.parametrize("lora_kwargs", [{}, {"use_rslora": True, "r": 3, "lora_alpha": 5},
+                                         {"target_modules": ["c_attn", "wte"], "rank_pattern": {"wte": 2}}])
 def test_peft_adapter_in_our_model_gives_peft_logits(tmp_path, lora_kwargs):
     pm, ours = _peft_adapter(tmp_path, **lora_kwargs)
     idx = _idx(1)
@@ -104,8 +105,10 @@ def test_peft_adapter_in_our_model_gives_peft_logits(tmp_path, lora_kwargs):
         base = ours(idx)
         wrapped = load_adapter(ours, tmp_path / "peft", "peft")
         theirs, mine = pm(idx).logits, ours(idx)
-    # "c_proj" reaches both attn.c_proj and mlp.c_proj, as in PEFT
-    assert "trf_blocks.1.ff.layers.2" in wrapped and "trf_blocks.1.att.out_proj" in wrapped
+    if "wte" in lora_kwargs.get("target_modules", ()):
+        assert "tok_emb" in wrapped and ours.tok_emb.rank["peft"] == 2
+    else:  # "c_proj" reaches both attn.c_proj and mlp.c_proj, as in PEFT
+        assert "trf_blocks.1.ff.layers.2" in wrapped and "trf_blocks.1.att.out_proj" in wrapped
     assert not torch.allclose(base, mine, atol=1e-3)
     torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
     set_adapter(ours, None)
@@ -121,3 +124,23 @@ def test_adapter_for_another_base_is_refused_by_tensor_name(tmp_path):
     shallow = GPTModel(GPTConfig(101, 16, 32, 4, 1, 0.0, True))
     with pytest.raises(ValueError, match=r"h\.1\..*another base"):
         load_adapter(shallow, tmp_path / "peft")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_our_embedding_adapter_in_peft_gives_our_logits(tmp_path, tied):
+    """The token embedding's adapter (``wte``, PEFT's ``lora_embedding_A/B``), at its own rank."""
+    torch.manual_seed(0)
+    model = GPTModel(CFG, tie_weights=tied).eval()
+    export_hf(model, tmp_path / "base")
+    add_lora(model, rank=4, alpha=8, targets=("attention", "embedding"), rank_pattern={"embedding": 2})
+    with torch.no_grad():
+        model.tok_emb.lora_A["default"].normal_()
+    _randomize_adapters(model, "default")
+    save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "wte" in config["target_modules"] and config["rank_pattern"]["wte"] == 2
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval()
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    idx = _idx()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(idx).logits, model(idx), atol=1e-5, rtol=1e-5)
