@@ -39,9 +39,25 @@ from course_lib.model import GPTModel
 TARGET_ONE, TARGET_MANY = 0.8, 5.0
 
 
-def _prompts(n: int, length: int, vocab: int) -> list[list[int]]:
+def random_prompts(n: int, length: int, vocab: int) -> list[list[int]]:
+    """``n`` prompts of ``length`` random token ids (seeded: the same every run)."""
     g = torch.Generator().manual_seed(0)
     return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def save_random_adapters(model: GPTModel, n: int, folder: Path) -> dict[str, Path]:
+    """``n`` LoRA adapters ``a0, a1, ...`` on ``model`` (rank 8, alpha 16, random B, so that they differ),
+    saved in PEFT's format under ``folder``: ``{name: adapter folder}`` for ``Engine(adapters=...)``."""
+    folders = {}
+    for i in range(n):
+        name, m = f"a{i}", copy.deepcopy(model)
+        add_lora(m, rank=8, alpha=16, name=name)
+        g = torch.Generator().manual_seed(i + 1)
+        with torch.no_grad():
+            for layer in lora_layers(m).values():
+                layer.lora_B[name].copy_(torch.randn(layer.lora_B[name].shape, generator=g) * 0.02)
+        folders[name] = save_adapter(m, Path(folder) / name, name=name)
+    return folders
 
 
 def _run(engine: Engine, prompts, new: int, models) -> tuple[float, int, list[float], list[list[int]]]:
@@ -73,7 +89,7 @@ def bench_shape(name: str, args) -> list[str]:
     torch.manual_seed(0)
     model = GPTModel(cfg).eval()
     new = min(args.new_tokens, cfg.context_length - args.prompt_tokens)
-    prompts = _prompts(args.clients, args.prompt_tokens, cfg.vocab_size)
+    prompts = random_prompts(args.clients, args.prompt_tokens, cfg.vocab_size)
     rows = []
 
     # generate directly vs one request through the engine
@@ -90,16 +106,8 @@ def bench_shape(name: str, args) -> list[str]:
     gen_tps = new / min(gen_s)
 
     with tempfile.TemporaryDirectory() as tmp:
-        names = [f"a{i}" for i in range(args.adapters)]
-        folders = {}
-        for i, n in enumerate(names):
-            m = copy.deepcopy(model)
-            add_lora(m, rank=8, alpha=16, name=n)
-            g = torch.Generator().manual_seed(i + 1)
-            with torch.no_grad():
-                for layer in lora_layers(m).values():
-                    layer.lora_B[n].copy_(torch.randn(layer.lora_B[n].shape, generator=g) * 0.02)
-            folders[n] = save_adapter(m, Path(tmp) / n, name=n)
+        folders = save_random_adapters(model, args.adapters, Path(tmp))
+        names = list(folders)
         with Engine(copy.deepcopy(model), max_batch=args.clients, adapters=folders) as eng:
             _, _, _, out = _run(eng, prompts[:1], new, [None])
             assert out[0] == want, "the engine's greedy tokens differ from generate's"
