@@ -408,7 +408,9 @@ def _cmd_serve(args) -> int:
         print(note, file=sys.stderr)
     try:
         serve(engine, args.host, args.port, api_key=args.api_key, style=style)
-    except (ValueError, OSError) as err:
+    except ValueError as err:  # --host is not an address of this machine
+        return _error(err)
+    except OSError as err:  # the port is taken
         return _error(err, 1)
     return 0
 
@@ -441,6 +443,9 @@ def _cmd_chat(args) -> int:
         print(f"chatting with {args.base_url} (/reset forgets the history; /exit or Ctrl-D ends)", file=sys.stderr)
         try:
             return chat(reply, system=args.system)
+        except openai.APIConnectionError:
+            print(flush=True)  # end the answer's line
+            return _error(f"lost the connection to {args.base_url}: is the server still running?", 1)
         except openai.APIError as err:
             return _error(err, 1)
         except KeyboardInterrupt:
@@ -517,10 +522,10 @@ class _LoRARefused(Exception):
     """``add_lora`` refused ``--targets`` (raised inside the fine-tuning, before any training step)."""
 
 
-def _lora_options(args, task: str, profile: str) -> tuple[int, float, tuple[str, ...]] | str | None:
-    """``--lora``/``--alpha``/``--targets`` as ``(rank, alpha, targets)``; ``None`` without ``--lora``;
-    or the message of an error. ``--alpha`` defaults to ``2 * rank``, ``--targets`` to the profile's
-    ``course_lib.lora.LORA_RECIPES[task]``."""
+def _lora_options(args, task: str, profile: str) -> tuple[int, float, tuple[str, ...], dict] | str | None:
+    """``--lora``/``--alpha``/``--targets`` as ``(rank, alpha, targets, rank_pattern)``; ``None`` without
+    ``--lora``; or the message of an error. ``--alpha`` defaults to ``2 * rank``; ``--targets`` (and the
+    rank of some of them) to the profile's ``course_lib.lora.LORA_RECIPES[task]``."""
     if args.lora is None:
         if args.alpha is not None or args.targets is not None:
             return "--alpha and --targets set up LoRA adapters: give --lora RANK as well (e.g. --lora 8)"
@@ -533,12 +538,13 @@ def _lora_options(args, task: str, profile: str) -> tuple[int, float, tuple[str,
     if args.targets is None:
         from .lora import LORA_RECIPES
 
-        return args.lora, alpha, LORA_RECIPES[task][profile].targets
+        recipe = LORA_RECIPES[task][profile]
+        return args.lora, alpha, recipe.targets, dict(recipe.rank_pattern)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     if not targets:
         return ("--targets must list layer names or groups separated by commas, e.g. "
                 "--targets W_query,W_value or --targets attention,ff")
-    return args.lora, alpha, targets
+    return args.lora, alpha, targets, {}
 
 
 def _lora_run(lora, task: str, profile: str, args) -> tuple[float | None, int | None]:
@@ -556,22 +562,24 @@ def _lora_run(lora, task: str, profile: str, args) -> tuple[float | None, int | 
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-def _lora_prepare(lora: tuple[int, float, tuple[str, ...]], summary: dict):
+def _lora_prepare(lora: tuple[int, float, tuple[str, ...], dict], summary: dict):
     """The ``prepare_model`` hook of the fine-tuning: ``add_lora`` with the options; its summary in ``summary``."""
     from .lora import add_lora
 
     def prepare(model):
         try:
-            summary["lora"] = add_lora(model, rank=lora[0], alpha=lora[1], targets=list(lora[2]))
+            summary["lora"] = add_lora(model, rank=lora[0], alpha=lora[1], targets=list(lora[2]),
+                                       rank_pattern=lora[3] or None)
         except (ValueError, TypeError) as err:
             raise _LoRARefused(str(err)) from None
 
     return prepare
 
 
-def _lora_metrics(lora: tuple[int, float, tuple[str, ...]], summary, note: str) -> dict:
+def _lora_metrics(lora: tuple[int, float, tuple[str, ...], dict], summary, note: str) -> dict:
     """What ``metrics.json`` records of a LoRA run under ``"lora"``."""
-    return {"rank": lora[0], "alpha": lora[1], "targets": list(lora[2]), "layers": list(summary.layers),
+    return {"rank": lora[0], "alpha": lora[1], "targets": list(lora[2]), "rank_pattern": lora[3],
+            "layers": list(summary.layers),
             "trainable_parameters": summary.trainable, "total_parameters": summary.total, "adapter": "adapter",
             "note": note}
 

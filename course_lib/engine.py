@@ -44,7 +44,7 @@ from .model import GPTModel
 from .text_data import encode_text
 
 __all__ = ["SamplingParams", "Delta", "Completion", "RequestHandle", "Engine", "EngineError", "UnknownModel",
-           "PromptTooLong", "RequestFailed", "ENDOFTEXT_ID"]
+           "PromptTooLong", "RequestFailed", "EngineClosed", "ENDOFTEXT_ID"]
 
 ENDOFTEXT_ID = 50256    #: GPT-2's ``<|endoftext|>``
 MAX_STOP = 4            #: stop strings per request, as OpenAI's API
@@ -141,6 +141,10 @@ class PromptTooLong(EngineError):
 
 class RequestFailed(RuntimeError):
     """The engine failed while serving this request (the cause is ``__cause__``), or was shut down."""
+
+
+class EngineClosed(RuntimeError):
+    """:meth:`Engine.submit` or :meth:`Engine.start` after :meth:`Engine.shutdown`: make a new Engine."""
 
 
 @dataclass
@@ -478,7 +482,7 @@ class Engine:
         Raises:
             UnknownModel: ``model`` is not served. PromptTooLong: ``len(prompt) >= context_length``.
             EngineError: an empty prompt, ids outside the vocabulary.
-            TypeError: ``prompt`` or ``params`` of the wrong type. RuntimeError: the engine was shut down.
+            TypeError: ``prompt`` or ``params`` of the wrong type. EngineClosed: the engine was shut down.
         """
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
@@ -505,7 +509,7 @@ class Engine:
         self.start()
         with self._cond:
             if self._closed:
-                raise RuntimeError("the engine is shut down; make a new Engine")
+                raise EngineClosed("the engine is shut down; make a new Engine")
             self._waiting.append(handle)
             self._cond.notify_all()
         return handle
@@ -535,13 +539,18 @@ class Engine:
 
     # -- the thread --------------------------------------------------------- #
     def start(self) -> None:
-        """Start the decode thread (:meth:`submit` does). Raises RuntimeError after :meth:`shutdown`."""
+        """Start the decode thread (:meth:`submit` does). Raises :class:`EngineClosed` after :meth:`shutdown`."""
         with self._cond:
             if self._closed:
-                raise RuntimeError("the engine is shut down; make a new Engine")
+                raise EngineClosed("the engine is shut down; make a new Engine")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True)
                 self._thread.start()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`shutdown` was called (then :meth:`submit` raises :class:`EngineClosed`)."""
+        return self._closed
 
     def shutdown(self) -> None:
         """Stop the decode thread and end every pending request (their iterators raise

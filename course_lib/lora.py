@@ -26,7 +26,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,8 @@ class LoRARecipe:
     Attributes:
         rank, alpha: ``r`` and the scale's numerator (``alpha = 2 * rank`` is the common choice).
         targets: as in :func:`add_lora`.
+        rank_pattern: a rank of their own for some targets (``add_lora``'s ``rank_pattern``),
+            used when ``--targets`` is not given.
         lr: AdamW's learning rate. Adapters start at zero and are small: they want a larger
             rate than a full fine-tune.
         num_epochs: ``None``: the full fine-tune's (step 6's or step 7's recipe).
@@ -86,8 +88,15 @@ class LoRARecipe:
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    rank_pattern: dict[str, int] = field(default_factory=dict)
     lr: float = 3e-4
     num_epochs: int | None = None
+
+    def apply(self, model: nn.Module, name: str = "default", **overrides: Any) -> "LoRASummary":
+        """:func:`add_lora` with this recipe's rank, alpha, targets and rank pattern (``overrides`` win)."""
+        kwargs = dict(rank=self.rank, alpha=self.alpha, targets=list(self.targets),
+                      rank_pattern=dict(self.rank_pattern) or None) | overrides
+        return add_lora(model, name=name, **kwargs)
 
 
 #: ``LORA_RECIPES[task][profile]``, task ``"classify"`` (step 6's spam data) or ``"instruct"`` (step 7's).

@@ -23,6 +23,8 @@ Choices where OpenAI's API says nothing about a small local model:
   ``seed + j``, so the choices differ and the whole reply is reproducible.
 * ``top_k`` is an extra field, as in vLLM (``null``, ``0`` or ``-1``: no limit). Unknown fields
   (``user``, ``logprobs``, ...) are ignored, as vLLM does.
+* Types are strict, as OpenAI's: ``"5"`` is no ``max_tokens``, ``true`` no token id. A body over
+  :data:`MAX_BODY_BYTES` is a 413; a request to an engine that was shut down, a 503.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, EngineError, PromptTooLong, SamplingParams, UnknownModel
+from .engine import Engine, EngineClosed, EngineError, PromptTooLong, RequestFailed, SamplingParams, UnknownModel
 from .instruction import STYLES, format_prompt
 
 __all__ = [
@@ -68,6 +70,8 @@ logger = logging.getLogger("course_lib.serve")
 
 #: The most choices per request (``n`` x prompts): each is a row of the engine's batch.
 MAX_CHOICES = 64
+#: The largest request body read (413 past it): far more than a context of text, even as token ids.
+MAX_BODY_BYTES = 1 << 20
 _ROUTES = "GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions"
 
 
@@ -135,11 +139,14 @@ def chat_prompt(messages: Sequence[dict[str, Any]], style: str = "alpaca") -> st
 # Requests (pydantic models; a field that does not fit is a 400 naming it)
 # --------------------------------------------------------------------------- #
 class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
     include_usage: bool = False
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: "5" is not a max_tokens, true is not a token id, "yes" is not a stream (OpenAI refuses them too)
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -147,7 +154,7 @@ class _Request(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**64)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: _StreamOptions | None = None
@@ -193,19 +200,30 @@ def _error_response(status: int, message: str, kind: str = "invalid_request_erro
     return JSONResponse(_error_body(message, kind, param, code), status_code=status)
 
 
-def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
-    """``(message, param)`` of FastAPI's first validation error."""
+#: What a field of several forms takes (pydantic names the first form that failed, not all of them).
+_FORMS = {"prompt": "a string, a list of strings, a list of token ids (integers) or a list of lists of token ids",
+          "stop": "a string or a list of at most 4 non-empty strings"}
+
+
+def _validation_message(err: RequestValidationError, content_type: str = "application/json") -> tuple[str, str | None]:
+    """``(message, param)`` of FastAPI's first validation error of a request sent with ``content_type``."""
     first = err.errors()[0] if err.errors() else {}
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'cannot parse it')})", None
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    loc = [x for x in loc if not x.startswith(("list[", "str", "int"))]   # union branches pydantic names
+    raw = [str(x) for x in first.get("loc", ()) if x != "body"]
+    loc = [x for x in raw if x not in ("str", "int") and not x.startswith("list[")]   # union branches pydantic names
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid request")
+    if param is None and "json" not in content_type:
+        return (f"send the body as a JSON object with the header 'Content-Type: application/json' "
+                f"(got {content_type or 'no Content-Type'!r})"), None
+    if param is None:
+        return ('the request body must be a JSON object, e.g. {"model": "NAME", "prompt": "Hello"}; '
+                f"got {first.get('input')!r:.80}"), None
     if first.get("type") == "missing":
         return f"missing required field {param!r}", param
-    if param is None:
-        return f"the request body must be a JSON object ({msg})", None
+    if raw != loc and param in _FORMS:
+        return f"invalid {param!r}: it must be {_FORMS[param]} (got {first.get('input')!r:.80})", param
     return f"invalid {param!r}: {msg} (got {first.get('input')!r:.80})", param
 
 
@@ -213,10 +231,11 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
 # The app
 # --------------------------------------------------------------------------- #
 class _Access:
-    """ASGI middleware: the API key (401 before anything else), then one log line per request."""
+    """ASGI middleware: the API key (401 before anything else), a body of at most ``max_body`` bytes
+    (413), then one log line per request."""
 
-    def __init__(self, app, api_key: str | None):
-        self.app, self.api_key = app, api_key
+    def __init__(self, app, api_key: str | None, max_body: int = MAX_BODY_BYTES):
+        self.app, self.api_key, self.max_body = app, api_key, max_body
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -233,14 +252,45 @@ class _Access:
             problem = self._key_problem(scope)
             if problem is not None:
                 await _error_response(401, problem, code="invalid_api_key")(scope, receive, send_status)
-            else:
-                await self.app(scope, receive, send_status)
+                return
+            body = await self._read_body(scope, receive)
+            if body is None:
+                too_big = f"the request body is larger than this server takes ({self.max_body} bytes)"
+                await _error_response(413, too_big, code="request_too_large")(scope, receive, send_status)
+                return
+            sent = False
+
+            async def replay():   # the body read above, then the client's own messages (a disconnect)
+                nonlocal sent
+                if sent:
+                    return await receive()
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            await self.app(scope, replay, send_status)
         finally:
             tokens = (f" tokens={state['prompt_tokens']}+{state.get('completion_tokens', 0)}"
                       if "prompt_tokens" in state else "")
             model = f" model={state['model']}" if "model" in state else ""
             logger.info("%s %s %d%s%s %.0f ms", scope["method"], scope["path"], status[0], model, tokens,
                         1000 * (time.perf_counter() - started))
+
+    async def _read_body(self, scope, receive) -> bytes | None:
+        """The whole request body, or ``None`` when it is longer than ``max_body`` bytes."""
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.max_body:
+            return None
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":           # the client went away
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return None
+            more = message.get("more_body", False)
+        return b"".join(chunks)
 
     def _key_problem(self, scope) -> str | None:
         if self.api_key is None or scope["path"] == "/health":
@@ -295,7 +345,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, style: str | None 
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):
-        message, param = _validation_message(err)
+        message, param = _validation_message(err, request.headers.get("content-type", ""))
         return _error_response(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -304,6 +354,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, style: str | None 
             message = f"unknown URL ({request.method} {request.url.path}); this server has {_ROUTES}"
         elif err.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}; this server has {_ROUTES}"
+        elif err.status_code == 400:    # a body FastAPI could not parse (not UTF-8, ...)
+            message = f"the request body could not be read ({err.detail}): send a JSON object, in UTF-8"
         else:
             message = str(err.detail)
         return _error_response(err.status_code, message, code="unknown_url" if err.status_code == 404 else None)
@@ -318,7 +370,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, style: str | None 
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": engine.models(), **engine.stats()}
+        closed = getattr(engine, "closed", False)
+        body = {"status": "shut down" if closed else "ok", "models": engine.models(), **engine.stats()}
+        return JSONResponse(body, status_code=503 if closed else 200)
 
     @app.get("/v1/models")
     async def models():
@@ -336,7 +390,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, style: str | None 
         kind = "text_completion"
         if body.stream:
             return _streaming(request, body, handles, "cmpl", kind, chat=False)
-        results = await asyncio.gather(*(_collect(h) for h in handles))
+        results = await _results(request, engine, handles)
         choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
                    for i, (text, finish, _) in enumerate(results)]
         return _reply(request, "cmpl", kind, body.model, choices, results)
@@ -352,12 +406,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, style: str | None 
         kind = "chat.completion"
         if body.stream:
             return _streaming(request, body, handles, "chatcmpl", kind + ".chunk", chat=True)
-        results = await asyncio.gather(*(_collect(h) for h in handles))
+        results = await _results(request, engine, handles)
         choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
                     "logprobs": None, "finish_reason": finish} for i, (text, finish, _) in enumerate(results)]
         return _reply(request, "chatcmpl", kind, body.model, choices, results)
 
-    app.add_middleware(_Access, api_key=api_key)
+    app.add_middleware(_Access, api_key=api_key)   # outermost: before FastAPI reads the body
     return app
 
 
@@ -380,18 +434,21 @@ def _prompts(prompt) -> list:
 
 def _params(body: _Request, max_tokens: int, choice: int) -> SamplingParams:
     top_k = body.top_k if body.top_k not in (None, 0, -1) else None
-    try:
+    try:   # choice j's seed: seed + j, wrapped into the generator's [0, 2**64) as the engine does
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
                               top_p=1.0 if body.top_p is None else body.top_p, top_k=top_k, stop=tuple(body.stop or ()),
-                              seed=None if body.seed is None else body.seed + choice)
-    except (TypeError, ValueError) as err:
-        raise _APIError(400, str(err)) from None
+                              seed=None if body.seed is None else (body.seed + choice) % 2**64)
+    except (TypeError, ValueError) as err:   # the message starts with the field's name
+        name = str(err).split(" ", 1)[0]
+        raise _APIError(400, str(err), param=name if name in type(body).model_fields else None) from None
 
 
 def _submit(engine: Engine, request: Request, body: _Request, prompts: list, max_tokens: int, param: str) -> list:
     """``n`` engine requests per prompt, in the order of the choices (prompt by prompt)."""
     request.state.model = body.model
     _check_model(engine, body.model)
+    if body.stream_options is not None and not body.stream:
+        raise _APIError(400, 'stream_options is only allowed with "stream": true', param="stream_options")
     if len(prompts) * body.n > MAX_CHOICES:
         raise _APIError(400, f"{len(prompts)} prompts x n={body.n} is more than {MAX_CHOICES} choices in one request",
                         param="n")
@@ -412,6 +469,10 @@ def _submit(engine: Engine, request: Request, body: _Request, prompts: list, max
     except (EngineError, TypeError, ValueError) as err:
         _cancel(handles)
         raise _APIError(400, str(err), param=param) from None
+    except EngineClosed:
+        _cancel(handles)
+        raise _APIError(503, "the model's engine is shut down: restart the server", kind="server_error",
+                        code="engine_shut_down") from None
     request.state.prompt_tokens = sum(h.prompt_tokens for h in handles[::body.n])
     request.state.completion_tokens = 0
     return handles
@@ -420,6 +481,25 @@ def _submit(engine: Engine, request: Request, body: _Request, prompts: list, max
 def _cancel(handles) -> None:
     for h in handles:
         h.cancel()
+
+
+async def _results(request: Request, engine: Engine, handles: list) -> list[tuple[str, str, int]]:
+    """:func:`_collect` of every handle; a client that goes away cancels them (their rows are freed);
+    an engine that fails or is shut down meanwhile is a 500 or 503 in OpenAI's shape."""
+    gathered = asyncio.ensure_future(asyncio.gather(*(_collect(h) for h in handles)))
+    try:
+        while not (await asyncio.wait({gathered}, timeout=0.2))[0]:
+            if await request.is_disconnected():
+                _cancel(handles)            # the rows leave at the next token; the results are nobody's
+        return gathered.result()
+    except RequestFailed as err:
+        _cancel(handles)
+        closed = getattr(engine, "closed", False)
+        raise _APIError(503 if closed else 500, f"the engine failed: {err}", kind="server_error",
+                        code="engine_shut_down" if closed else None) from None
+    finally:
+        if not gathered.done():             # this handler was cancelled (the server stops)
+            gathered.cancel()
 
 
 async def _collect(handle) -> tuple[str, str, int]:

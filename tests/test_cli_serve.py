@@ -105,6 +105,19 @@ def test_chat_against_a_server(checkpoint, monkeypatch, capsys):
         engine.shutdown()
 
 
+def test_chat_when_the_server_is_gone_is_one_error_line(checkpoint, monkeypatch, capsys):
+    path, model = checkpoint
+    import copy
+
+    engine = Engine(copy.deepcopy(model), name="mine")
+    with running_server(engine) as url:
+        pass                                                 # stopped: nothing listens there now
+    engine.shutdown()
+    status, _, err = run_chat(monkeypatch, capsys, ["--base-url", url, "--model", "mine"], "hi\n")
+    assert status == 1 and "Traceback" not in err, err      # stderr: the "chatting with" line, then the error
+    assert err.splitlines()[-1].startswith("error: lost the connection") and "still running?" in err
+
+
 @pytest.mark.parametrize("command, args, words", [
     ("serve", ["--port", "70000"], "--port"),
     ("serve", ["--adapter", "spam"], "NAME=PATH"),
@@ -184,3 +197,8 @@ def test_serve_warns_without_a_key_off_loopback_and_a_taken_port_is_an_error(che
     assert status == 1
     assert "warning: listening on 0.0.0.0 without --api-key" in err
     assert f"error: cannot listen on 0.0.0.0:{port}" in err and "another --port" in err and "Traceback" not in err
+    # a host that is not this machine's is a wrong option: status 2 (it was 1, as for a taken port)
+    status = cli.main(["serve", str(path), "--host", "no-such-host.invalid", "--port", "0", "--device", "cpu",
+                       "--api-key", "k"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.splitlines()[-1].startswith("error: host 'no-such-host.invalid'"), err

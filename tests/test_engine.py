@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import random
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,8 +15,8 @@ import torch
 
 import course_lib.engine as engine_mod
 from course_lib.config import GPTConfig, get_config
-from course_lib.engine import (Completion, Engine, EngineError, PromptTooLong, RequestFailed, SamplingParams,
-                               UnknownModel, _Detokenizer)
+from course_lib.engine import (Completion, Engine, EngineClosed, EngineError, PromptTooLong, RequestFailed,
+                               SamplingParams, UnknownModel, _Detokenizer)
 from course_lib.inference import KVCache, decode_step, generate, prefill
 from course_lib.lora import add_lora, load_adapter, lora_layers, save_adapter, set_adapter
 from course_lib.model import GPTModel
@@ -360,6 +362,30 @@ def test_injected_failures_do_not_kill_the_engine(model, enc, monkeypatch):
         assert eng.stats()["requests_failed"] == 2 and eng.stats()["running"] == 0
 
 
+def test_many_one_token_requests_and_cancel_races_leave_nothing_behind(model, enc):
+    """64 requests of one token through 4 rows, then 60 cancelled at random moments (before the queue,
+    in it, in a row, after the end): each ends once, the counters add up, no row or queue entry is left."""
+    with Engine(copy.deepcopy(model), enc, max_batch=4) as eng:
+        ids = [_prompt(3, seed=i) for i in range(64)]
+        done = [eng.submit(p, SamplingParams(max_tokens=1, **GREEDY)) for p in ids]
+        for h, p in zip(done, ids):
+            c = h.result(timeout=20)
+            assert (c.finish_reason, c.completion_tokens, c.token_ids) == ("length", 1, _ref(model, p, 1))
+        pause = random.Random(0)
+        raced = []
+        for i in range(60):
+            h = eng.submit(ids[i], SamplingParams(max_tokens=40, **GREEDY))
+            time.sleep(pause.random() * 0.004 if i % 3 else 0)
+            h.cancel()
+            raced.append(h)
+        ends = [h.result(timeout=20).finish_reason for h in raced]
+        assert set(ends) <= {"cancelled", "length"}
+        stats = eng.stats()
+        assert (stats["running"], stats["waiting"]) == (0, 0)
+        assert stats["requests_finished"] == 64 + ends.count("length")
+        assert stats["requests_cancelled"] == ends.count("cancelled")
+
+
 def test_shutdown_ends_pending_requests(long_model, enc):
     eng = Engine(copy.deepcopy(long_model), enc, max_batch=1)
     handles = [eng.submit(_prompt(4, seed=i), SamplingParams(max_tokens=200, **GREEDY)) for i in range(3)]
@@ -368,7 +394,8 @@ def test_shutdown_ends_pending_requests(long_model, enc):
     for h in handles[1:]:
         with pytest.raises(RequestFailed, match="shut down"):
             h.result(timeout=5)
-    with pytest.raises(RuntimeError, match="shut down"):
+    assert eng.closed
+    with pytest.raises(EngineClosed, match="shut down"):     # a RuntimeError, which the server makes a 503
         eng.submit([1, 2])
     eng.shutdown()                                           # twice is fine
 

@@ -318,6 +318,19 @@ def test_disconnect_mid_stream_cancels_and_the_server_keeps_serving(client, url,
      "model_not_found"),
     ("/completions", {"model": "base", "prompt": "word " * 300}, None, 400, "prompt", "context_length_exceeded"),
     ("/nothing/here", {}, None, 404, None, "unknown_url"),
+    # strict types, as OpenAI: no "5" for an integer, no true for a token id, no "yes" for a boolean
+    ("/completions", {"model": "base", "prompt": "hi", "max_tokens": "5"}, None, 400, "max_tokens", None),
+    ("/completions", {"model": "base", "prompt": [True, 2]}, None, 400, "prompt", None),
+    ("/completions", {"model": "base", "prompt": "hi", "stream": "yes"}, None, 400, "stream", None),
+    ("/completions", {"model": "base", "prompt": "hi", "stop": 5}, None, 400, "stop", None),
+    ("/completions", {"model": "base", "prompt": "hi", "seed": 2**70}, None, 400, "seed", None),
+    ("/completions", {"model": "base", "prompt": "hi", "stream_options": {"include_usage": True}}, None, 400,
+     "stream_options", None),
+    ("/completions", b'{"model": "base", "prompt": "hi"}', {"content-type": "text/plain"}, 400, None, None),
+    ("/completions", b"", {"content-type": "application/json"}, 400, None, None),
+    ("/completions", b'{"model": "base", "prompt": "\xff"}', {"content-type": "application/json"}, 400, None, None),
+    ("/completions", b'{"model": "base", "prompt": "' + b"a" * (1 << 20) + b'"}', {"content-type": "application/json"},
+     413, None, "request_too_large"),
 ])
 def test_errors_in_openai_shape(url, path, body, headers, status, param, code):
     if isinstance(body, bytes):
@@ -330,6 +343,30 @@ def test_errors_in_openai_shape(url, path, body, headers, status, param, code):
     assert (error["param"], error["code"]) == (param, code)
     if code == "context_length_exceeded":
         assert "256" in error["message"]
+    if isinstance(body, dict) and (body.get("stop") == 5 or body.get("prompt") == [True, 2]):
+        assert "it must be a string" in error["message"] and "list of" in error["message"]   # every form
+    if headers == {"content-type": "text/plain"}:
+        assert "Content-Type: application/json" in error["message"]
+
+
+def test_a_chunked_body_too_large_is_refused_and_the_server_keeps_serving(client, url):
+    def chunks():                                               # no Content-Length: counted as it comes
+        yield b'{"model": "base", "prompt": "'
+        for _ in range(20):
+            yield b"a" * 65536
+        yield b'"}'
+
+    r = httpx.post(url + "/completions", content=chunks(), headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert client.completions.create(model="base", prompt="hi", max_tokens=1).usage.completion_tokens == 1
+
+
+def test_seed_of_the_last_choice_wraps_around(client):
+    """Choice j uses seed + j modulo 2**64 (the generator's seeds): seed 2**64 - 1, n=2 gives choice 1 the
+    text of seed 0 (it was a 400 naming no field)."""
+    r = client.completions.create(model="base", prompt="Once", max_tokens=5, n=2, seed=2**64 - 1)
+    zero = client.completions.create(model="base", prompt="Once", max_tokens=5, seed=0)
+    assert r.choices[1].text == zero.choices[0].text
 
 
 def test_errors_reach_the_openai_client_as_its_exceptions(client):
@@ -363,3 +400,42 @@ def test_step7_judge_runs_through_this_server(url, engine):
     assert all(isinstance(reply, str) for reply in result.replies)
     assert all(s is None or 0 <= s <= 100 for s in result.scores)
     assert engine.stats()["requests_finished"] == before + 2
+
+
+@pytest.fixture
+def slow_engine(models):
+    """An engine of the base model at under 100 tokens/s, so that requests are still running when a test acts."""
+    model = copy.deepcopy(models[0])
+    model.register_forward_hook(lambda *args: time.sleep(0.01))
+    eng = Engine(model, name="base", max_batch=4, fast=False)
+    yield eng
+    eng.shutdown()
+
+
+def test_a_client_gone_from_a_plain_request_frees_its_row(slow_engine):
+    """Not streamed: a client that times out cancels its request (it ran to the context's end before)."""
+    with running_server(slow_engine) as url:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url + "/chat/completions", timeout=0.5,
+                       json={"model": "base", "messages": [{"role": "user", "content": "hi"}]})
+        deadline = time.monotonic() + 5
+        while slow_engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = slow_engine.stats()
+        assert (stats["running"], stats["requests_cancelled"], stats["requests_finished"]) == (0, 1, 0)
+
+
+def test_engine_shutdown_ends_open_streams_and_later_requests_get_503(slow_engine):
+    body = {"model": "base", "prompt": "Once", "max_tokens": 200, "stream": True}
+    with running_server(slow_engine) as url, httpx.Client(timeout=10) as raw:
+        with raw.stream("POST", url + "/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            slow_engine.shutdown()
+            rest = [line.removeprefix("data: ") for line in lines if line]
+        assert rest[-1] == "[DONE]"
+        error = json.loads(rest[-2])["error"]
+        assert set(error) == ERROR_KEYS and error["type"] == "server_error" and "shut down" in error["message"]
+        r = post(url, "/completions", {"model": "base", "prompt": "hi"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_shut_down"
+        assert httpx.get(url.removesuffix("/v1") + "/health").json()["status"] == "shut down"
