@@ -21,7 +21,8 @@ Choices where OpenAI's API says nothing about a small local model:
   context is full, with ``finish_reason: "length"``. A prompt that leaves no room at all is a 400.
 * ``n`` choices are ``n`` engine requests (decoded together); with a ``seed``, choice ``j`` uses
   ``seed + j``, so the choices differ and the whole reply is reproducible.
-* ``top_k`` is an extra field, as in vLLM (``null``, ``0`` or ``-1``: no limit). Unknown fields
+* ``top_k`` and ``ignore_eos`` are extra fields, as in vLLM (``top_k`` ``null``, ``0`` or ``-1``: no
+  limit; ``ignore_eos: true`` decodes past ``<|endoftext|>``, for benchmarks). Unknown fields
   (``user``, ``logprobs``, ...) are ignored, as vLLM does.
 * Types are strict, as OpenAI's: ``"5"`` is no ``max_tokens``, ``true`` no token id. A body over
   :data:`MAX_BODY_BYTES` is a 413; a request to an engine that was shut down, a 503.
@@ -153,6 +154,7 @@ class _Request(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
+    ignore_eos: bool = False
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-2**63, lt=2**64)
     n: int = Field(1, ge=1, le=16)
@@ -437,7 +439,8 @@ def _params(body: _Request, max_tokens: int, choice: int) -> SamplingParams:
     try:   # choice j's seed: seed + j, wrapped into the generator's [0, 2**64) as the engine does
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
                               top_p=1.0 if body.top_p is None else body.top_p, top_k=top_k, stop=tuple(body.stop or ()),
-                              seed=None if body.seed is None else (body.seed + choice) % 2**64)
+                              seed=None if body.seed is None else (body.seed + choice) % 2**64,
+                              **({"stop_token_ids": ()} if body.ignore_eos else {}))
     except (TypeError, ValueError) as err:   # the message starts with the field's name
         name = str(err).split(" ", 1)[0]
         raise _APIError(400, str(err), param=name if name in type(body).model_fields else None) from None

@@ -439,3 +439,18 @@ def test_engine_shutdown_ends_open_streams_and_later_requests_get_503(slow_engin
         r = post(url, "/completions", {"model": "base", "prompt": "hi"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_shut_down"
         assert httpx.get(url.removesuffix("/v1") + "/health").json()["status"] == "shut down"
+
+
+def test_ignore_eos_decodes_past_end_of_text(client, engine, monkeypatch):
+    """vLLM's extra field: the engine is asked to stop on no token (benchmarks decode exactly max_tokens)."""
+    seen = []
+    submit = engine.submit
+
+    def spy(prompt, params=None, model=None):
+        seen.append(params.stop_token_ids)
+        return submit(prompt, params, model)
+
+    monkeypatch.setattr(engine, "submit", spy)
+    r = client.completions.create(model="base", prompt="Hi", max_tokens=2, temperature=0, extra_body={"ignore_eos": True})
+    client.completions.create(model="base", prompt="Hi", max_tokens=2, temperature=0)
+    assert seen == [(), (EOT,)] and r.choices[0].finish_reason == "length"
