@@ -25,19 +25,13 @@ from course_lib.model import GPTModel
 from course_lib.schedules import wsd_lr_at
 from course_lib.shards import ShardLoader, write_shard
 from course_lib.trainer import param_groups
+from _expect import as_float
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
 
-
-def _float(got, what):
-    if isinstance(got, torch.Tensor) and got.numel() == 1:
-        got = got.item()
-    assert isinstance(got, (int, float)) and not isinstance(got, bool), (
-        f"{what}: expected a number (a Python float), got {type(got).__name__}: {got!r}")
-    return float(got)
 
 
 # --------------------------------------------------------------------------- #
@@ -46,7 +40,7 @@ def _float(got, what):
 @pytest.mark.exercise("wsd_lr_at")
 def test_wsd_by_hand(ex):
     want = [0, 0.5, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25, 0, 0]          # worked out by hand (the docstring's example)
-    got = [_float(ex.wsd_lr_at(s, max_lr=1.0, min_lr=0.0, warmup_steps=2, total_steps=10, decay_steps=4),
+    got = [as_float(ex.wsd_lr_at(s, max_lr=1.0, min_lr=0.0, warmup_steps=2, total_steps=10, decay_steps=4),
                   f"step {s}") for s in range(12)]
     assert all(abs(g - w) < 1e-12 for g, w in zip(got, want)), (
         f"max_lr=1, min_lr=0, warmup_steps=2, total_steps=10, decay_steps=4: steps 0..11 should give {want}, got "
@@ -59,7 +53,7 @@ def test_wsd_warmup_starts_at_warmup_start_lr_and_ends_at_min_lr(ex):
     kw = dict(max_lr=6e-4, min_lr=6e-5, warmup_steps=10, total_steps=100, decay_steps=20, warmup_start_lr=6e-6)
     for step, want in ((0, 6e-6), (5, 6e-6 + (6e-4 - 6e-6) / 2), (10, 6e-4), (79, 6e-4), (80, 6e-4),
                        (90, (6e-4 + 6e-5) / 2), (100, 6e-5), (10_000, 6e-5)):
-        got = _float(ex.wsd_lr_at(step, **kw), f"step {step}")
+        got = as_float(ex.wsd_lr_at(step, **kw), f"step {step}")
         assert abs(got - want) < 1e-12, (
             f"wsd_lr_at({step}, {', '.join(f'{k}={v}' for k, v in kw.items())}): expected {want:.6g}, got {got:.6g}. "
             "Hint: warmup goes from warmup_start_lr (step 0) to max_lr (step warmup_steps); after total_steps the "
@@ -78,7 +72,7 @@ def test_wsd_equals_the_librarys(ex):
                   total_steps=total, decay_steps=decay, warmup_start_lr=rng.choice([0.0, max_lr / 100]))
         for step in range(total + 3):
             want = wsd_lr_at(step, **kw)
-            got = _float(ex.wsd_lr_at(step, **kw), f"step {step}")
+            got = as_float(ex.wsd_lr_at(step, **kw), f"step {step}")
             assert abs(got - want) < 1e-12, (
                 f"step {step} with {kw}: expected {want:.6g}, got {got:.6g}. Hint: decay_steps=0 means no decay phase "
                 "(max_lr until total_steps, then min_lr); warmup_steps=0 means no warmup (start at max_lr).")
@@ -110,7 +104,7 @@ def test_clip_by_hand(ex):
     p = nn.Parameter(torch.zeros(2, dtype=torch.float64))
     q = nn.Parameter(torch.zeros(1, dtype=torch.float64))
     p.grad, q.grad = torch.tensor([3.0, 0.0], dtype=torch.float64), torch.tensor([4.0], dtype=torch.float64)
-    got = _float(ex.clip_grad_norm([p, q], max_norm=1.0), "the returned norm")
+    got = as_float(ex.clip_grad_norm([p, q], max_norm=1.0), "the returned norm")
     assert abs(got - 5.0) < 1e-9, (
         f"gradients (3, 0) and (4): the global 2-norm is sqrt(9 + 16) = 5, got {got}. Hint: "
         + ("that is the norm AFTER clipping (max_norm = 1); return the one computed before scaling."
@@ -130,7 +124,7 @@ def test_clip_equals_torch(ex, norm_type):
         ref = _clone(mine)
         want = torch.nn.utils.clip_grad_norm_(ref, max_norm, norm_type=norm_type)
         got = ex.clip_grad_norm(iter(mine), max_norm, norm_type)        # a generator, as model.parameters() is
-        got = _float(got, f"norm_type={norm_type}")
+        got = as_float(got, f"norm_type={norm_type}")
         assert abs(got - want.item()) < 1e-9 * max(1.0, want.item()), (
             f"norm_type={norm_type}: torch.nn.utils.clip_grad_norm_ returns the norm before clipping, "
             f"{want.item():.6f}; got {got:.6f}. Hint: "
@@ -150,7 +144,7 @@ def test_clip_equals_torch(ex, norm_type):
 @pytest.mark.exercise("clip_grad_norm")
 def test_clip_without_gradients_returns_zero(ex):
     params = [nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))]
-    got = _float(ex.clip_grad_norm(params, 1.0), "no gradients")
+    got = as_float(ex.clip_grad_norm(params, 1.0), "no gradients")
     assert got == 0.0 and all(p.grad is None for p in params), (
         f"no parameter has a gradient: expected a norm of 0 and nothing changed, got {got}. Hint: "
         "torch.tensor(0.0) when the list of gradients is empty.")
@@ -162,7 +156,7 @@ def test_clip_without_gradients_returns_zero(ex):
 @pytest.mark.exercise("mfu")
 def test_mfu_by_hand(ex):
     cfg = GPTConfig(vocab_size=256, context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0)
-    got = _float(ex.mfu(1_000.0, cfg, 1e9), "mfu")
+    got = as_float(ex.mfu(1_000.0, cfg, 1e9), "mfu")
     assert abs(got - 0.786432) < 1e-12, (
         f"d=64, L=2, T=64, vocab 256 at 1,000 tokens/s on a 1e9 FLOP/s peak: N = 12*2*64*64 + 256*64 = 114,688, "
         f"FLOPs per token 3 * (2N + 4*2*64*64) = 786,432, so MFU = 0.786432; got {got!r}. Hint: training counts the "
@@ -175,7 +169,7 @@ def test_mfu_equals_the_librarys(ex):
                             ("gpt-cpu", 3_000.0, 80e9), ("gpt2-xl", 9_000.0, 312e12)):
         cfg = get_config(name)
         want = mfu(tps, flops_per_token(cfg, training=True), peak)
-        got = _float(ex.mfu(tps, cfg, peak), name)
+        got = as_float(ex.mfu(tps, cfg, peak), name)
         assert abs(got - want) < 1e-9 * want, (
             f"{name} at {tps:,.0f} tokens/s on {peak:.3g} FLOP/s: expected MFU {want:.6f}, got {got:.6f}. Hint: "
             "N counts the blocks' 12*L*d*d and the head's vocab_size*d (not the biases, norms or the position table).")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from course_lib.config import GPTConfig
 from course_lib.lora import LoRALinear, add_lora, lora_layers, merge_lora, save_adapter
 from course_lib.model import GPTModel
+from _expect import as_float, as_tensor
 
 CFG = GPTConfig(vocab_size=97, context_length=8, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=False)
 
@@ -26,18 +27,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-def _float(got, what):
-    if isinstance(got, torch.Tensor) and got.numel() == 1:
-        got = got.item()
-    assert isinstance(got, (int, float)) and not isinstance(got, bool), (
-        f"{what}: expected a number (a Python float), got {type(got).__name__}: {got!r}")
-    return float(got)
-
-
-def _tensor(got, shape, what):
-    assert isinstance(got, torch.Tensor), f"{what}: expected a tensor, got {type(got).__name__}"
-    assert tuple(got.shape) == tuple(shape), f"{what}: expected shape {list(shape)}, got {list(got.shape)}"
-    return got
 
 
 def _layer(n_in=12, n_out=10, rank=3, alpha=6.0, bias=True):
@@ -54,7 +43,7 @@ def _layer(n_in=12, n_out=10, rank=3, alpha=6.0, bias=True):
 @pytest.mark.exercise("lora_scale")
 def test_scale_by_hand(ex):
     for args, want in (((8, 16), 2.0), ((16, 16), 1.0), ((1, 8), 8.0), ((4, 8, True), 4.0), ((16, 32, True), 8.0)):
-        got = _float(ex.lora_scale(*args), f"lora_scale{args}")
+        got = as_float(ex.lora_scale(*args), f"lora_scale{args}")
         assert abs(got - want) < 1e-12, (
             f"lora_scale{args}: expected {want}, got {got}. Hint: alpha / rank, or alpha / sqrt(rank) when rslora "
             "is True" + (" (did you divide by rank with rslora?)" if len(args) == 3 and abs(got - args[1] / args[0])
@@ -67,7 +56,7 @@ def test_scale_equals_the_librarys(ex, rslora):
     for rank in (1, 2, 3, 8, 64):
         for alpha in (1, 7.5, 32):
             want = LoRALinear(nn.Linear(4, 4), rank, alpha, rslora=rslora).scale["default"]
-            got = _float(ex.lora_scale(rank, alpha, rslora), f"lora_scale({rank}, {alpha}, rslora={rslora})")
+            got = as_float(ex.lora_scale(rank, alpha, rslora), f"lora_scale({rank}, {alpha}, rslora={rslora})")
             assert abs(got - want) < 1e-12, f"lora_scale({rank}, {alpha}, rslora={rslora}): expected {want}, got {got}"
 
 
@@ -80,7 +69,7 @@ def test_forward_equals_the_librarys(ex, shape, bias):
     layer = _layer(bias=bias)
     x = torch.randn(shape)
     A, B = layer.lora_A["default"].detach(), layer.lora_B["default"].detach()
-    got = _tensor(ex.lora_forward(x, layer.base.weight.detach(), None if not bias else layer.base.bias.detach(), A, B,
+    got = as_tensor(ex.lora_forward(x, layer.base.weight.detach(), None if not bias else layer.base.bias.detach(), A, B,
                                   layer.scale["default"]), (*shape[:-1], 10), f"lora_forward on x {list(shape)}")
     with torch.no_grad():
         want = layer(x)
@@ -97,7 +86,7 @@ def test_forward_equals_the_merged_linear(ex):
     W, b = torch.randn(6, 9, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     A, B = torch.randn(2, 9, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
     x = torch.randn(4, 9, dtype=torch.float64)
-    got = _tensor(ex.lora_forward(x, W, b, A, B, 0.5), (4, 6), "lora_forward")
+    got = as_tensor(ex.lora_forward(x, W, b, A, B, 0.5), (4, 6), "lora_forward")
     torch.testing.assert_close(got, F.linear(x, W + 0.5 * B @ A, b), msg=lambda m: (
         f"lora_forward must equal F.linear(x, W + scale * B @ A, b) (in float64, to rounding):\n{m}"))
 
@@ -145,7 +134,7 @@ def test_merge_equals_merge_lora(ex):
     layer = _layer()
     W = layer.base.weight.detach().clone()
     A, B = layer.lora_A["default"].detach(), layer.lora_B["default"].detach()
-    got = _tensor(ex.merge_weight(W, A, B, layer.scale["default"]), W.shape, "merge_weight")
+    got = as_tensor(ex.merge_weight(W, A, B, layer.scale["default"]), W.shape, "merge_weight")
     assert torch.equal(W, layer.base.weight), "merge_weight changed the weight it was given; return a new tensor"
     merge_lora(layer)
     torch.testing.assert_close(got, layer.base.weight.detach(), atol=1e-6, rtol=1e-6, msg=lambda m: (
@@ -161,7 +150,7 @@ def test_merged_layer_gives_the_adapted_output(ex):
         want = layer(x)
         merged = ex.merge_weight(layer.base.weight.detach(), layer.lora_A["default"], layer.lora_B["default"],
                                  layer.scale["default"])
-        got = F.linear(x, _tensor(merged, (10, 12), "merge_weight"), layer.base.bias)
+        got = F.linear(x, as_tensor(merged, (10, 12), "merge_weight"), layer.base.bias)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: (
         f"the merged layer F.linear(x, W_merged, b) must give the adapted layer's output:\n{m}"))
 
@@ -178,8 +167,8 @@ def test_fused_product_is_each_parts_update(ex, ranks):
     out = ex.fuse_qkv(As[0], Bs[0], As[1], Bs[1], As[2], Bs[2])
     assert isinstance(out, tuple) and len(out) == 2, f"fuse_qkv must return a pair (A_c, B_c), got {type(out).__name__}"
     R = sum(ranks)
-    A_c = _tensor(out[0], (R, d), "A_c")
-    B_c = _tensor(out[1], (3 * d, R), "B_c")
+    A_c = as_tensor(out[0], (R, d), "A_c")
+    B_c = as_tensor(out[1], (3 * d, R), "B_c")
     want = torch.cat([B @ A for A, B in zip(As, Bs)])                      # [3d, d]: q's update, then k's, then v's
     torch.testing.assert_close(B_c @ A_c, want, msg=lambda m: (
         f"B_c @ A_c must be [B_q A_q; B_k A_k; B_v A_v] stacked (ranks {ranks}):\n{m}\nHint: B_k goes in rows d:2d "
@@ -204,7 +193,7 @@ def test_fused_tensors_are_what_save_adapter_writes(ex, tmp_path):
              for p in ("W_query", "W_key", "W_value")]
     A_c, B_c = ex.fuse_qkv(*parts[0], *parts[1], *parts[2])
     key = "base_model.model.transformer.h.1.attn.c_attn.lora_{}.weight"
-    torch.testing.assert_close(_tensor(A_c, saved[key.format("A")].shape, "A_c"), saved[key.format("A")],
+    torch.testing.assert_close(as_tensor(A_c, saved[key.format("A")].shape, "A_c"), saved[key.format("A")],
                                msg=lambda m: f"A_c differs from the lora_A that save_adapter writes for c_attn:\n{m}")
-    torch.testing.assert_close(_tensor(B_c, saved[key.format("B")].shape, "B_c"), saved[key.format("B")],
+    torch.testing.assert_close(as_tensor(B_c, saved[key.format("B")].shape, "B_c"), saved[key.format("B")],
                                msg=lambda m: f"B_c differs from the lora_B that save_adapter writes for c_attn:\n{m}")
