@@ -3,7 +3,8 @@
 For each ``--models`` shape (random weights, seeded, float32; default ``gpt-cpu`` and GPT-2 small's
 ``gpt2-small``) an :class:`~course_lib.engine.Engine` with ``--adapters`` random LoRA adapters (rank 8,
 PEFT folders, ``a0, a1, ...``) is served by a real uvicorn server on 127.0.0.1 (``serve.running_server``,
-a free port). The clients are the official ``openai`` client, one thread each, all in this process:
+a free port). The clients are the official ``openai`` client, one thread each, all in one process of their
+own (``--same-process``: in the server's, where they share its interpreter lock):
 ``completions.create(stream=True)`` with a prompt of ``--prompt-tokens`` random token ids,
 ``temperature=0``, ``max_tokens=--new-tokens`` and ``stream_options={"include_usage": True}``. Tokens are
 counted by the server's ``usage``; every request must end with ``finish_reason="length"`` after exactly
@@ -32,11 +33,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import multiprocessing
 import statistics
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -88,6 +90,17 @@ def clients(client: openai.OpenAI, prompts: list[list[int]], models: list[str], 
     return max(r["end"] for r in results) - min(r["start"] for r in results), results
 
 
+_CLIENTS: dict[str, openai.OpenAI] = {}
+
+
+def job(url: str, prompts: list[list[int]], models: list[str], new: int, together: bool):
+    """Run by the clients' process: one request (``stream``), or all at once (``clients``) when ``together``."""
+    if url not in _CLIENTS:
+        _CLIENTS[url] = openai.OpenAI(base_url=url, api_key="not-needed", max_retries=0, timeout=600)
+    client = _CLIENTS[url]
+    return clients(client, prompts, models, new) if together else stream(client, prompts[0], models[0], new)
+
+
 def timed_generate(model: GPTModel, prompt: list[int], new: int) -> tuple[float, list[int]]:
     """``inference.generate`` greedy, no eos: ``(seconds, new token ids)``."""
     idx = torch.tensor([prompt])
@@ -116,26 +129,30 @@ def bench_shape(name: str, args) -> list[dict]:
         ref_a = copy.deepcopy(model)
         load_adapter(ref_a, folders["a0"], name="a0")
         set_adapter(ref_a, "a0")
+        spawn = multiprocessing.get_context("spawn")
         with Engine(copy.deepcopy(model), tok, name="base", adapters=folders, max_batch=args.clients) as engine, \
                 running_server(engine) as url, \
-                openai.OpenAI(base_url=url, api_key="not-needed", max_retries=0, timeout=600) as client:
+                (ThreadPoolExecutor(1) if args.same_process else ProcessPoolExecutor(1, mp_context=spawn)) as pool:
+            def ask(prompts_, models_, together=False):
+                return pool.submit(job, url, prompts_, models_, new, together).result()
+
             for m, r, label in ((ref, "base", "the base"), (ref_a, "a0", "adapter a0")):   # warm up and check
                 timed_generate(m, prompts[0], new)                          # the first call is slow
                 want = timed_generate(m, prompts[0], new)[1]
-                if stream(client, prompts[0], r, new)["text"] != tok.decode(want):
+                if ask([prompts[0]], [r])["text"] != tok.decode(want):
                     raise RuntimeError(f"{name}: the server's streamed text on {label} differs from generate's")
-            clients(client, prompts, mixed, new)
+            ask(prompts, mixed, together=True)
             for rep in range(args.repeats):
                 for kind, ref_model, served in (("", ref, "base"), ("_a", ref_a, "a0")):
                     for key in ("gen", "one") if rep % 2 == 0 else ("one", "gen"):     # alternate who goes first
                         if key == "gen":
                             t["gen" + kind].append(timed_generate(ref_model, prompts[0], new)[0])
                         else:
-                            r = stream(client, prompts[0], served, new)
+                            r = ask([prompts[0]], [served])
                             t["one" + kind].append(r["end"] - r["start"])
                             ttft["one" + kind].append(r["first"] - r["start"])
                 for key, models in (("many", ["base"] * args.clients), ("mixed", mixed)):
-                    secs, results = clients(client, prompts, models, new)
+                    secs, results = ask(prompts, models, together=True)
                     t[key].append(secs)
                     ttft[key] += [r["first"] - r["start"] for r in results]
     tps = {k: [(args.clients if k in ("many", "mixed") else 1) * new / s for s in v] for k, v in t.items()}
@@ -179,6 +196,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=None, help="per request (default 64; with --quick 16)")
     ap.add_argument("--repeats", type=int, default=None, help="default 3; with --quick 1")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--same-process", action="store_true",
+                    help="run the client threads in the server's process (default: in a process of their own, as "
+                         "real clients are; here they share the server's interpreter lock)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: smaller defaults (gpt-cpu, 16 tokens, 1 repeat)")
     args = ap.parse_args()
     args.models = args.models or ("gpt-cpu" if args.quick else "gpt-cpu,gpt2-small")

@@ -249,3 +249,13 @@ def test_prepare_model_hooks_refuse_a_non_function():
     for finetune in (finetune_classifier, finetune_instructions):
         with pytest.raises(TypeError, match="prepare_model"):
             finetune("tiny", device="cpu", prepare_model="add_lora", progress=False, verbose=False)
+
+
+def test_lora_options_take_targets_and_their_ranks_from_the_profiles_recipe():
+    import argparse
+
+    args = argparse.Namespace(lora=8, alpha=None, targets=None)
+    recipe = LORA_RECIPES["classify"]["cpu"]
+    assert cli._lora_options(args, "classify", "cpu") == (8, 16.0, recipe.targets, recipe.rank_pattern)
+    args.targets = "W_query,W_value"   # the learner's own targets: every one at the given rank
+    assert cli._lora_options(args, "classify", "cpu") == (8, 16.0, ("W_query", "W_value"), {})
