@@ -131,13 +131,13 @@ def test_finetune_responses_are_the_test_splits_and_the_saved_models(trained):
 
 def test_finetune_options_reach_the_run(tmp_path, fake_run, capsys):
     assert cli.main(["finetune", "instruct", "--profile", "tiny", "--style", "phi3", "--mask-prompt",
-                     "--epochs", "2", "--device", "cpu", "--out", str(tmp_path / "a"), "-q"]) == 0
-    assert fake_run[-1] == {"profile": "tiny", "style": "phi3", "mask_prompt": True, "num_epochs": 2,
+                     "--epochs", "2", "--lr", "2e-4", "--device", "cpu", "--out", str(tmp_path / "a"), "-q"]) == 0
+    assert fake_run[-1] == {"profile": "tiny", "style": "phi3", "mask_prompt": True, "num_epochs": 2, "lr": 2e-4,
                             "device": torch.device("cpu"), "progress": False, "verbose": False}
     # without the options, the recipe decides (None), and the bars and evaluations are on
     assert cli.main(["finetune", "instruct", "--profile", "tiny", "--out", str(tmp_path / "b")]) == 0
-    assert {k: fake_run[-1][k] for k in ("style", "mask_prompt", "num_epochs", "progress", "verbose")} == \
-        {"style": None, "mask_prompt": None, "num_epochs": None, "progress": True, "verbose": True}
+    assert {k: fake_run[-1][k] for k in ("style", "mask_prompt", "num_epochs", "lr", "progress", "verbose")} == \
+        {"style": None, "mask_prompt": None, "num_epochs": None, "lr": None, "progress": True, "verbose": True}
     assert "instruction-tuned gpt-tiny" in capsys.readouterr().out
 
 
