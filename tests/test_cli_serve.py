@@ -150,7 +150,8 @@ def test_course_serve_profile_tiny_answers_the_openai_client():
     load_base_model("tiny", verbose=False)        # made (or read) here, so the subprocess only reads it
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COURSE_DEVICE": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "course_lib.cli", "serve", "--profile", "tiny", "--port", "0"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)   # its own session: Ctrl-C reaches it alone
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(proc.stderr, lines), daemon=True).start()
     seen = []
