@@ -633,8 +633,10 @@ def _url(sock: socket.socket) -> str:
 def _uvicorn_server(app: FastAPI):
     import uvicorn
 
+    # log_config=None: uvicorn's default runs logging.config.dictConfig, which closes every logging handler
+    # the program already has (a notebook's, pytest's, absl's on the real stderr): we log through our own logger.
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3,
-                            lifespan="off")
+                            lifespan="off", log_config=None)
     return uvicorn.Server(config)
 
 

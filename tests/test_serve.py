@@ -454,3 +454,28 @@ def test_ignore_eos_decodes_past_end_of_text(client, engine, monkeypatch):
     r = client.completions.create(model="base", prompt="Hi", max_tokens=2, temperature=0, extra_body={"ignore_eos": True})
     client.completions.create(model="base", prompt="Hi", max_tokens=2, temperature=0)
     assert seen == [(), (EOT,)] and r.choices[0].finish_reason == "length"
+
+
+def test_starting_a_server_leaves_the_programs_logging_alone(engine):
+    """Regression: uvicorn's default log_config ran dictConfig, which closed every existing logging handler
+    (absl's, imported by rouge_score, then closed the real stderr and pytest lost its output)."""
+    import logging
+
+    class Recorder(logging.Handler):
+        closed = False
+
+        def emit(self, record):
+            pass
+
+        def close(self):
+            Recorder.closed = True
+            super().close()
+
+    handler = Recorder()
+    logging.getLogger().addHandler(handler)
+    try:
+        with running_server(engine):
+            pass
+        assert not Recorder.closed and handler in logging.getLogger().handlers
+    finally:
+        logging.getLogger().removeHandler(handler)
