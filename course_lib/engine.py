@@ -276,7 +276,9 @@ class RequestHandle:
             if isinstance(event, BaseException) or event.finish_reason is not None:
                 self.done = True
             self._cond.notify_all()
-            waiters = list(self._waiters)
+            # a waiter still set has not read the events yet (it clears under this lock when it
+            # finds none left): it will take this one with them, no need to wake its loop again
+            waiters = [w for w in self._waiters if not w[1].is_set()]
         for loop, ready in waiters:
             try:
                 loop.call_soon_threadsafe(ready.set)
@@ -665,7 +667,7 @@ class Engine:
         """Sample a token for each of ``rows`` from ``logits [len(rows), V]``, hand out the text,
         free the rows that finished, failed or were cancelled, then send their last events (so a
         caller woken by the end sees the row free in :meth:`stats`)."""
-        ok = torch.isfinite(logits).all(dim=-1) & ~torch.isneginf(logits).all(dim=-1)        # [n]
+        ok = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))   # [n]: a NaN or inf anywhere in a row
         greedy = logits.argmax(dim=-1).tolist()
         ok = ok.tolist()
         ends: dict[int, tuple] = {}                  # row -> (handle, Delta or error, counter)

@@ -50,7 +50,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, EngineClosed, EngineError, PromptTooLong, RequestFailed, SamplingParams, UnknownModel
+from .engine import Delta, Engine, EngineClosed, EngineError, PromptTooLong, RequestFailed, SamplingParams, UnknownModel
 from .instruction import STYLES, format_prompt
 
 __all__ = [
@@ -305,6 +305,30 @@ class _Access:
         if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), self.api_key.encode()):
             return "incorrect API key: send the key `course serve --api-key` got, as 'Authorization: Bearer <key>'"
         return None
+
+
+def _coalesce(items: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """Join the text of a choice's deltas that arrived together: under load the engine writes tokens
+    faster than the event loop sends them, and one chunk per backlog (not per token) keeps up.
+    Each choice's text stays in order; errors and ends (``None``) stay after that choice's deltas.
+
+    >>> _coalesce([(0, Delta("a", [1])), (1, Delta("b", [2])), (0, Delta("c", [3], "stop")), (0, None)])
+    [(0, Delta(text='ac', token_ids=[1, 3], finish_reason='stop')), (1, Delta(text='b', token_ids=[2], finish_reason=None)), (0, None)]
+    """
+    out: list[tuple[int, Any]] = []
+    last: dict[int, int] = {}                       # choice -> its open (unfinished) Delta's place in out
+    for i, item in items:
+        j = last.pop(i, None)
+        if isinstance(item, Delta) and j is not None:
+            prev = out[j][1]
+            item = Delta(prev.text + item.text, prev.token_ids + item.token_ids, item.finish_reason)
+            out[j] = (i, item)
+        else:
+            j = len(out)
+            out.append((i, item))
+        if isinstance(item, Delta) and item.finish_reason is None:
+            last[i] = j
+    return out
 
 
 def _sse(obj: dict | str) -> str:
@@ -562,22 +586,26 @@ def _streaming(request: Request, body: _Request, handles: list, prefix: str, kin
                     yield chunk([choice(i, None, None, role=True)])
             left = len(handles)
             while left:
-                i, item = await queue.get()
-                if item is None:
-                    left -= 1
-                elif isinstance(item, Exception):
-                    yield _sse(_error_body(f"the engine failed: {type(item).__name__}: {item}", "server_error"))
-                    break
-                else:
-                    if item.finish_reason:
-                        running.discard(i)
-                        state.completion_tokens += handles[i].result(timeout=0).completion_tokens
-                    if not chat and (item.text or item.finish_reason):
-                        yield chunk([choice(i, item.text, item.finish_reason)])
-                    if chat and item.text:
-                        yield chunk([choice(i, item.text, None)])
-                    if chat and item.finish_reason:
-                        yield chunk([choice(i, None, item.finish_reason)])
+                items = [await queue.get()]
+                while not queue.empty():            # what came meanwhile goes out together (see _coalesce)
+                    items.append(queue.get_nowait())
+                for i, item in _coalesce(items):
+                    if item is None:
+                        left -= 1
+                    elif isinstance(item, Exception):
+                        yield _sse(_error_body(f"the engine failed: {type(item).__name__}: {item}", "server_error"))
+                        left = 0
+                        break
+                    else:
+                        if item.finish_reason:
+                            running.discard(i)
+                            state.completion_tokens += handles[i].result(timeout=0).completion_tokens
+                        if not chat and (item.text or item.finish_reason):
+                            yield chunk([choice(i, item.text, item.finish_reason)])
+                        if chat and item.text:
+                            yield chunk([choice(i, item.text, None)])
+                        if chat and item.finish_reason:
+                            yield chunk([choice(i, None, item.finish_reason)])
             if usage:
                 total = state.prompt_tokens + state.completion_tokens
                 yield chunk([], usage={"prompt_tokens": state.prompt_tokens,

@@ -455,3 +455,23 @@ def test_kvcache_first_rows_view_decodes_like_a_batch(model):
     for bad in (0, 5, 1.0, True):
         with pytest.raises(ValueError, match="n must be"):
             big.first_rows(bad)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_logits_fail_that_request_and_the_engine_goes_on(model, enc, bad):
+    """One NaN or infinity among a row's logits fails its request (a diverged model), not the engine."""
+    p = _prompt(5, seed=3)
+    poison = {"on": True}
+
+    def hook(module, args, out):
+        if poison["on"]:
+            out = out.clone()
+            out[..., 7] = bad
+        return out
+
+    with Engine(copy.deepcopy(model), enc) as eng:
+        eng.model.out_head.register_forward_hook(hook)
+        with pytest.raises(RequestFailed, match="not finite"):
+            eng.generate(p, SamplingParams(max_tokens=5, **GREEDY))
+        poison["on"] = False
+        assert eng.generate(p, SamplingParams(max_tokens=5, **GREEDY)).token_ids == _ref(model, p, 5)

@@ -479,3 +479,40 @@ def test_starting_a_server_leaves_the_programs_logging_alone(engine):
         assert not Recorder.closed and handler in logging.getLogger().handlers
     finally:
         logging.getLogger().removeHandler(handler)
+
+
+def test_coalesce_keeps_each_choices_text_in_order_and_ends_last():
+    from course_lib.engine import Delta
+    from course_lib.serve import _coalesce
+
+    err = RuntimeError("x")
+    items = [(0, Delta("a", [1])), (1, Delta("b", [2])), (0, Delta("c", [3])), (1, err), (0, Delta("d", [4], "stop")),
+             (0, None), (1, None)]
+    assert _coalesce(items) == [(0, Delta("acd", [1, 3, 4], "stop")), (1, Delta("b", [2])), (1, err), (0, None),
+                                (1, None)]
+    assert _coalesce([(0, Delta("a", [1], "length")), (0, None)]) == [(0, Delta("a", [1], "length")), (0, None)]
+    assert _coalesce([(0, Delta("", []))]) == [(0, Delta("", []))]
+
+
+def test_a_stream_that_falls_behind_sends_the_backlog_in_one_chunk(client, monkeypatch):
+    """While the event loop is busy (here: its first chunk takes 0.5 s to write) the engine goes on decoding;
+    the tokens made meanwhile go out in one chunk, not one chunk each, and the text is the same."""
+    import course_lib.serve as serve_mod
+
+    real, calls = serve_mod._sse, []
+
+    def slow_first(obj):
+        calls.append(obj)
+        if len(calls) == 1:
+            time.sleep(0.5)                             # blocks the server's event loop
+        return real(obj)
+
+    monkeypatch.setattr(serve_mod, "_sse", slow_first)
+    plain = client.completions.create(model="base", prompt="Once", max_tokens=24, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    calls.clear()
+    chunks = list(client.completions.create(model="base", prompt="Once", max_tokens=24, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
+    assert plain.usage.completion_tokens == 24
+    assert len(chunks) <= 4, f"{len(chunks)} chunks for 24 tokens made while the loop was busy"
