@@ -304,8 +304,12 @@ def seed_everything(seed: int = DEFAULT_SEED) -> int:
 
     Raises:
         TypeError: ``seed`` is not an integer.
+        ValueError: ``seed`` outside torch's range, ``-2**63`` to ``2**64 - 1``.
     """
     seed = integer("seed", seed)
+    if not -2**63 <= seed < 2**64:
+        raise ValueError(f"seed must be between -2**63 and 2**64 - 1 (what torch.manual_seed takes), got {seed}; "
+                         "any smaller whole number will do, e.g. 123")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -150,3 +150,15 @@ def test_setup_prints_profile_device_seed(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "profile : tiny" in out and f"device  : {S.device}" in out and "seed    : 5" in out
     assert S.pick(tiny="a", cpu="b", gpu="c") == "a"
+
+
+@pytest.mark.parametrize("seed", [2**64, -2**63 - 1, 10**30])
+def test_seed_everything_out_of_torchs_range_is_a_clear_error(seed):
+    with pytest.raises(ValueError, match=r"seed must be between -2\*\*63 and 2\*\*64 - 1"):
+        seed_everything(seed)
+
+
+def test_seed_everything_takes_torchs_whole_range():
+    assert seed_everything(2**64 - 1) == 2**64 - 1 and torch.initial_seed() == 2**64 - 1
+    assert seed_everything(-2**63) == -2**63
+    assert seed_everything(123) == 123
