@@ -51,6 +51,14 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+def _float(value: Any) -> float:
+    """A real number as a float; ``inf`` for an int too large for one (``10**400``)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def positive_int(name: str, value: Any, *, allow_none: bool = False, hint: str = "") -> int | None:
     """``value`` as an ``int`` if it is an integer >= 1 (or ``None`` with ``allow_none``).
 
@@ -75,7 +83,7 @@ def positive_float(name: str, value: Any, *, hint: str = "") -> float:
         ValueError: anything else (booleans, strings, 0, negatives, nan and inf included); ``hint``
             is appended to the message.
     """
-    if not _is_real(value) or not math.isfinite(value) or value <= 0:
+    if not _is_real(value) or not math.isfinite(_float(value)) or value <= 0:
         raise ValueError(f"{name} must be a finite number above 0, got {describe(value)}{hint}")
     return float(value)
 
@@ -134,7 +142,7 @@ def probability(name: str, value: Any, *, upper_inclusive: bool = False, strict:
             raise TypeError(f"{name} must be a number in {interval}, got {describe(value)}{hint}")
         raise ValueError(f"{name} must be a probability in {interval}, got {value!r}{hint}")
     inside = 0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0
-    if math.isnan(value) or not inside:
+    if not inside:                                  # nan too: it compares False
         raise ValueError(f"{name} must be a probability in {interval}, got {value!r}{hint}")
     return float(value)
 

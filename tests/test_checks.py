@@ -63,7 +63,7 @@ def test_probability_accepts_the_interval(value, inclusive):
     assert got == float(value) and type(got) is float
 
 
-@pytest.mark.parametrize("value", [1.0, -0.1, math.nan, math.inf, True, "0.1", None])
+@pytest.mark.parametrize("value", [1.0, -0.1, math.nan, math.inf, True, "0.1", None, 10**400, -10**400])
 def test_probability_refuses_the_rest(value):
     with pytest.raises(ValueError, match=r"^dropout must be a probability in \[0, 1\), got .*; use 0.0$"):
         probability("dropout", value, hint="; use 0.0")
@@ -91,7 +91,7 @@ def test_describe_names_the_type_and_cuts_long_values():
     assert describe("x" * 100) == "the str '" + "x" * 39 + "..."
 
 
-@pytest.mark.parametrize("value", [0, -1e-3, float("nan"), float("inf"), True, "3e-4", None, [1e-3]])
+@pytest.mark.parametrize("value", [0, -1e-3, float("nan"), float("inf"), True, "3e-4", None, [1e-3], 10**400, -10**400])
 def test_positive_float_refuses_what_is_not_a_finite_positive_number(value):
     with pytest.raises(ValueError, match=r"^lr must be a finite number above 0, got "):
         positive_float("lr", value)
