@@ -16,11 +16,16 @@
   variable ``CI`` is set to anything but ``false``/``0``, as CI services do), so CI never
   fails on a new draw. ``HYPOTHESIS_PROFILE=ci`` or ``=dev`` chooses one by hand. A failure prints a
   ``@reproduce_failure`` blob: paste it above the test to replay the example.
+* Progress (``course check``, the notebooks' Ri cells; see ``course_lib/progress.py``) is recorded in
+  a temporary file of this test session (``COURSE_PROGRESS_FILE``), removed at the end, never in the
+  learner's own record; notebook kernels and ``course`` subprocesses inherit it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,6 +33,8 @@ os.environ["COURSE_PROFILE"] = os.environ.get("COURSE_TEST_PROFILE", "tiny")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("TQDM_MININTERVAL", "5")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+_PROGRESS_DIR = Path(tempfile.gettempdir()) / f"course-test-progress-{os.getpid()}"
+os.environ["COURSE_PROGRESS_FILE"] = str(_PROGRESS_DIR / "progress.json")
 
 NOTEBOOK_BUDGET_S = 60.0
 
@@ -110,3 +117,7 @@ def pytest_terminal_summary(terminalreporter):
         flag = "FAIL" if _nb_failed[name] else ("OK  " if seconds <= NOTEBOOK_BUDGET_S else "SLOW")
         failed = f"  ({_nb_failed[name]} cell(s) failed)" if _nb_failed[name] else ""
         tr.write_line(f"{flag} {name:<45} {seconds:7.1f} s{failed}")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_PROGRESS_DIR, ignore_errors=True)

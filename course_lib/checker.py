@@ -82,7 +82,10 @@ class CheckReport:
         marks = {PASSED: "✔", FAILED: "✘", NOT_STARTED: "·", NOT_RUN: "?"}
         for e in self.exercises:
             line = f"  {marks[e.status]} {e.name:<{width}}  {e.status}"
-            if e.status == PASSED:
+            hint = f"stuck? `course hint {self.step} {e.name}` gives a hint"
+            if e.status == NOT_STARTED:
+                line += f" ({hint})"
+            elif e.status == PASSED:
                 line += f" ({e.checks} check{'s' if e.checks != 1 else ''})"
             elif e.status == FAILED:
                 skipped = f", {e.skipped_checks} skipped" if e.skipped_checks else ""
@@ -97,6 +100,8 @@ class CheckReport:
                              "exercise skipped after the time-out)")
             if e.note:
                 lines.append(f"      ({e.note})")
+            if e.status == FAILED:
+                lines.append(f"      {hint}")
         lines.append(self._summary() + ".")
         return "\n".join(lines)
 
@@ -298,7 +303,9 @@ def check(step: int, *, solutions: bool = False, file: str | os.PathLike | None 
     """Check step ``step``'s exercises and print the report (the notebooks' Ha cell).
 
     Never raises for failing exercises; returns the :class:`CheckReport`. Arguments as for
-    :func:`run_checks`; ``quiet=True`` prints nothing.
+    :func:`run_checks`; ``quiet=True`` prints nothing. A check of the learner's own
+    ``exercises/stepNN.py`` (not ``solutions``, nor a ``file`` elsewhere) is recorded in the progress
+    file (:func:`course_lib.progress.record_check`; a file problem is only a warning).
 
     Raises:
         ValueError: ``file`` is a folder, is missing or is not a ``.py`` file; ``step`` is not 1-9.
@@ -306,4 +313,8 @@ def check(step: int, *, solutions: bool = False, file: str | os.PathLike | None 
     report = run_checks(step, solutions=solutions, file=file, test_timeout=test_timeout)
     if not quiet:
         print(report.format())
+    if not solutions and report.target.resolve() == exercise_file(report.step).resolve():
+        from .progress import record_check
+
+        record_check(report)
     return report

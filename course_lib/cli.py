@@ -8,10 +8,23 @@
                                        tokenize a corpus into uint16 token shards for pretraining (step 8):
                                        DIR/train_*.bin, DIR/val_*.bin and DIR/meta.json
     course check N [--solutions | --file F] [--timeout S]
-                                       check step N's exercises
+                                       check step N's exercises (your own are recorded for `course progress`)
+    course hint N [EXERCISE] [--level K | --all]
+                                       the next hint for an exercise of step N (a nudge, then the idea, then
+                                       the key line); without EXERCISE, how many hints each one has shown
+    course progress [--json] [--learner NAME]
+                                       your exercises and best Ri scores, step by step, and what to do next
+    course cohort report DIR [--plot FILE.png [--force]] [--json]
+                                       instructors: the learners' `course progress --json` files in DIR,
+                                       as a table per step (and a plot)
     course run N [--profile P] [--out DIR]
                                        execute notebook N headless, print time per section
     course lab [JUPYTER OPTIONS]       open the course in JupyterLab
+    course site build [--out DIR]      the course as a static website (Jupyter Book 2): the README, the nine
+                                       notebooks executed in the tiny profile, the instructor guide and the
+                                       API reference (default DIR build/site)
+    course site serve [--dir DIR] [--port 8000] [--host 127.0.0.1]
+                                       serve the built website locally
     course finetune classify [--profile P] [--trainable head|last-block|all] [--pooling last|mean]
                              [--lora RANK [--alpha A] [--targets LIST]]
                              [--epochs N] [--out DIR] [--device D] [--force] [-q]
@@ -154,6 +167,98 @@ def _cmd_check(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0 if report.all_passed else 1
+
+
+def _cmd_hint(args) -> int:
+    import warnings
+
+    from . import hints
+
+    step, name, levels = args.step, args.exercise, hints.LEVELS
+    if step not in hints.HINTS:
+        return _error(f"there is no step {step}; the steps with exercises are {', '.join(map(str, hints.HINTS))}")
+    if name is None and (args.level is not None or args.all):
+        return _error(f"--level and --all need an EXERCISE, e.g. course hint {step} {next(iter(hints.HINTS[step]))} "
+                      "--all")
+    if args.level is not None and not 1 <= args.level <= levels:
+        return _error(f"--level must be 1 to {levels}, got {args.level}")
+    try:
+        if name is not None:
+            hints.hints_for(step, name)
+    except ValueError as err:
+        return _error(err)
+    if args.level is not None or args.all:  # shown, not recorded
+        print(hints.format_hints(step, name, args.level or levels))
+        return 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", hints.HintsFileWarning)
+        try:
+            shown = hints.next_hint(step, name) if name is not None else hints.revealed(step)
+        except OSError as err:
+            shown = err
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    if isinstance(shown, OSError):
+        return _error(f"cannot keep track of the hints you have seen: {shown} (set COURSE_HINTS_FILE to a file you "
+                      "can write)", 1)
+    if name is None:
+        width = max(map(len, shown))
+        print(f"step {step}: hints seen per exercise (`course hint {step} NAME` shows the next one)")
+        for exercise, count in shown.items():
+            print(f"  {exercise:<{width}}  {count} of {levels}")
+        return 0
+    print(hints.format_hints(step, name, shown.level))
+    if not shown.new:
+        print(f"\nno more hints: all {levels} for {name} are shown above. Still stuck? Re-read the notebook section "
+              f"of hint 1, or, as a last resort, compare with solutions/step{step:02d}.py")
+    elif shown.level < levels:
+        print(f"\n(hint {shown.level} of {levels}: run again for the next)")
+    else:
+        print(f"\n(hint {levels} of {levels}: the last one; `course check {step}` says what still fails)")
+    return 0
+
+
+def _cmd_progress(args) -> int:
+    from . import progress as pr
+
+    path = pr.progress_path()
+    try:
+        record = pr.set_learner(args.learner, path) if args.learner is not None else pr.load_progress(path)
+    except (ValueError, OSError) as err:  # ProgressFileError is a ValueError
+        return _error(err)
+    names = {step: pr.exercise_names(step) for step in pr.STEPS}
+    if args.json:
+        print(json.dumps(pr.progress_json(record, names), indent=1, ensure_ascii=False))
+    else:
+        print(pr.format_progress(record, pr.progress_table(record, names), path))
+    return 0
+
+
+def _cmd_cohort_report(args) -> int:
+    from .cohort import format_cohort, plot_cohort, read_cohort, summarize
+
+    plot = Path(args.plot).expanduser() if args.plot else None
+    if plot is not None and plot.suffix.lower() != ".png":
+        return _error(f"--plot writes a PNG image: give a file name ending in .png, got {args.plot!r}")
+    if plot is not None and plot.exists() and not args.force:
+        return _error(f"--plot {plot} already exists; pass --force to replace it, or give another file name")
+    try:
+        cohort = read_cohort(args.dir)
+    except ValueError as err:
+        return _error(err)
+    summary = summarize(cohort)
+    if not cohort.learners:
+        reasons = "; ".join(f"{f}: {r}" for f, r in cohort.skipped)
+        return _error(f"none of the {cohort.files} .json files in {cohort.folder} is a course progress file "
+                      f"({reasons})")
+    print(json.dumps(summary, indent=1, ensure_ascii=False) if args.json else format_cohort(summary, cohort.folder))
+    if plot is not None:
+        try:
+            plot_cohort(summary, plot, overwrite=args.force)
+        except OSError as err:  # FileExistsError (appeared meanwhile), a full disk, a folder in the way
+            return _error(err, 1)
+        print(f"plot: {plot}", file=sys.stderr if args.json else sys.stdout)
+    return 0
 
 
 def _cmd_run(args) -> int:
@@ -488,6 +593,39 @@ def _add_serving_arguments(p) -> None:
                                                     "the model was tuned with, else alpaca)")
     p.add_argument("--max-batch", type=int, default=16, metavar="N", help="requests decoded together (default 16)")
     p.add_argument("--device", help="cuda, mps or cpu (default $COURSE_DEVICE, else the best available)")
+
+
+def _cmd_site_build(args) -> int:
+    from .site import build_site
+
+    try:
+        build_site(args.out, log=lambda line: print(line, flush=True))
+    except (ValueError, FileNotFoundError) as err:
+        return _error(err)
+    except RuntimeError as err:  # a notebook or MyST failed: the message holds MyST's last lines
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_site_serve(args) -> int:
+    from .site import default_out, make_server
+
+    try:
+        server = make_server(args.dir or default_out(), host=args.host, port=args.port)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        return _error(err)
+    except OSError as err:  # the port is taken, or the host is not an address of this machine
+        return _error(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}; give another --port", 1)
+    host, port = server.server_address[:2]
+    print(f"serving {args.dir or default_out()} at http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
 
 
 def _cmd_lab(args, extra: list[str]) -> int:
@@ -1600,6 +1738,44 @@ def build_parser() -> argparse.ArgumentParser:
                         "are then skipped)")
     p.set_defaults(func=_cmd_check)
 
+    p = sub.add_parser("hint", help="the next hint for an exercise: a nudge, then the idea, then the key line",
+                       description="Print the next hint for EXERCISE of step N: the first run shows hint 1 (a "
+                                   "nudge), the next hints 1-2 (the idea), then 1-3 (the key line, never the "
+                                   "whole solution). What you have seen is remembered in $COURSE_HINTS_FILE, "
+                                   "else hints_seen.json in the data folder. Without EXERCISE: step N's exercises "
+                                   "and how many hints each has shown.")
+    p.add_argument("step", type=int, help="step number, 1-9")
+    p.add_argument("exercise", nargs="?", metavar="EXERCISE", help="the function's name in exercises/stepNN.py")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--level", type=int, metavar="K", help="show hints 1 to K without recording them as seen")
+    g.add_argument("--all", action="store_true", help="show all three hints without recording them as seen")
+    p.set_defaults(func=_cmd_hint)
+
+    p = sub.add_parser("progress", help="your exercises passed and best Ri scores per step, and what to do next",
+                       description="Read your progress record (recorded by `course check N` and the notebooks' Ri "
+                                   "cells; $COURSE_PROGRESS_FILE, else progress.json in the data folder) and print "
+                                   "a line per step and the next thing to do.")
+    p.add_argument("--json", action="store_true",
+                   help="print the record and every step's exercise names as JSON (for `course cohort report`: "
+                        "course progress --json > NAME.json)")
+    p.add_argument("--learner", metavar="NAME", help="set the name the record carries (default $COURSE_LEARNER, "
+                                                     "else your user name)")
+    p.set_defaults(func=_cmd_progress)
+
+    p = sub.add_parser("cohort", help="instructors: a report on the learners' progress files")
+    csub = p.add_subparsers(dest="cohort_command", required=True)
+    q = csub.add_parser("report", help="per step, who passed each exercise, the slowest ones, Ri score spreads",
+                        description="Read every *.json file in DIR (the learners' `course progress --json` "
+                                    "output; not sub-folders) and print, per step, how many learners passed each "
+                                    "exercise, the slowest exercises and each Ri score's min / median / max per "
+                                    "profile. Other files are listed as skipped, with the reason; of two records "
+                                    "of one learner the later one counts.")
+    q.add_argument("dir", metavar="DIR", help="the folder holding the learners' .json files")
+    q.add_argument("--plot", metavar="FILE.png", help="also draw the report into this PNG")
+    q.add_argument("--force", action="store_true", help="replace an existing --plot file (default: refuse)")
+    q.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    q.set_defaults(func=_cmd_cohort_report)
+
     p = sub.add_parser("run", help="execute step N's notebook headless and save an executed copy")
     p.add_argument("step", type=int, help="step number, 1-9")
     p.add_argument("--profile", help="tiny, cpu or gpu (default $COURSE_PROFILE, else cpu)")
@@ -1796,6 +1972,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 picks the likeliest token each time; higher samples more freely (default 0.7)")
     p.add_argument("--seed", type=int, metavar="S", help="the same S gives the same answers")
     p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("site", help="build the course website (Jupyter Book 2) or serve it locally")
+    ssub = p.add_subparsers(dest="site_command", required=True)
+    q = ssub.add_parser("build", help="build the website: README, notebooks executed in the tiny profile, "
+                                      "instructor guide, API reference",
+                        description="Build the course as a static website into DIR (default build/site): the "
+                                    "notebooks are executed in the tiny profile (a few minutes), MyST turns the "
+                                    "pages into JSON and course_lib.site writes the HTML. DIR must be new, empty "
+                                    "or a site built earlier; the new site replaces it only once it is complete.")
+    q.add_argument("--out", metavar="DIR", help="the folder to build into (default build/site)")
+    q.set_defaults(func=_cmd_site_build)
+    q = ssub.add_parser("serve", help="serve the built website at http://127.0.0.1:8000/")
+    q.add_argument("--dir", metavar="DIR", help="the built site (default build/site)")
+    q.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    q.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    q.set_defaults(func=_cmd_site_serve)
 
     p = sub.add_parser("lab", help="open the course in JupyterLab (other options go to `jupyter lab`, "
                                    "e.g. course lab --no-browser --port 8899)")

@@ -30,6 +30,7 @@ MODULES: dict[str, int | None] = {
     "serve": 9,
     "paths": None, "files": None, "checks": None, "data": None, "plots": None,
     "checker": None, "doctor": None, "cli": None, "notebook_runner": None,
+    "site": None, "hints": None, "progress": None, "cohort": None,
 }
 
 
