@@ -126,19 +126,24 @@ def test_adapter_for_another_base_is_refused_by_tensor_name(tmp_path):
         load_adapter(shallow, tmp_path / "peft")
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_our_embedding_adapter_in_peft_gives_our_logits(tmp_path, tied):
+@pytest.mark.parametrize("tied, targets, pattern", [
+    (True, ("attention", "embedding"), {"embedding": 2}),
+    (False, ("attention", "embedding"), {"embedding": 2}),
+    (False, ("attention", "head", "embedding"), {"embedding": 2, "head": 3}),    # the cpu instruction recipe's shape
+])
+def test_our_embedding_adapter_in_peft_gives_our_logits(tmp_path, tied, targets, pattern):
     """The token embedding's adapter (``wte``, PEFT's ``lora_embedding_A/B``), at its own rank."""
     torch.manual_seed(0)
     model = GPTModel(CFG, tie_weights=tied).eval()
     export_hf(model, tmp_path / "base")
-    add_lora(model, rank=4, alpha=8, targets=("attention", "embedding"), rank_pattern={"embedding": 2})
+    add_lora(model, rank=4, alpha=8, targets=targets, rank_pattern=pattern)
     with torch.no_grad():
         model.tok_emb.lora_A["default"].normal_()
     _randomize_adapters(model, "default")
     save_adapter(model, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert "wte" in config["target_modules"] and config["rank_pattern"]["wte"] == 2
+    assert config["rank_pattern"].get("lm_head") == pattern.get("head")
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval()
     peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     idx = _idx()
