@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 from .paths import writable_problem
 
-__all__ = ["atomic_write", "scratch_file", "check_writable", "publish"]
+__all__ = ["atomic_write", "scratch_file", "check_writable", "publish", "move_aside"]
 
 _TEMP_SUFFIXES = (".tmp", ".part")
 
@@ -225,3 +225,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], o
     except OSError:
         pass
     return path
+
+
+def move_aside(path: str | os.PathLike) -> Path:
+    """Rename a damaged file to ``<name>.damaged-<UTC time>`` beside it, never over an earlier one
+    (``-1``, ``-2``, ... are added), so that what a learner made is kept, not overwritten.
+
+    Returns:
+        the new path.
+
+    Raises:
+        OSError: the rename failed (the file stays where it was).
+    """
+    from datetime import datetime, timezone
+
+    path = Path(path)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside, n = path.with_name(f"{path.name}.damaged-{stamp}"), 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.damaged-{stamp}-{n}"), n + 1
+    os.rename(path, aside)
+    return aside
+

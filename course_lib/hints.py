@@ -22,13 +22,12 @@ import json
 import os
 import shutil
 import textwrap
-import time
 import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 from .checks import integer
-from .files import atomic_write
+from .files import atomic_write, move_aside
 
 __all__ = ["HINTS", "LEVELS", "HintsFileWarning", "Revealed", "hints_file", "hints_for", "next_hint", "revealed",
            "format_hints"]
@@ -115,17 +114,6 @@ def _validated(data) -> dict[str, dict[str, int]]:
     return data["seen"]
 
 
-def _move_aside(path: Path) -> Path:
-    """Rename a damaged ``path`` to ``<name>.damaged-<timestamp>`` (never over an earlier one)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = path.with_name(f"{path.name}.damaged-{stamp}")
-    n = 1
-    while aside.exists():
-        aside, n = path.with_name(f"{path.name}.damaged-{stamp}-{n}"), n + 1
-    os.replace(path, aside)
-    return aside
-
-
 def _load(path: Path) -> dict[str, dict[str, int]]:
     """The revealed counts in ``path`` (``{}`` if it does not exist; a damaged file is moved aside, with a
     :class:`HintsFileWarning`)."""
@@ -136,7 +124,7 @@ def _load(path: Path) -> dict[str, dict[str, int]]:
     try:
         return _validated(json.loads(raw.decode("utf-8")))
     except ValueError as err:  # not UTF-8, not JSON, or not our shape
-        aside = _move_aside(path)
+        aside = move_aside(path)
         warnings.warn(f"the file of hints you have seen, {path}, was damaged ({err}); it was moved to "
                       f"{aside.name} and counting starts anew", HintsFileWarning, stacklevel=3)
         return {}

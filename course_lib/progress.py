@@ -44,7 +44,7 @@ from typing import Any
 
 from .checker import FAILED, NOT_RUN, NOT_STARTED, PASSED, CheckReport, exercise_file
 from .checks import boolean, describe, integer
-from .files import atomic_write
+from .files import atomic_write, move_aside
 from .paths import find_course_root
 
 __all__ = ["FORMAT", "VERSION", "ProgressFileError", "progress_path", "default_learner", "new_progress",
@@ -205,14 +205,8 @@ def parse_progress_text(text: str) -> dict:
 # Reading and writing
 # --------------------------------------------------------------------------- #
 def _move_aside(path: Path, why: str) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    aside = path.with_name(f"{path.name}.damaged-{stamp}")
-    n = 1
-    while aside.exists():
-        aside = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
-        n += 1
     try:
-        os.rename(path, aside)
+        aside = move_aside(path)
     except OSError as err:
         raise ProgressFileError(f"the progress file {path} is damaged ({why}) and could not be moved aside "
                                 f"({err.strerror or err}); move or delete it yourself") from None

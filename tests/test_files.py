@@ -131,3 +131,18 @@ def test_only_known_suffixes(tmp_path):
     with pytest.raises(ValueError, match="suffix must be one of"):
         atomic_write(tmp_path / "a", lambda fh: fh.write(b""), suffix=".swp")
     assert _names(tmp_path) == []
+
+
+def test_move_aside_keeps_every_damaged_copy(tmp_path):
+    from course_lib.files import move_aside
+
+    path = tmp_path / "record.json"
+    path.write_bytes(b"first")
+    one = move_aside(path)
+    path.write_bytes(b"second")
+    two = move_aside(path)                     # within the same second: a second name, the first one kept
+    assert not path.exists() and one != two
+    assert one.read_bytes() == b"first" and two.read_bytes() == b"second"
+    assert one.name.startswith("record.json.damaged-") and two.name.startswith(one.name)
+    with pytest.raises(OSError):
+        move_aside(tmp_path / "missing.json")
