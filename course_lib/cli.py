@@ -332,13 +332,13 @@ def _hf_out_problem(out: Path, force: bool) -> str | None:
     return None
 
 
-def _write_hf(model, out: Path, force: bool) -> int | None:
+def _write_hf(model, out: Path, force: bool, chat_template: str | None = None) -> int | None:
     """``export_hf`` with its errors as ``error:`` lines; ``None`` when written."""
     from .data import DataFetchError
     from .pretrained import export_hf
 
     try:
-        export_hf(model, out, overwrite=force)
+        export_hf(model, out, overwrite=force, chat_template=chat_template)
     except DataFetchError as err:
         return _error(f"GPT-2's tokenizer files could not be fetched: {err.summary}", 1)
     except (ValueError, OSError) as err:
@@ -406,10 +406,15 @@ def _cmd_export(args) -> int:
     if isinstance(loaded, str):
         return _error(loaded)
     model = loaded.model
+    template = None    # an instruction-tuned model's prompt template, for runtimes that format chats themselves
+    if loaded.style is not None and model.cfg.vocab_size >= 50257:
+        from .serve import chat_template
+
+        template = chat_template(loaded.style)
     if args.format == "hf":
         if args.dtype == "f16":
             model.half()
-        failed = _write_hf(model, out, args.force)
+        failed = _write_hf(model, out, args.force, template if model.cfg.vocab_size == 50257 else None)
         if failed is not None:
             return failed
     else:
@@ -419,7 +424,7 @@ def _cmd_export(args) -> int:
         src = Path(loaded.source)   # general.name: the run folder, the HF folder, or "course_lib profile tiny"
         name = {"checkpoint": src.parent.name, "hf": src.name}.get(loaded.kind, f"course_lib {loaded.source}")
         try:
-            export_gguf(model, out, dtype=args.dtype, overwrite=args.force, name=name)
+            export_gguf(model, out, dtype=args.dtype, overwrite=args.force, name=name, chat_template=template)
         except DataFetchError as err:
             return _error(f"GPT-2's tokenizer files could not be fetched: {err.summary}", 1)
         except ValueError as err:
@@ -427,7 +432,8 @@ def _cmd_export(args) -> int:
         except OSError as err:
             return _error(err, 1)
     what = "a Hugging Face folder" if args.format == "hf" else "a GGUF file"
-    print(f"wrote {out}: {what} ({args.dtype}) of {loaded.source}")
+    chat = f", with the {loaded.style} chat template" if template is not None else ""
+    print(f"wrote {out}: {what} ({args.dtype}) of {loaded.source}{chat}")
     return 0
 
 

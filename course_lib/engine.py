@@ -1,8 +1,9 @@
 """Step 9 — serving: a batching engine that decodes many requests together (continuous batching).
 
 * :class:`Engine` — one background thread owns the model. Requests (:meth:`Engine.submit`) wait in
-  a FIFO queue, are prefilled one by one and join the running batch at a token boundary in a free
-  row of one :class:`~course_lib.inference.KVCache`; every step decodes one token for all running
+  a FIFO queue; those waiting at a token boundary are prefilled together (one forward pass, prompts
+  right-padded) and join the running batch in free rows of one
+  :class:`~course_lib.inference.KVCache`; every step decodes one token for all running
   rows in one forward pass; finished or cancelled rows leave and the last row moves into the gap,
   so the running rows are always rows ``0..n-1`` and a lone request decodes a batch of one.
 * Rows may use different LoRA adapters in one forward pass (:func:`course_lib.lora.set_adapter`
@@ -172,19 +173,30 @@ class Completion:
     completion_tokens: int
 
 
-def _prefill_last(model: nn.Module, ids: list[int]) -> tuple[KVCache, torch.Tensor]:
-    """:func:`~course_lib.inference.prefill` of one prompt, with the output head on its last
-    position only (``GPTModel.forward``'s steps): the head is most of a small model's work, and
-    only the last position's logits choose a token. Returns ``(cache, logits [1, V])``."""
+def _prefill_last(model: nn.Module, prompts: list[list[int]]) -> tuple[KVCache, torch.Tensor]:
+    """:func:`~course_lib.inference.prefill` of ``B`` prompts in one forward pass, with the output
+    head on each prompt's last position only (``GPTModel.forward``'s steps): the head is most of a
+    small model's work, and only the last position's logits choose a token. Prompts are
+    right-padded to the longest and the padding is cropped from the cache (under causal attention
+    no real token sees it). Returns ``(cache, logits [B, V])``; row ``b`` holds prompt ``b``."""
+    lengths = [len(ids) for ids in prompts]
+    longest = max(lengths)
     if type(model) is not GPTModel:
-        return prefill(model, [ids], max_len=len(ids))
-    cache = KVCache.for_model(model, 1, len(ids))
-    idx = torch.tensor([ids], device=cache.keys.device)                       # [1, T]
-    x = model.drop_emb(model.embed(idx, 0))                                   # [1, T, d]
+        return prefill(model, prompts, max_len=longest)
+    cache = KVCache.for_model(model, len(prompts), longest)
+    idx = torch.zeros(len(prompts), longest, dtype=torch.long)               # [B, T], padded with id 0
+    for b, ids in enumerate(prompts):
+        idx[b, :len(ids)] = torch.tensor(ids)
+    idx = idx.to(cache.keys.device)
+    x = model.drop_emb(model.embed(idx, 0))                                   # [B, T, d]
     for i, block in enumerate(model.trf_blocks):
         x = block(x, cache, i)
-    cache.advance(len(ids))
-    return cache, model.out_head(model.final_norm(x[:, -1]))                  # [1, V]
+    cache.advance(longest)
+    if min(lengths) < longest:
+        cache.crop(lengths)
+    last = torch.tensor(lengths, device=x.device) - 1                        # [B]
+    x = x[torch.arange(len(prompts), device=x.device), last]                  # [B, d]
+    return cache, model.out_head(model.final_norm(x))                         # [B, V]
 
 
 # --------------------------------------------------------------------------- #
@@ -386,11 +398,13 @@ class Engine:
         name: the base model's name in :meth:`models` and ``submit(model=...)``. Default ``"base"``.
         adapters: ``{name: PEFT adapter folder}`` to serve on the base (:func:`course_lib.lora.load_adapter`).
         max_batch: rows decoded together at most; more requests wait in a FIFO queue. Default 16.
+        max_prefill_tokens: the most positions (requests x the longest prompt among them) one
+            forward pass prefills; a longer prompt is prefilled alone. Default 4096.
         device: where to run. Default: the model's.
         fast: switch :func:`~course_lib.inference.fast_decoding` on. Default ``True``.
 
     Attributes:
-        name, context_length, max_batch, device.
+        name, context_length, max_batch, max_prefill_tokens, device.
 
     The decode thread starts on the first :meth:`submit` (or :meth:`start`); :meth:`shutdown`
     (or leaving a ``with`` block) stops it. The KV cache for ``max_batch`` rows of the whole
@@ -405,7 +419,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer=None, *, name: str = "base",
                  adapters: dict[str, str | os.PathLike] | None = None, max_batch: int = 16, device=None,
-                 fast: bool = True):
+                 fast: bool = True, max_prefill_tokens: int = 4096):
         if not isinstance(model, nn.Module) or not _takes_cache(model):
             raise TypeError(f"model must be a GPTModel (a module that takes a KV cache), got {type(model).__name__}")
         if not isinstance(name, str) or not name:
@@ -413,6 +427,7 @@ class Engine:
         if adapters is not None and not isinstance(adapters, dict):
             raise TypeError(f"adapters must be a dict of name -> adapter folder, got {type(adapters).__name__}")
         self.max_batch = positive_int("max_batch", max_batch)
+        self.max_prefill_tokens = positive_int("max_prefill_tokens", max_prefill_tokens)
         self.fast = boolean("fast", fast)
         if tokenizer is None:
             from .tokenizers import tiktoken_gpt2
@@ -437,7 +452,7 @@ class Engine:
         self._has_lora = bool(lora_layers(model))   # set_adapter needs LoRA layers
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._stats = dict(tokens_generated=0, prompt_tokens=0, steps=0, requests_finished=0,
+        self._stats = dict(tokens_generated=0, prompt_tokens=0, steps=0, prefills=0, requests_finished=0,
                            requests_cancelled=0, requests_failed=0)
         for adapter, path in (adapters or {}).items():
             self.load_adapter(adapter, path)
@@ -534,7 +549,8 @@ class Engine:
 
     def stats(self) -> dict:
         """``running``, ``waiting``, ``max_batch``, ``tokens_generated``, ``prompt_tokens``,
-        ``steps`` (batched forward passes), ``requests_finished``/``_cancelled``/``_failed``, ``models``."""
+        ``steps`` (batched decode passes), ``prefills`` (prefill passes, each of one request or
+        more), ``requests_finished``/``_cancelled``/``_failed``, ``models``."""
         with self._cond:
             return dict(running=len(self._rows), waiting=len(self._waiting), max_batch=self.max_batch,
                         **self._stats, models=[self.name, *self._adapters])
@@ -625,32 +641,60 @@ class Engine:
         self._active = names
 
     def _admit(self) -> None:
-        """Prefill waiting requests, alone, into the free rows (at most ``max_batch`` rows)."""
+        """Prefill the waiting requests into the free rows, together: one forward pass for as many
+        as fit (``max_batch`` rows, ``max_prefill_tokens`` padded positions), oldest first. If that
+        pass fails, each request is prefilled alone, so that only the one at fault fails."""
         while len(self._rows) < self.max_batch:
+            batch: list[RequestHandle] = []
             with self._cond:
-                if not self._waiting or self._closed:
-                    return
-                handle = self._waiting.popleft()
-                self._stats["prompt_tokens"] += handle.prompt_tokens
-            try:
-                self._use_adapters(handle._adapter)
-                one, logits = _prefill_last(self.model, handle._ids)                    # logits [1, V]
-                p = handle.params
-                handle._detok = _Detokenizer(self.tokenizer, p.stop)
-                if p.temperature > 0:
-                    handle._generator = torch.Generator(device=self.device)
-                    if p.seed is None:
-                        handle._generator.seed()
-                    else:
-                        handle._generator.manual_seed(p.seed % 2**64)
-                row = len(self._rows)
-                self._cache.load_row(row, one, 0)
-                with self._cond:
-                    self._rows.append(handle)
-            except Exception as err:   # noqa: BLE001 — this request fails alone
-                self._fail(handle, err)
-                continue
-            self._step_rows(logits, [row])
+                while self._waiting and not self._closed and len(self._rows) + len(batch) < self.max_batch:
+                    longest = max([h.prompt_tokens for h in batch] + [self._waiting[0].prompt_tokens])
+                    if batch and longest * (len(batch) + 1) > self.max_prefill_tokens:
+                        break
+                    handle = self._waiting.popleft()
+                    self._stats["prompt_tokens"] += handle.prompt_tokens
+                    batch.append(handle)
+            if not batch:
+                return
+            if len(batch) > 1:
+                try:
+                    started = self._start(batch)
+                except Exception:   # noqa: BLE001 — find the request at fault: each alone, below
+                    started, self._active = None, "unset"      # set_adapter may have stopped half-way
+                if started is not None:
+                    self._step_rows(*started)
+                    continue
+            for handle in batch:
+                try:
+                    logits, rows = self._start([handle])
+                except Exception as err:   # noqa: BLE001 — this request fails alone
+                    self._active = "unset"
+                    self._fail(handle, err)
+                    continue
+                self._step_rows(logits, rows)
+
+    def _start(self, batch: list[RequestHandle]) -> tuple[torch.Tensor, list[int]]:
+        """Prefill ``batch`` in one forward pass (each on its adapter) into the next free rows of
+        the cache; returns the logits of each prompt's last token ``[len(batch), V]`` and the rows."""
+        self._use_adapters(tuple(h._adapter for h in batch))
+        prefilled, logits = _prefill_last(self.model, [h._ids for h in batch])     # logits [B, V]
+        with self._cond:
+            self._stats["prefills"] += 1
+        for handle in batch:
+            p = handle.params
+            handle._detok = _Detokenizer(self.tokenizer, p.stop)
+            if p.temperature > 0:
+                handle._generator = torch.Generator(device=self.device)
+                if p.seed is None:
+                    handle._generator.seed()
+                else:
+                    handle._generator.manual_seed(p.seed % 2**64)
+        first = len(self._rows)
+        for b in range(len(batch)):
+            self._cache.load_row(first + b, prefilled, b)
+        with self._cond:
+            self._rows.extend(batch)
+        return logits, list(range(first, first + len(batch)))
 
     def _decode(self) -> None:
         """One token for every running row: rows ``0..n-1`` of the cache, one forward pass."""
@@ -670,6 +714,9 @@ class Engine:
         ok = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))   # [n]: a NaN or inf anywhere in a row
         greedy = logits.argmax(dim=-1).tolist()
         ok = ok.tolist()
+        sampled = [j for j, row in enumerate(rows) if self._rows[row].params.temperature > 0]
+        if sampled:    # their rows, contiguous: fast decoding's head gives the logits as a transposed view
+            picked = dict(zip(sampled, logits[sampled].contiguous().split(1)))     # j -> [1, V]
         ends: dict[int, tuple] = {}                  # row -> (handle, Delta or error, counter)
         for j, row in enumerate(rows):
             handle = self._rows[row]
@@ -680,8 +727,7 @@ class Engine:
                 if p.temperature == 0:
                     token = greedy[j]
                 else:
-                    token = int(sample_next_token(logits[j:j + 1], p.temperature, p.top_k, p.top_p,
-                                                  handle._generator))
+                    token = int(sample_next_token(picked[j], p.temperature, p.top_k, p.top_p, handle._generator))
                 end = self._advance(handle, token)
                 if end is not None:
                     ends[row] = (handle, end, "requests_finished")

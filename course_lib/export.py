@@ -177,7 +177,7 @@ def _gpt2_vocab(vocab_size: int) -> tuple[list[str], list[int], list[str]]:
 
 
 def export_gguf(model: GPTModel, path: str | os.PathLike, *, dtype: str = "f32", overwrite: bool = False,
-                name: str | None = None) -> Path:
+                name: str | None = None, chat_template: str | None = None) -> Path:
     """Write ``model`` as one GGUF file that llama.cpp (``llama-cli -m``, ``llama-server``) and
     Ollama (``FROM ./model.gguf``) run: GPT-2's architecture, weights and BPE tokenizer.
 
@@ -200,12 +200,14 @@ def export_gguf(model: GPTModel, path: str | os.PathLike, *, dtype: str = "f32",
             the position table stay float32, as in llama.cpp's converter.
         overwrite: replace an existing file. Default ``False``.
         name: ``general.name`` in the file. Default ``"course_lib GPT"``.
+        chat_template: a Jinja chat template (``course_lib.serve.chat_template(style)``) written as
+            ``tokenizer.chat_template``, which llama.cpp's server applies to chats. Default ``None``.
 
     Returns:
         the path written (atomically: a failed export leaves any earlier file as it was).
 
     Raises:
-        TypeError: ``model`` not a ``GPTModel``; ``path``/``name`` of the wrong type.
+        TypeError: ``model`` not a ``GPTModel``; ``path``/``name``/``chat_template`` of the wrong type.
         ValueError: an unknown ``dtype``; a vocabulary smaller than GPT-2's; a model with
             LoRA layers; ``path`` is a folder.
         FileExistsError: ``path`` exists and ``overwrite`` is ``False``.
@@ -223,8 +225,9 @@ def export_gguf(model: GPTModel, path: str | os.PathLike, *, dtype: str = "f32",
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
     overwrite = boolean("overwrite", overwrite)
-    if name is not None and not isinstance(name, str):
-        raise TypeError(f"name must be a string or None, got {type(name).__name__}")
+    for arg, value in (("name", name), ("chat_template", chat_template)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{arg} must be a string or None, got {type(value).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file path (str or Path), got {type(path).__name__}")
     if lora_layers(model):
@@ -263,6 +266,8 @@ def export_gguf(model: GPTModel, path: str | os.PathLike, *, dtype: str = "f32",
         w.add_eos_token_id(_GPT2_VOCAB - 1)
         w.add_add_bos_token(False)
         w.add_add_eos_token(False)
+        if chat_template is not None:
+            w.add_chat_template(chat_template)
         for key, t in _gguf_tensors(model).items():
             keep_f32 = t.dim() == 1 or key == "position_embd.weight"
             w.add_tensor(key, (t if keep_f32 or not half else t.half()).contiguous().numpy())

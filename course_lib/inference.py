@@ -612,7 +612,8 @@ FEW_ROWS_MIN_SIZE = 2**18
 the CPU's cache, where the matrix-vector route is as fast."""
 
 
-def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    contiguous: bool = True) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` computed as ``weight @ x.T``, for inputs of a few rows.
 
     On CPU, PyTorch's BLAS (MKL on x86) runs a one-row product as a matrix-vector product
@@ -624,10 +625,14 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         x: ``[..., in_features]``.
         weight: ``[out_features, in_features]``, as in ``nn.Linear``.
         bias: ``[out_features]`` or ``None``.
+        contiguous: ``False``: return the product as computed, a transposed view (its last
+            dimension has a stride of the number of rows) instead of copying it into
+            ``F.linear``'s layout: for an output head, whose logits are only reduced over the
+            vocabulary, the copy of ``[rows, vocab]`` is a sixth of a decode step. Default ``True``.
 
     Returns:
-        ``[..., out_features]``, contiguous, equal to ``F.linear(x, weight, bias)`` up to
-        float rounding (the sums are taken in another order).
+        ``[..., out_features]``, equal to ``F.linear(x, weight, bias)`` up to float rounding
+        (the sums are taken in another order); contiguous unless ``contiguous=False``.
     """
     rows = x.numel() // x.shape[-1] if x.ndim and x.shape[-1] else 0
     if rows == 0 or x.shape[-1] != weight.shape[1]:
@@ -638,7 +643,7 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     y = (weight @ x2.t())[:, :rows].t()       # [out, N] -> [N, out]
     if bias is not None:
         y = y + bias
-    return y.contiguous().view(*x.shape[:-1], weight.shape[0])
+    return (y.contiguous() if contiguous else y).view(*x.shape[:-1], weight.shape[0])
 
 
 def _plain_product_needed(x: torch.Tensor, params) -> bool:
@@ -661,7 +666,13 @@ class Linear(nn.Linear):
 
     Shape:
         x: ``[..., in_features]`` -> ``[..., out_features]``.
+
+    Attributes:
+        contiguous_output: ``few_rows_linear``'s ``contiguous`` (default ``True``);
+            :func:`fast_decoding` sets it to ``False`` on a model's ``out_head``.
     """
+
+    contiguous_output: bool = True
 
     def _takes_few_rows(self, x: torch.Tensor) -> bool:
         weight = self.weight
@@ -671,7 +682,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and self._takes_few_rows(x):
-            return few_rows_linear(x, self.weight, self.bias)
+            return few_rows_linear(x, self.weight, self.bias, self.contiguous_output)
         return super().forward(x)
 
 
@@ -788,6 +799,10 @@ def _switch_on(model: nn.Module) -> list[nn.Module]:
         if type(module) is nn.Linear:    # exactly nn.Linear: subclasses keep their forward
             module.__class__ = Linear
             switched.append(module)
+    head = getattr(model, "out_head", None)
+    for module in head.modules() if isinstance(head, nn.Module) else ():
+        if type(module) is Linear:       # the head, or the base layer of a LoRA-adapted head
+            module.contiguous_output = False
     return switched
 
 
@@ -795,6 +810,7 @@ def _switch_off(module: nn.Module) -> None:
     if type(module) is _QKVLinear:
         module._qkv[0].clear()
         del module._qkv
+    module.__dict__.pop("contiguous_output", None)
     module.__class__ = nn.Linear
 
 
@@ -804,7 +820,9 @@ def fast_decoding(model: nn.Module, enabled: bool = True) -> nn.Module:
     In place, like ``model.train()``, and returns ``model``. Parameters, ``state_dict``,
     ``repr`` and training are unchanged; inference gets faster:
 
-    * every layer takes :func:`few_rows_linear` where :class:`Linear` says;
+    * every layer takes :func:`few_rows_linear` where :class:`Linear` says; the output head's
+      logits come as a transposed view (not contiguous for more than one row: ``.contiguous()``
+      them where a layout matters), which saves copying ``[rows, vocab]``;
     * the ``W_query``, ``W_key`` and ``W_value`` layers of each attention module (three
       ``nn.Linear`` of the same input width, all with a bias or none) become one product
       for inputs of at most :data:`FEW_ROWS` rows when no gradient is wanted: the first

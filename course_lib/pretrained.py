@@ -398,7 +398,7 @@ def load_gpt2(name_or_path: str | os.PathLike, *, device: Any = None, dtype: tor
 # Exporting
 # --------------------------------------------------------------------------- #
 def export_hf(model: GPTModel, folder: str | os.PathLike, *, overwrite: bool = False,
-              include_tokenizer: bool | None = None) -> Path:
+              include_tokenizer: bool | None = None, chat_template: str | None = None) -> Path:
     """Write ``model`` as a Hugging Face GPT-2 folder: ``config.json`` + ``model.safetensors``.
 
     ``transformers.GPT2LMHeadModel.from_pretrained(folder)`` (or ``AutoModelForCausalLM``)
@@ -411,12 +411,16 @@ def export_hf(model: GPTModel, folder: str | os.PathLike, *, overwrite: bool = F
         include_tokenizer: also write GPT-2's ``vocab.json`` and ``merges.txt`` (from the data
             registry) and a ``tokenizer_config.json``. Default: when the model's vocabulary is
             GPT-2's 50,257 tokens.
+        chat_template: a Jinja chat template (``course_lib.serve.chat_template(style)``) for
+            ``tokenizer_config.json``, so that ``apply_chat_template``, vLLM and TGI format chats
+            as the model was tuned. Needs the tokenizer. Default ``None``: none written.
 
     Returns:
         the folder.
 
     Raises:
-        TypeError: ``model`` is not a ``GPTModel``.
+        TypeError: ``model`` is not a ``GPTModel``; ``chat_template`` not a string.
+        ValueError: ``chat_template`` without the tokenizer.
         FileExistsError: ``folder`` already holds an export and ``overwrite`` is ``False``.
     """
     from safetensors.torch import save as safetensors_bytes
@@ -432,6 +436,10 @@ def export_hf(model: GPTModel, folder: str | os.PathLike, *, overwrite: bool = F
                               "overwrite=True to replace it, or choose another folder")
     if include_tokenizer is None:
         include_tokenizer = model.cfg.vocab_size == 50257
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise TypeError(f"chat_template must be a Jinja template string or None, got {type(chat_template).__name__}")
+    if chat_template is not None and not include_tokenizer:
+        raise ValueError("chat_template goes into tokenizer_config.json: pass include_tokenizer=True as well")
     folder.mkdir(parents=True, exist_ok=True)
     tensors = course_to_hf_state(model)
     blob = safetensors_bytes(tensors, metadata={"format": "pt"})
@@ -441,7 +449,7 @@ def export_hf(model: GPTModel, folder: str | os.PathLike, *, overwrite: bool = F
     config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     _write_json(folder / _CONFIG_FILE, config)
     if include_tokenizer:
-        _write_tokenizer(folder, model.cfg.context_length)
+        _write_tokenizer(folder, model.cfg.context_length, chat_template)
     return folder
 
 
@@ -450,10 +458,12 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda fh: fh.write(text.encode("utf-8")), overwrite=True)
 
 
-def _write_tokenizer(folder: Path, context_length: int) -> None:
+def _write_tokenizer(folder: Path, context_length: int, chat_template: str | None = None) -> None:
     for name, target in (("gpt2-encoder", "vocab.json"), ("gpt2-vocab-bpe", "merges.txt")):
         blob = data.fetch(name).read_bytes()  # OpenAI's encoder.json / vocab.bpe are HF's vocab.json / merges.txt
         atomic_write(folder / target, lambda fh, blob=blob: fh.write(blob), overwrite=True)
-    _write_json(folder / "tokenizer_config.json", {
-        "tokenizer_class": "GPT2Tokenizer", "model_max_length": context_length, "add_prefix_space": False,
-        "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT})
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": context_length, "add_prefix_space": False,
+              "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    _write_json(folder / "tokenizer_config.json", config)

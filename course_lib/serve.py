@@ -51,13 +51,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Delta, Engine, EngineClosed, EngineError, PromptTooLong, RequestFailed, SamplingParams, UnknownModel
-from .instruction import STYLES, format_prompt
+from .instruction import ALPACA_PREAMBLE, STYLES, format_prompt
 
 __all__ = [
     "create_app",
     "serve",
     "running_server",
     "chat_prompt",
+    "chat_template",
     "chat",
     "engine_replier",
     "client_replier",
@@ -134,6 +135,44 @@ def chat_prompt(messages: Sequence[dict[str, Any]], style: str = "alpaca") -> st
                if role in ("user", "assistant")]
     parts = [*system, *(["\n".join(history)] if history else []), turns[-1][1]]
     return format_prompt({"instruction": "\n\n".join(parts), "input": ""}, style)
+
+
+_JINJA_ENDS = {   # format_prompt's text before and after the instruction, as Jinja string literals
+    "alpaca": ("'" + ALPACA_PREAMBLE.replace("'", "\\'") + "\\n\\n### Instruction:\\n'", "'\\n\\n### Response:\\n'"),
+    "phi3": ("'<|user|>\\n'", "'\\n<|assistant|>\\n'"),
+}
+
+
+def chat_template(style: str = "alpaca") -> str:
+    """:func:`chat_prompt` as a Jinja chat template, for runtimes that format chats themselves:
+    ``chat_template`` in a Hugging Face ``tokenizer_config.json`` (``transformers``'
+    ``apply_chat_template``, vLLM, TGI) and ``tokenizer.chat_template`` in a GGUF file
+    (llama.cpp). ``course export`` writes it for an instruction-tuned model.
+
+    The same folding as :func:`chat_prompt` (a test renders both with ``transformers``), for
+    messages whose ``content`` is a string; the answer is always prompted for, as
+    ``add_generation_prompt=True`` asks.
+
+    Raises:
+        ValueError: an unknown ``style``.
+    """
+    if style not in _JINJA_ENDS:
+        raise ValueError(f"style must be one of {list(_JINJA_ENDS)}, got {style!r}")
+    before, after = _JINJA_ENDS[style]
+    return (
+        "{%- set ns = namespace(parts=[], history=[]) -%}"
+        "{%- for message in messages[:-1] -%}"
+        "{%- if message['role'] in ['system', 'developer'] -%}"
+        "{%- set ns.parts = ns.parts + [message['content']] -%}"
+        "{%- elif message['role'] in ['user', 'assistant'] -%}"
+        "{%- set ns.history = ns.history + [('User: ' if message['role'] == 'user' else 'Assistant: ') "
+        "+ message['content']] -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if ns.history -%}{%- set ns.parts = ns.parts + [ns.history | join('\\n')] -%}{%- endif -%}"
+        "{%- set ns.parts = ns.parts + [messages[-1]['content']] -%}"
+        f"{{{{- {before} + ns.parts | join('\\n\\n') + {after} -}}}}"
+    )
 
 
 # --------------------------------------------------------------------------- #

@@ -152,11 +152,49 @@ def test_export_profile_base_as_hf_with_its_tokenizer(tmp_path, capsys):
     status, _, err = run(capsys, "export", "--profile", "tiny", "--format", "hf", "--out", tmp_path / "hf")
     assert status == 0, err
     assert (tmp_path / "hf" / "vocab.json").is_file() and (tmp_path / "hf" / "merges.txt").is_file()
+    assert "chat_template" not in json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())  # a base model
     base = load_base_model("tiny", device="cpu", verbose=False)
     back = load_gpt2(tmp_path / "hf")
     mine, theirs = base.state_dict(), back.state_dict()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert all(not theirs[k].any() for k in set(theirs) - set(mine))     # qkv_bias=False: zero biases in GPT-2
+
+
+CHATS = [
+    [{"role": "user", "content": "Add 2 and 3."}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of France?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Name a colour."}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+     {"role": "developer", "content": "Use 'single' quotes."}, {"role": "user", "content": "Say it's fine."}],
+]
+
+
+@pytest.mark.parametrize("style", ["alpaca", "phi3"])
+def test_export_of_an_instruction_model_carries_its_chat_template(tmp_path, capsys, style):
+    """``transformers``' ``apply_chat_template`` on the exported tokenizer gives ``chat_prompt``'s text, and
+    the GGUF file holds the same template: vLLM, TGI and llama.cpp format chats as the model was tuned."""
+    from course_lib.pretrained import export_hf
+    from course_lib.serve import chat_prompt, chat_template
+
+    torch.manual_seed(0)
+    model = GPTModel(CFG.replace(vocab_size=50257, emb_dim=16)).eval()
+    save_checkpoint(tmp_path / "run" / "model.pt", model, extra={"style": style})
+    status, out, err = run(capsys, "export", tmp_path / "run", "--format", "hf", "--out", tmp_path / "hf")
+    assert status == 0 and f"with the {style} chat template" in out, err
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for messages in CHATS:
+        got = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert got == chat_prompt(messages, style)
+    status, _, err = run(capsys, "export", tmp_path / "run", "--format", "gguf", "--out", tmp_path / "m.gguf")
+    assert status == 0, err
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["tokenizer.chat_template"].contents() == chat_template(style)
+    with pytest.raises(ValueError, match="include_tokenizer=True"):
+        export_hf(model, tmp_path / "x", include_tokenizer=False, chat_template=chat_template(style))
+    with pytest.raises(TypeError, match="chat_template must be"):
+        export_hf(model, tmp_path / "x", chat_template=style.encode())
+    with pytest.raises(ValueError, match="style must be one of"):
+        chat_template("llama3")
 
 
 def test_export_gguf_and_its_refusals(tmp_path, capsys):

@@ -475,3 +475,72 @@ def test_non_finite_logits_fail_that_request_and_the_engine_goes_on(model, enc, 
             eng.generate(p, SamplingParams(max_tokens=5, **GREEDY))
         poison["on"] = False
         assert eng.generate(p, SamplingParams(max_tokens=5, **GREEDY)).token_ids == _ref(model, p, 5)
+
+
+# --------------------------------------------------------------------------- #
+# Requests that wait together are prefilled together
+# --------------------------------------------------------------------------- #
+def _random_adapter(model, folder, name, seed):
+    m = copy.deepcopy(model)
+    add_lora(m, rank=4, alpha=8, name=name)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(m).values():
+            layer.lora_B[name].copy_(torch.randn(layer.lora_B[name].shape, generator=g) * 0.5)
+    return save_adapter(m, folder, name=name)
+
+
+def test_waiting_requests_are_prefilled_in_one_pass(model, enc, tmp_path):
+    """Prompts of different lengths on different adapters, queued while the model is busy: one
+    prefill pass (right-padded, cropped), and each request's tokens equal ``generate``'s alone."""
+    folder = _random_adapter(model, tmp_path / "a", "a", seed=3)
+    ref = copy.deepcopy(model)
+    load_adapter(ref, folder, "a")
+    jobs = [(_prompt(n, seed=40 + n), name) for n, name in ((5, None), (9, "a"), (2, "a"), (7, None), (1, "a"))]
+    want = []
+    for ids, name in jobs:
+        set_adapter(ref, name)
+        want.append(_ref(ref, ids, 8))
+    with Engine(copy.deepcopy(model), enc, name="tiny", adapters={"a": folder}, max_batch=8) as eng:
+        with eng._model_lock:                               # the thread waits: every request queues
+            handles = [eng.submit(ids, SamplingParams(max_tokens=8, **GREEDY), model=name or "tiny")
+                       for ids, name in jobs]
+        got = [h.result(timeout=30).token_ids for h in handles]
+        assert eng.stats()["prefills"] == 1
+    assert got == want
+
+
+def test_prefill_batches_keep_to_max_prefill_tokens(model, enc):
+    lengths = (5, 7, 3, 9, 2, 4, 30)     # 20 positions a pass: [5, 7] [3, 9] [2, 4], and 30 alone
+    prompts = [_prompt(n, seed=60 + n) for n in lengths]
+    with Engine(copy.deepcopy(model), enc, max_batch=16, max_prefill_tokens=20) as eng:
+        with eng._model_lock:
+            handles = [eng.submit(p, SamplingParams(max_tokens=4, **GREEDY)) for p in prompts]
+        got = [h.result(timeout=30).token_ids for h in handles]
+        assert eng.stats()["prefills"] == 4
+    assert got == [_ref(model, p, 4) for p in prompts]
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        Engine(model, enc, max_prefill_tokens=0)
+
+
+def test_a_failed_prefill_pass_fails_only_the_request_at_fault(model, enc, monkeypatch):
+    real = engine_mod._prefill_last
+    poison = _prompt(6, seed=99)
+
+    def picky(m, prompts):
+        if poison in prompts:
+            raise RuntimeError("bad prompt")
+        return real(m, prompts)
+
+    monkeypatch.setattr(engine_mod, "_prefill_last", picky)
+    prompts = [_prompt(3 + i, seed=70 + i) for i in range(3)]
+    with Engine(copy.deepcopy(model), enc) as eng:
+        with eng._model_lock:
+            good = [eng.submit(p, SamplingParams(max_tokens=6, **GREEDY)) for p in prompts[:2]]
+            bad = eng.submit(poison, SamplingParams(max_tokens=6, **GREEDY))
+            good.append(eng.submit(prompts[2], SamplingParams(max_tokens=6, **GREEDY)))
+        with pytest.raises(RequestFailed, match="bad prompt"):
+            bad.result(timeout=30)
+        assert [h.result(timeout=30).token_ids for h in good] == [_ref(model, p, 6) for p in prompts]
+        stats = eng.stats()
+        assert (stats["requests_failed"], stats["requests_finished"], stats["running"]) == (1, 3, 0)

@@ -38,6 +38,39 @@ def test_few_rows_linear_on_gpt2_small_shapes():
         torch.testing.assert_close(few_rows_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 8), (2, 8), (4, 1, 8), (3, 5, 8)])
+def test_few_rows_linear_without_the_copy_gives_the_same_numbers_as_a_view(shape):
+    x, w, b = torch.randn(shape), torch.randn(300, 8), torch.randn(300)
+    got = few_rows_linear(x, w, b, contiguous=False)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert got.shape == (*shape[:-1], 300)
+    assert got.is_contiguous() == (x.numel() == 8)       # more than one row: the product as computed
+
+
+def test_fast_decoding_gives_the_head_a_view_and_takes_it_back(monkeypatch):
+    """The output head (or the base layer of a LoRA-adapted head) skips the transposing copy; the
+    logits of a batch equal nn.Linear's; switching off leaves no trace."""
+    from course_lib.lora import add_lora
+
+    monkeypatch.setattr(inference, "FEW_ROWS_MIN_SIZE", 0)
+    model = GPTModel(get_config("gpt-tiny")).eval()
+    idx = torch.randint(0, 50257, (3, 1))
+    with torch.no_grad():
+        want = model(idx)
+        fast_decoding(model)
+        got = model(idx)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not got.is_contiguous() and model.out_head.contiguous_output is False
+    assert all(m.contiguous_output for m in model.trf_blocks.modules() if type(m) is Linear)
+    fast_decoding(model, False)
+    assert type(model.out_head) is nn.Linear and "contiguous_output" not in vars(model.out_head)
+    add_lora(model, rank=2, alpha=4, targets=["head"])
+    fast_decoding(model)
+    assert model.out_head.base.contiguous_output is False
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), want, rtol=1e-5, atol=1e-5)      # a fresh adapter: no change
+
+
 def test_few_rows_linear_leaves_bad_shapes_to_f_linear():
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         few_rows_linear(torch.randn(2, 7), torch.randn(3, 8))
