@@ -52,13 +52,15 @@ def _duration(cell) -> float:
 
 
 def _heading(cell, first: bool) -> str | None:
-    """The section a markdown cell opens (a ``##`` heading; a ``#`` one except in the first section)."""
+    """The section a markdown cell opens (a ``##`` heading; a ``#`` one except in the first section).
+    A cell with several headings opens the last: the cells after it belong to that one."""
     if cell.cell_type != "markdown":
         return None
+    name = None
     for line in cell.source.splitlines():
         if line.startswith("## ") or (line.startswith("# ") and not first):
-            return line.lstrip("#").strip()
-    return None
+            name = line.lstrip("#").strip()
+    return name
 
 
 def section_times(nb) -> list[tuple[str, float]]:

@@ -42,3 +42,19 @@ def test_sections_are_reported_as_they_finish_up_to_a_failure(tmp_path):
     assert 0.5 <= seen[1][1] < 5
     table = dict(result.sections)
     assert table["Ri — never reached"] is None and abs(table["Shu — sleeps"] - seen[1][1]) < 0.3
+
+
+def test_a_cell_with_two_headings_times_the_code_under_the_second(tmp_path):
+    """Notebook 08 has "## Shu 10" (reading only) and "## Shu 11" (the training run) in one markdown cell:
+    the run's minutes belong to Shu 11, live and in the table."""
+    root = fake_course(tmp_path, [
+        nbformat.v4.new_markdown_cell("# Step 7 — demo\n\n## Shu 1 — first"),
+        nbformat.v4.new_code_cell("import time"),
+        nbformat.v4.new_markdown_cell("## Shu 2 — reading only\n\ntext\n\n## Shu 3 — the long run"),
+        nbformat.v4.new_code_cell("time.sleep(0.3)"),
+    ])
+    seen = []
+    result = run_notebook(7, "tiny", root=root, on_section=lambda name, s: seen.append((name, s)))
+    assert not result.error
+    assert [name for name, _ in seen] == ["Shu 1 — first", "Shu 3 — the long run"]
+    assert [name for name, _ in result.sections] == ["Shu 1 — first", "Shu 3 — the long run"]
