@@ -33,6 +33,8 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -288,13 +290,10 @@ class _ShardWriter:
         self.paths.append(write_shard(path, self.buf[:self.filled], overwrite=True))
         self.filled = 0
 
-    def close(self, stale: Iterable[Path] = ()) -> list[Path]:
-        """Write the last, partial shard; delete the ``stale`` files not written again (an earlier,
-        longer run's last shards). Returns the paths written, in order."""
+    def close(self) -> list[Path]:
+        """Write the last, partial shard. Returns the paths written, in order."""
         if self.filled:
             self._flush()
-        for path in set(stale) - set(self.paths):
-            path.unlink(missing_ok=True)
         return self.paths
 
 
@@ -353,6 +352,10 @@ def write_shards(documents: Iterable[str], out_dir: str | os.PathLike, *, split:
         overwrite: replace this split's shards in ``out_dir`` (and delete its extra old ones).
         total: the number of documents, for the progress bar only.
 
+    The shards are written into a hidden folder inside ``out_dir`` and moved into place only once
+    every document is encoded, so a run that fails or is interrupted leaves the split's earlier
+    shards as they were (and no partial ones).
+
     Returns:
         the paths written, in order.
 
@@ -386,17 +389,26 @@ def write_shards(documents: Iterable[str], out_dir: str | os.PathLike, *, split:
                               "overwrite=True to replace them, or choose another folder")
     enc, eot_id = _tokenizer_setup(tokenizer, eot)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    writer = _ShardWriter(out_dir, split, shard_tokens)
-    stream = _encoded(documents, enc, eot_id, workers)  # starts the pool before tqdm starts its thread
-    with tqdm(total=total, unit="doc", desc=f"{split} shards", disable=not progress, leave=False) as bar:
-        for n_docs, ids in stream:
-            writer.add(ids)
-            bar.update(n_docs)
-            bar.set_postfix_str(f"{writer.tokens:,} tokens", refresh=False)
-    if writer.tokens == 0:
-        raise ValueError("documents gave no tokens: pass at least one non-empty text (or eot=True)")
-    return writer.close(stale=old)
+    staging = Path(tempfile.mkdtemp(prefix=f".{split}-writing-", dir=out_dir))   # same disk: moves are renames
+    try:
+        writer = _ShardWriter(staging, split, shard_tokens)
+        stream = _encoded(documents, enc, eot_id, workers)  # starts the pool before tqdm starts its thread
+        with tqdm(total=total, unit="doc", desc=f"{split} shards", disable=not progress, leave=False) as bar:
+            for n_docs, ids in stream:
+                writer.add(ids)
+                bar.update(n_docs)
+                bar.set_postfix_str(f"{writer.tokens:,} tokens", refresh=False)
+        if writer.tokens == 0:
+            raise ValueError("documents gave no tokens: pass at least one non-empty text (or eot=True)")
+        paths = []
+        for written in writer.close():
+            os.replace(written, out_dir / written.name)
+            paths.append(out_dir / written.name)
+        for path in set(old) - set(paths):     # an earlier, longer run's last shards
+            path.unlink(missing_ok=True)
+        return paths
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- #
@@ -564,7 +576,10 @@ def prepare_shards(source: str | os.PathLike, out_dir: str | os.PathLike, *, val
         for split, part in (("train", ids[:cut]), ("val", ids[cut:])):
             writer = _ShardWriter(out_dir, split, shard_tokens)
             writer.add(part)
-            written.append(writer.close(stale=shard_files(out_dir, split)))
+            new = writer.close()
+            for path in set(shard_files(out_dir, split)) - set(new):     # an earlier, longer run's
+                path.unlink(missing_ok=True)
+            written.append(new)
         train, val = written
         doc_counts = {"train": 1, "val": 1}
 

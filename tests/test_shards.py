@@ -166,6 +166,30 @@ def test_write_shards_refuses_existing_shards_and_overwrite_removes_stale_ones(t
         write_shards(["a"], tmp_path / "x", split="../up", workers=1, progress=False)
 
 
+@pytest.mark.parametrize("fail", ["bad document", "interrupt"])
+def test_a_failed_overwrite_leaves_the_earlier_shards_as_they_were(tmp_path, paragraphs, fail):
+    """A run that fails (or is stopped) after its first shards were full keeps the old shards byte for byte,
+    and leaves neither new shards nor its staging folder behind."""
+    first = write_shards(paragraphs, tmp_path, shard_tokens=1000, workers=1, progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert len(first) >= 3
+
+    def documents():
+        for _ in range(15):                      # other text, past the first batch of ~256K characters
+            yield from reversed(paragraphs)
+        if fail == "interrupt":
+            raise KeyboardInterrupt
+        yield 42
+
+    with pytest.raises(TypeError if fail == "bad document" else KeyboardInterrupt):
+        write_shards(documents(), tmp_path, shard_tokens=1000, workers=1, progress=False, overwrite=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    with pytest.raises(TypeError):
+        write_shards(documents() if fail == "bad document" else [b"bytes"], tmp_path / "fresh", workers=1,
+                     progress=False, shard_tokens=1000)
+    assert not any((tmp_path / "fresh").iterdir())     # a first run that fails leaves no partial shards
+
+
 @pytest.mark.parametrize("chars", [1, 5, 12, 13, 14, 40, 1 << 20])
 def test_documents_are_split_at_separators_across_reads(tmp_path, chars):
     text = f"  first\r\n{EOT}second{EOT}{EOT}\n third one \n{EOT}" + "x" * 30 + EOT[:6] + "y"
