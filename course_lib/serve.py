@@ -451,7 +451,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, style: str | None 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         prompts = _prompts(body.prompt)
-        handles = _submit(engine, request, body, prompts, body.max_tokens or 16, "prompt")
+        handles = await _submit_in_thread(engine, request, body, prompts, body.max_tokens or 16, "prompt")
         kind = "text_completion"
         if body.stream:
             return _streaming(request, body, handles, "cmpl", kind, chat=False)
@@ -467,7 +467,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, style: str | None 
         except (TypeError, ValueError) as err:
             raise _APIError(400, str(err), param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens or engine.context_length
-        handles = _submit(engine, request, body, [prompt], max_tokens, "messages")
+        handles = await _submit_in_thread(engine, request, body, [prompt], max_tokens, "messages")
         kind = "chat.completion"
         if body.stream:
             return _streaming(request, body, handles, "chatcmpl", kind + ".chunk", chat=True)
@@ -542,6 +542,18 @@ def _submit(engine: Engine, request: Request, body: _Request, prompts: list, max
     request.state.prompt_tokens = sum(h.prompt_tokens for h in handles[::body.n])
     request.state.completion_tokens = 0
     return handles
+
+
+async def _submit_in_thread(*args) -> list:
+    """:func:`_submit` in a worker thread: tokenizing a long prompt (about a second for 1 MiB of
+    text) on the event loop would stall every other stream meanwhile. If the request is cancelled
+    while it runs, the requests it submits are cancelled as they come back."""
+    future = asyncio.get_running_loop().run_in_executor(None, _submit, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or _cancel(f.result()))
+        raise
 
 
 def _cancel(handles) -> None:

@@ -516,3 +516,28 @@ def test_a_stream_that_falls_behind_sends_the_backlog_in_one_chunk(client, monke
     assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
     assert plain.usage.completion_tokens == 24
     assert len(chunks) <= 4, f"{len(chunks)} chunks for 24 tokens made while the loop was busy"
+
+
+def test_requests_are_tokenized_off_the_event_loop(client, engine, monkeypatch):
+    """Tokenizing a long prompt takes about a second per MiB: ``engine.submit`` runs in a worker thread, never
+    on the event loop that streams every other request's tokens."""
+    import asyncio
+
+    where = []
+    submit = engine.submit
+
+    def spy(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            where.append("event loop")
+        except RuntimeError:
+            where.append("worker thread")
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "submit", spy)
+    client.completions.create(model="base", prompt="Hello", max_tokens=2)
+    list(client.completions.create(model="base", prompt="Hello", max_tokens=2, stream=True))
+    client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    with pytest.raises(openai.BadRequestError):                     # errors still come back as 400s
+        client.completions.create(model="base", prompt="x " * 5000, max_tokens=2)
+    assert where == ["worker thread"] * 4
