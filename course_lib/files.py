@@ -8,6 +8,8 @@
   into place (a downloaded archive to extract from); deleted afterwards.
 * :func:`check_writable` — fail early, with a clear message, where a later save would fail.
 * :func:`publish` — the final step of every write: permissions, then ``os.replace``.
+* :func:`locked` — hold a lock across processes for a read-change-write of one file (the
+  learner's progress: a notebook and ``course check`` may save at the same moment).
 
 Every temporary file is named ``.<target name>.<process id>.<random>.tmp`` (``.part`` for
 downloads). The next write to the same target deletes those whose process is gone (a save
@@ -25,9 +27,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from filelock import FileLock, Timeout
+
 from .paths import writable_problem
 
-__all__ = ["atomic_write", "scratch_file", "check_writable", "publish", "move_aside"]
+__all__ = ["atomic_write", "scratch_file", "check_writable", "publish", "move_aside", "locked"]
 
 _TEMP_SUFFIXES = (".tmp", ".part")
 
@@ -247,3 +251,39 @@ def move_aside(path: str | os.PathLike) -> Path:
     os.rename(path, aside)
     return aside
 
+
+
+@contextmanager
+def locked(path: str | os.PathLike, timeout: float = 30.0) -> Iterator[Path]:
+    """Hold an exclusive lock for ``path`` for the ``with`` block, across processes and threads:
+    wrap a read-change-write of the file in it so that two writers at once do not lose one
+    change (each would read the old file and the second rename would drop the first's change).
+
+    The lock is ``filelock``'s, on the hidden file ``.<name>.lock`` beside ``path`` (left there
+    afterwards; the operating system frees the lock when its process ends, so a killed process
+    leaves none held).
+
+    >>> with locked(progress_file):                                          # doctest: +SKIP
+    ...     data = load(progress_file); data["runs"] += 1; save(data, progress_file)
+
+    Yields:
+        ``path`` as an expanded :class:`~pathlib.Path` (its folder created).
+
+    Raises:
+        TimeoutError: another holder kept the lock for ``timeout`` seconds (default 30).
+        OSError: the lock file cannot be created.
+    """
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = path.with_name(f".{path.name}.lock")
+    lock = FileLock(lock_file, timeout=timeout)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise TimeoutError(f"{path} is being written by another process: its lock {lock_file} was held for "
+                           f"{timeout:g} s; try again, or delete the lock file if no course command is running"
+                           ) from None
+    try:
+        yield path
+    finally:
+        lock.release()

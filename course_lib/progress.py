@@ -18,6 +18,9 @@ The file, format version 1 (``course cohort report`` reads it; times are ISO-860
                                      "best": 3.51, "runs": 4, "last": 3.4, "best_at": "...",
                                      "profile": "tiny"}}}}}
 
+Every change is a read-change-write under a lock (:func:`course_lib.files.locked`, the hidden
+file ``.progress.json.lock`` beside it), so two processes recording at once both count.
+
 ``"ri"`` holds one entry **per profile** (keyed by its name), since a score compares only with
 scores of the same profile. ``"attempts"`` counts the checks in which the exercise was passed or
 failed (a stub that still raises ``NotImplementedError`` is no attempt). A ``"not run"`` result
@@ -44,7 +47,7 @@ from typing import Any
 
 from .checker import FAILED, NOT_RUN, NOT_STARTED, PASSED, CheckReport, exercise_file
 from .checks import boolean, describe, integer
-from .files import atomic_write, move_aside
+from .files import atomic_write, locked, move_aside
 from .paths import find_course_root
 
 __all__ = ["FORMAT", "VERSION", "ProgressFileError", "progress_path", "default_learner", "new_progress",
@@ -271,12 +274,15 @@ def save_progress(progress: dict, path: str | os.PathLike | None = None) -> Path
 
 
 def _update(change, path) -> dict | None:
-    """Load, ``change(progress)``, save; a file problem is a warning on stderr (returns ``None``), never an error,
-    so a notebook cell or ``course check`` carries on."""
+    """Load, ``change(progress)``, save, holding the file's lock (:func:`course_lib.files.locked`: a notebook
+    and ``course check`` recording at the same moment both count); a file problem is a warning on stderr
+    (returns ``None``), never an error, so a notebook cell or ``course check`` carries on."""
+    path = progress_path() if path is None else Path(path).expanduser()
     try:
-        progress = load_progress(path)
-        change(progress)
-        save_progress(progress, path)
+        with locked(path):
+            progress = load_progress(path)
+            change(progress)
+            save_progress(progress, path)
         return progress
     except (ProgressFileError, OSError) as err:
         print(f"warning: progress not recorded: {err}", file=sys.stderr)
@@ -422,9 +428,11 @@ def set_learner(name: str, path: str | os.PathLike | None = None) -> dict:
         ProgressFileError, OSError: the file cannot be read or written.
     """
     name = _learner_name(name)
-    progress = load_progress(path)
-    progress["learner"] = name
-    save_progress(progress, path)
+    path = progress_path() if path is None else Path(path).expanduser()
+    with locked(path):
+        progress = load_progress(path)
+        progress["learner"] = name
+        save_progress(progress, path)
     return progress
 
 

@@ -477,6 +477,49 @@ def test_non_finite_logits_fail_that_request_and_the_engine_goes_on(model, enc, 
         assert eng.generate(p, SamplingParams(max_tokens=5, **GREEDY)).token_ids == _ref(model, p, 5)
 
 
+def test_a_step_wakes_each_event_loop_once_not_once_per_stream(model, enc):
+    """The asyncio readers of one event loop are woken by one ``call_soon_threadsafe`` per decode
+    step (each call writes to the loop's socket), not one per stream and token; every stream still
+    gets all its tokens."""
+    ids = [_prompt(3 + i, seed=60 + i) for i in range(6)]
+    calls = []
+
+    async def main(eng):
+        loop = asyncio.get_running_loop()
+        plain = loop.call_soon_threadsafe
+
+        def counted(callback, *args, **kw):
+            calls.append(threading.current_thread().name)
+            return plain(callback, *args, **kw)
+
+        loop.call_soon_threadsafe = counted
+
+        async def collect(h):
+            return [d async for d in h]
+
+        async def pace():                   # a step at a time, once the readers have caught up
+            while not all(h.done for h in hs):
+                eng.gate.release()
+                await asyncio.sleep(0.005)
+
+        hs = [eng.submit(p, SamplingParams(max_tokens=12, **GREEDY)) for p in ids]
+        try:
+            *streams, _ = await asyncio.wait_for(asyncio.gather(*(collect(h) for h in hs), pace()), timeout=20)
+            return streams
+        finally:
+            del loop.call_soon_threadsafe
+
+    with Stepped(copy.deepcopy(model), enc) as eng:
+        streams = asyncio.run(main(eng))
+        stats = eng.stats()
+    for p, deltas in zip(ids, streams):
+        assert [t for d in deltas for t in d.token_ids] == _ref(model, p, 12)
+    from_engine = [c for c in calls if c.startswith("engine")]
+    # one per step and prefill, plus each request's last Delta (sent on its own after its row is freed);
+    # one per stream and token would be about 6 x 12 = 72
+    assert 0 < len(from_engine) <= stats["steps"] + stats["prefills"] + len(ids), (len(from_engine), stats)
+
+
 # --------------------------------------------------------------------------- #
 # Requests that wait together are prefilled together
 # --------------------------------------------------------------------------- #

@@ -168,7 +168,8 @@ def test_a_newer_version_is_left_alone(pfile, capsys):
         progress.load_progress()
     assert progress.record_ri(6, 0.5, metric="m", higher_is_better=True, profile="tiny") is False
     assert "progress not recorded" in capsys.readouterr().err
-    assert pfile.read_bytes() == newer and len(list(pfile.parent.iterdir())) == 1
+    assert pfile.read_bytes() == newer
+    assert sorted(p.name for p in pfile.parent.iterdir()) == [".progress.json.lock", "progress.json"]  # none aside
     assert main(["progress"]) == 2
     assert capsys.readouterr().err.startswith("error: the progress file")
 
@@ -184,7 +185,50 @@ def test_a_write_that_fails_half_way_keeps_the_old_file(pfile, monkeypatch, caps
     progress.record_ri(7, 0.9, metric="rouge", higher_is_better=True, profile="tiny")  # never raises
     assert "progress not recorded" in capsys.readouterr().err
     assert pfile.read_bytes() == before
-    assert [p.name for p in pfile.parent.iterdir()] == ["progress.json"]  # no temporary file left
+    # no temporary file left (the lock file of files.locked stays, empty)
+    assert sorted(p.name for p in pfile.parent.iterdir()) == [".progress.json.lock", "progress.json"]
+
+
+def test_two_writers_at_once_both_count(pfile, monkeypatch):
+    """A notebook's Ri cell and ``course check`` (here: two threads, each its own lock file handle,
+    as two processes have) recording at the same moment: every change is kept. Without the lock,
+    each read the old file while the other was saving, and one change of each pair was lost."""
+    import threading
+    import time
+
+    plain = progress.save_progress
+
+    def slow_save(data, path=None):         # widen the window between reading and renaming
+        time.sleep(0.01)
+        return plain(data, path)
+    monkeypatch.setattr(progress, "save_progress", slow_save)
+    go = threading.Barrier(2)
+
+    def writer(profile):
+        go.wait(timeout=10)
+        for i in range(8):
+            progress.record_ri(4, float(i), metric="loss", higher_is_better=False, profile=profile)
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in ("tiny", "cpu")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    ri = progress.load_progress(pfile)["steps"]["4"]["ri"]
+    assert {p: ri[p]["runs"] for p in ("tiny", "cpu")} == {"tiny": 8, "cpu": 8}
+
+
+def test_a_lock_held_elsewhere_is_a_warning_naming_it(pfile, monkeypatch, capsys):
+    progress.record_ri(2, 3.0, metric="m", higher_is_better=True, profile="tiny")
+    before = pfile.read_bytes()
+    from filelock import FileLock
+    plain = files.locked
+    monkeypatch.setattr(progress, "locked", lambda path: plain(path, timeout=0.2))
+    with FileLock(pfile.with_name(".progress.json.lock")):       # another process holds it
+        progress.record_ri(2, 4.0, metric="m", higher_is_better=True, profile="tiny")    # never raises
+    err = capsys.readouterr().err
+    assert "progress not recorded" in err and ".progress.json.lock" in err and "being written" in err
+    assert pfile.read_bytes() == before
 
 
 def test_learner_name_from_env_and_from_the_cli(pfile, monkeypatch, capsys):
