@@ -22,8 +22,12 @@ Choices where OpenAI's API says nothing about a small local model:
 * ``n`` choices are ``n`` engine requests (decoded together); with a ``seed``, choice ``j`` uses
   ``seed + j``, so the choices differ and the whole reply is reproducible.
 * ``top_k`` and ``ignore_eos`` are extra fields, as in vLLM (``top_k`` ``null``, ``0`` or ``-1``: no
-  limit; ``ignore_eos: true`` decodes past ``<|endoftext|>``, for benchmarks). Unknown fields
-  (``user``, ``logprobs``, ...) are ignored, as vLLM does.
+  limit; ``ignore_eos: true`` decodes past ``<|endoftext|>``, for benchmarks). Fields this server
+  does not do are a 400 naming the field when a request asks for them: ``logprobs``,
+  ``presence_penalty``, ``frequency_penalty``, ``logit_bias``; for completions ``echo``, ``best_of``
+  (above ``n``), ``suffix``; for chat ``top_logprobs``, ``tools``, ``functions``, ``tool_choice``,
+  ``response_format`` (other than text). Their default values (``null``, ``false``, ``0``, ``{}``,
+  ``[]``) pass, as clients send them. Other unknown fields (``user``, ``metadata``, ...) are ignored.
 * Types are strict, as OpenAI's: ``"5"`` is no ``max_tokens``, ``true`` no token id. A body over
   :data:`MAX_BODY_BYTES` is a 413; a request to an engine that was shut down, a 503.
 """
@@ -211,10 +215,42 @@ class _Request(BaseModel):
         return stops
 
 
+    # Fields of OpenAI's API that this server does not do. A value that asks for one is a 400 naming it
+    # (ignoring it would answer another request than the one sent); the values clients send by default pass.
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    logprobs: Any = None
+
+    @field_validator("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "best_of",
+                     "echo", "suffix", "tools", "functions", "tool_choice", "response_format", check_fields=False)
+    @classmethod
+    def _not_supported(cls, value, info):
+        name = info.field_name
+        if name == "best_of":                       # best_of = n is no choice among more
+            neutral = (None, info.data.get("n", 1))
+        else:
+            neutral = _NEUTRAL[name]
+        if any(value == v and type(value) is type(v) for v in neutral if v is not None) or value is None:
+            return value
+        shown = json.dumps(next(v for v in neutral if v is not None))
+        raise ValueError(f"this server (the course's own engine) does not support {name}; leave it out or send "
+                         f"{shown}")
+
+
+_NEUTRAL = {"presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+            "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
+            "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
+            "response_format": (None, {"type": "text"})}
+
+
 class CompletionRequest(_Request):
     """The body of ``POST /v1/completions``: ``prompt`` is a string, a list of strings, token ids, or lists of ids."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: Any = None
+    echo: Any = None
+    suffix: Any = None
 
 
 class ChatRequest(_Request):
@@ -222,6 +258,11 @@ class ChatRequest(_Request):
 
     messages: list[Any] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    top_logprobs: Any = None
+    tools: Any = None
+    functions: Any = None
+    tool_choice: Any = None
+    response_format: Any = None
 
 
 class _APIError(Exception):

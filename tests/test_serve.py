@@ -349,6 +349,42 @@ def test_errors_in_openai_shape(url, path, body, headers, status, param, code):
         assert "Content-Type: application/json" in error["message"]
 
 
+CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+COMPLETION = {"model": "base", "prompt": "hi", "max_tokens": 2}
+
+
+@pytest.mark.parametrize("base, field, value", [
+    (COMPLETION, "logprobs", 2), (COMPLETION, "logprobs", 0), (CHAT, "logprobs", True), (CHAT, "top_logprobs", 3),
+    (COMPLETION, "echo", True), (COMPLETION, "best_of", 3), (COMPLETION, "suffix", " end."),
+    (COMPLETION, "presence_penalty", 0.5), (CHAT, "frequency_penalty", -1), (CHAT, "logit_bias", {"50256": -100}),
+    (CHAT, "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    (CHAT, "functions", [{"name": "f", "parameters": {}}]), (CHAT, "tool_choice", "required"),
+    (CHAT, "response_format", {"type": "json_object"}), (COMPLETION, "presence_penalty", True),
+])
+def test_a_field_this_server_does_not_do_is_a_400_naming_it(url, base, field, value):
+    """Asked for, an OpenAI field the engine does not do is refused by name (it was ignored: a client asking
+    for log-probabilities or JSON got an answer to another request)."""
+    path = "/chat/completions" if "messages" in base else "/completions"
+    r = post(url, path, {**base, field: value})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field and error["type"] == "invalid_request_error"
+    assert "does not support " + field in error["message"] and "leave it out" in error["message"]
+
+
+def test_the_default_values_clients_send_for_those_fields_pass(client):
+    """What the openai client, LangChain and others send when nothing was asked: null, false, 0, {}, []."""
+    r = client.completions.create(model="base", prompt="hi", max_tokens=2, echo=False, best_of=1, logprobs=None,
+                                  presence_penalty=0, frequency_penalty=0.0, logit_bias={}, suffix=None)
+    assert r.usage.completion_tokens == 2
+    r = client.completions.create(model="base", prompt="hi", max_tokens=2, n=2, best_of=2)
+    assert len(r.choices) == 2
+    r = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       logprobs=False, top_logprobs=0, tools=[], tool_choice="none",
+                                       response_format={"type": "text"}, presence_penalty=0, user="ada")
+    assert r.choices[0].finish_reason == "length"
+
+
 def test_a_chunked_body_too_large_is_refused_and_the_server_keeps_serving(client, url):
     def chunks():                                               # no Content-Length: counted as it comes
         yield b'{"model": "base", "prompt": "'
