@@ -346,6 +346,15 @@ def _write_hf(model, out: Path, force: bool, chat_template: str | None = None) -
     return None
 
 
+def _hf_chat_template(folder: Path) -> str | None:
+    """The ``chat_template`` of a Hugging Face folder's ``tokenizer_config.json``, or ``None``."""
+    try:
+        template = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return template if isinstance(template, str) and template.strip() else None
+
+
 def _cmd_adapters_merge(args) -> int:
     source = _model_source(args.paths, args.profile, ("BASE", "ADAPTER"))
     if isinstance(source, str):
@@ -363,18 +372,20 @@ def _cmd_adapters_merge(args) -> int:
     if isinstance(loaded, str):
         return _error(loaded)
 
-    from .lora import load_adapter, unload_lora
+    from .lora import adapter_chat_template, load_adapter, unload_lora
 
     try:
         layers = load_adapter(loaded.model, adapter)
+        template = adapter_chat_template(adapter)   # an instruction adapter's (course finetune instruct --lora)
     except (ValueError, TypeError, OSError) as err:
         return _error(err)
     unload_lora(loaded.model, merge=True)  # a tied head is merged into its own copy (the embedding stays)
-    failed = _write_hf(loaded.model, out, args.force)
+    failed = _write_hf(loaded.model, out, args.force, chat_template=template)
     if failed is not None:
         return failed
-    print(f"merged {adapter} ({len(layers)} layers) into {loaded.source}: wrote {out} (Hugging Face GPT-2 layout; "
-          "transformers, vLLM and TGI read it, `course export` turns it into GGUF)")
+    print(f"merged {adapter} ({len(layers)} layers) into {loaded.source}: wrote {out} (Hugging Face GPT-2 layout"
+          f"{', with the adapter' + chr(39) + 's chat template' if template else ''}; transformers, vLLM and TGI read "
+          "it, `course export` turns it into GGUF)")
     return 0
 
 
@@ -411,6 +422,8 @@ def _cmd_export(args) -> int:
         from .serve import chat_template
 
         template = chat_template(loaded.style)
+    elif loaded.kind == "hf":                   # a Hugging Face folder keeps its own (course adapters merge writes it)
+        template = _hf_chat_template(Path(loaded.source))
     if args.format == "hf":
         if args.dtype == "f16":
             model.half()
@@ -432,7 +445,7 @@ def _cmd_export(args) -> int:
         except OSError as err:
             return _error(err, 1)
     what = "a Hugging Face folder" if args.format == "hf" else "a GGUF file"
-    chat = f", with the {loaded.style} chat template" if template is not None else ""
+    chat = "" if template is None else f", with the {loaded.style or 'folder' + chr(39) + 's'} chat template"
     print(f"wrote {out}: {what} ({args.dtype}) of {loaded.source}{chat}")
     return 0
 
@@ -732,7 +745,7 @@ def _drop_new_adapter(adapter_dir: Path, was_there: bool) -> None:
     """Remove the adapter folder a failed run wrote, unless an earlier run's was there."""
     if was_there:
         return
-    for name in _ADAPTER_FILES:
+    for name in (*_ADAPTER_FILES, "chat_template.jinja"):
         (adapter_dir / name).unlink(missing_ok=True)
     try:
         adapter_dir.rmdir()
@@ -740,14 +753,16 @@ def _drop_new_adapter(adapter_dir: Path, was_there: bool) -> None:
         pass
 
 
-def _save_adapter_then_merge(model, adapter_dir: Path, force: bool, profile: str, out: Path, drop) -> int | None:
-    """Write ``model``'s adapters to ``adapter_dir`` (PEFT's folder) while it still has them, then merge
-    them into its weights (so model.pt is a plain model). Returns an exit status on failure, else None;
-    ``drop()`` removes an adapter folder this run created."""
+def _save_adapter_then_merge(model, adapter_dir: Path, force: bool, profile: str, out: Path, drop,
+                             chat_template: str | None = None) -> int | None:
+    """Write ``model``'s adapters to ``adapter_dir`` (PEFT's folder, with ``chat_template`` for an
+    instruction adapter) while it still has them, then merge them into its weights (so model.pt is a
+    plain model). Returns an exit status on failure, else None; ``drop()`` removes an adapter folder
+    this run created."""
     from .lora import save_adapter, unload_lora
 
     try:
-        save_adapter(model, adapter_dir, overwrite=force,
+        save_adapter(model, adapter_dir, overwrite=force, chat_template=chat_template,
                      base_model_name_or_path=None if profile == "gpu" else f"course_lib {profile} base model")
     except FileExistsError as err:  # written by someone else while this run trained
         return _error(f"{err} (it appeared during the run; pass --force to replace it, or give another --out)", 1)
@@ -1049,8 +1064,11 @@ def _cmd_finetune_instruct(args) -> int:
             lora, summary["lora"],
             "adapter/ holds the LoRA adapters in Hugging Face PEFT's format (GPT-2 module names); model.pt "
             "holds the model with the adapters merged into its weights")
+        from .serve import chat_template
+
         failed = _save_adapter_then_merge(result.model, adapter_dir, args.force, profile, out,
-                                          lambda: _drop_new_adapter(adapter_dir, adapter_was_there))
+                                          lambda: _drop_new_adapter(adapter_dir, adapter_was_there),
+                                          chat_template=chat_template(style))
         if failed is not None:
             return failed
     metrics_text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"

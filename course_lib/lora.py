@@ -57,6 +57,7 @@ __all__ = [
     "delete_adapter",
     "save_adapter",
     "load_adapter",
+    "adapter_chat_template",
 ]
 
 #: The attention's query, key, value and output projections (the LoRA paper's choice, plus output).
@@ -120,6 +121,8 @@ LORA_RECIPES: dict[str, dict[str, LoRARecipe]] = {
 }
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+#: An instruction adapter's chat template (Jinja, Hugging Face's file name for it); PEFT ignores the file.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 def _version(t: torch.Tensor) -> int:
@@ -747,7 +750,7 @@ def _hf_module(ours: str, n_layers: int) -> tuple[str, str | None]:
 
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "default", *, overwrite: bool = False,
-                 base_model_name_or_path: str | None = None) -> Path:
+                 base_model_name_or_path: str | None = None, chat_template: str | None = None) -> Path:
     """Write adapter ``name`` as a PEFT LoRA folder for GPT-2: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
     ``peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(export), folder)`` then
@@ -781,6 +784,10 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
         name: the adapter to write. Default ``"default"``.
         overwrite: replace an adapter already in ``folder``. Default ``False``.
         base_model_name_or_path: recorded in the config. Default ``"gpt2"``.
+        chat_template: for an instruction adapter, the Jinja chat template it was tuned with
+            (:func:`course_lib.serve.chat_template`), written as ``chat_template.jinja`` beside the
+            adapter (:func:`adapter_chat_template` reads it; ``course adapters merge`` puts it in the
+            merged model's tokenizer). Default ``None``: none, and an older one in ``folder`` is removed.
 
     Returns:
         the folder.
@@ -808,6 +815,9 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
     if blocker is not None:
         raise ValueError(f"{blocker} is a file, so the folder {folder} cannot be made; save_adapter writes a "
                          "folder: choose another path")
+    if chat_template is not None and (not isinstance(chat_template, str) or not chat_template.strip()):
+        raise TypeError(f"chat_template must be None or the template's Jinja text (a non-empty str), got "
+                        f"{type(chat_template).__name__}")
     existing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if (folder / f).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{folder} already holds an adapter ({', '.join(existing)}); pass overwrite=True "
@@ -861,7 +871,27 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
     atomic_write(folder / WEIGHTS_FILE, lambda fh: fh.write(blob), overwrite=True)
     text = json.dumps(config, indent=2) + "\n"
     atomic_write(folder / CONFIG_FILE, lambda fh: fh.write(text.encode("utf-8")), overwrite=True)
+    if chat_template is None:               # an older adapter's template would describe another adapter
+        (folder / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
+    else:
+        atomic_write(folder / CHAT_TEMPLATE_FILE, lambda fh: fh.write(chat_template.encode("utf-8")), overwrite=True)
     return folder
+
+
+def adapter_chat_template(folder: str | os.PathLike) -> str | None:
+    """The chat template saved with the adapter in ``folder`` (``chat_template.jinja``, see
+    :func:`save_adapter`), or ``None`` when it has none (a classification adapter, or one PEFT made).
+
+    Raises:
+        ValueError: the file is not UTF-8 text.
+    """
+    path = _folder("folder", folder) / CHAT_TEMPLATE_FILE
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; delete it, or save the adapter again") from None
 
 
 def _kind(hf: str) -> str:

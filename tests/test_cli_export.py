@@ -197,6 +197,42 @@ def test_export_of_an_instruction_model_carries_its_chat_template(tmp_path, caps
         chat_template("llama3")
 
 
+@pytest.mark.parametrize("style", ["alpaca", "phi3"])
+def test_merging_an_instruction_adapter_carries_its_chat_template(tmp_path, capsys, style):
+    """An adapter saved with its chat template (as ``course finetune instruct --lora`` does): the merged
+    folder's tokenizer formats chats as ``chat_prompt``, ``peft`` still reads the adapter folder, and the
+    merged folder's GGUF export keeps the template. Without it (a classifier's adapter) none is written."""
+    from course_lib.lora import adapter_chat_template
+    from course_lib.serve import chat_prompt, chat_template
+
+    torch.manual_seed(0)
+    model = GPTModel(CFG.replace(vocab_size=50257, emb_dim=16)).eval()
+    save_checkpoint(tmp_path / "base" / "model.pt", model)
+    add_lora(model, rank=2, alpha=4)
+    save_adapter(model, tmp_path / "adapter", chat_template=chat_template(style))
+    assert adapter_chat_template(tmp_path / "adapter") == chat_template(style)
+    status, out, err = run(capsys, "adapters", "merge", tmp_path / "base", tmp_path / "adapter",
+                           "--out", tmp_path / "merged")
+    assert status == 0 and "chat template" in out, err
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    for messages in CHATS:
+        assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+            chat_prompt(messages, style)
+    peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "merged"), tmp_path / "adapter")
+    status, out, err = run(capsys, "export", tmp_path / "merged", "--format", "gguf", "--out", tmp_path / "m.gguf")
+    assert status == 0 and "chat template" in out, err
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["tokenizer.chat_template"].contents() == chat_template(style)
+
+    save_adapter(model, tmp_path / "adapter", overwrite=True)          # saved again without: the old one goes
+    assert adapter_chat_template(tmp_path / "adapter") is None
+    status, out, err = run(capsys, "adapters", "merge", tmp_path / "base", tmp_path / "adapter",
+                           "--out", tmp_path / "plain")
+    assert status == 0 and "chat template" not in out, err
+    assert "chat_template" not in json.loads((tmp_path / "plain" / "tokenizer_config.json").read_text())
+    with pytest.raises(TypeError, match="chat_template must be"):
+        save_adapter(model, tmp_path / "other", chat_template=b"{{ x }}")
+
+
 def test_export_gguf_and_its_refusals(tmp_path, capsys):
     torch.manual_seed(0)
     model = GPTModel(CFG.replace(vocab_size=50257, emb_dim=16)).eval()

@@ -206,6 +206,10 @@ def test_instruct_writes_adapter_and_records_lora(instructed):
     assert lora["trainable_parameters"] == cfg.n_layers * 4 * RANK * 2 * cfg.emb_dim      # nothing else trains
     assert lora["trainable_parameters"] < sum(p.numel() for p in model.parameters()) / 100
     assert "LoRA" in r.stdout and "adapter" in r.stdout
+    # the template it was tuned with travels with the adapter (course adapters merge puts it in the tokenizer)
+    from course_lib.serve import chat_template
+    style = json.loads((out / "metrics.json").read_text())["style"]
+    assert (out / "adapter" / "chat_template.jinja").read_text() == chat_template(style)
 
 
 def test_instruct_model_pt_is_the_base_plus_adapter(instructed, base):
