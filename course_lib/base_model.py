@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, model_from_checkpoint, save_checkpoint
 from .config import get_config, get_profile, seed_everything
 from .data import default_cache_dir, read_text
 from .model import GPTModel
@@ -149,9 +149,9 @@ def load_base_model(profile: str | None = None, *, device: Any = None, cache_dir
     model = None
     if path.is_file() and not retrain:
         try:
-            stored = load_checkpoint(path)["extra"].get("recipe")
-            if stored == recipe.to_dict():
-                model = model_from_checkpoint(path)
+            loaded, extra = model_from_checkpoint(path, return_extra=True)     # one read of the file
+            if extra.get("recipe") == recipe.to_dict():
+                model = loaded
                 if verbose:
                     print(f"base model ({recipe.config}) loaded from {path}")
             elif verbose:

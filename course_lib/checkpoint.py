@@ -418,12 +418,16 @@ def _apply(path: Path, payload: dict[str, Any], model: nn.Module | None, optimiz
         set_rng_state(payload["rng"])
 
 
-def model_from_checkpoint(path: str | os.PathLike, device: Any = None) -> nn.Module:
+def model_from_checkpoint(path: str | os.PathLike, device: Any = None, *, return_extra: bool = False):
     """Build a :class:`~course_lib.model.GPTModel` from the config stored in ``path`` and load it.
 
     A checkpoint of a model a later step built on a GPT (step 6's
     :class:`~course_lib.classification.GPTClassifier`) gives that model back, as it was saved.
     The model is returned in ``eval()`` mode, on ``device`` (default CPU).
+
+    Args:
+        return_extra: also return the checkpoint's ``extra`` dict (``{}`` when none), read from
+            the same pass over the file: ``model, extra = model_from_checkpoint(path, return_extra=True)``.
 
     Raises:
         CheckpointError: as :func:`load_checkpoint`, or the file stores no model config.
@@ -452,4 +456,7 @@ def model_from_checkpoint(path: str | os.PathLike, device: Any = None) -> nn.Mod
         raise CheckpointMismatchError(f"the weights in {path} do not fit its own config: {err}") from err
     if device is not None:
         model.to(device)
+    if return_extra:
+        extra = payload.get("extra")
+        return model.eval(), (extra if isinstance(extra, dict) else {})
     return model.eval()

@@ -102,14 +102,13 @@ def load_model(path: str | os.PathLike | None = None, *, profile: str | None = N
         from .pretrained import load_gpt2
 
         return LoadedModel(load_gpt2(folder, device=device), None, str(folder), "hf")
-    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .checkpoint import model_from_checkpoint
 
-    model = model_from_checkpoint(ckpt, device=device)
+    model, extra = model_from_checkpoint(ckpt, device=device, return_extra=True)     # one read of the file
     if not isinstance(model, GPTModel):
         hint = " (a spam classifier: `course classify` uses it)" if type(model).__name__ == "GPTClassifier" else ""
         raise ValueError(f"{ckpt} holds a {type(model).__name__}{hint}, not a language model that writes text; "
                          "give a model from `course finetune instruct`, `course pretrain` or a GPT-2 folder")
-    extra = load_checkpoint(ckpt).get("extra") or {}
     style = extra.get("style") if isinstance(extra.get("style"), str) else None
     return LoadedModel(model, style, str(ckpt), "checkpoint")
 

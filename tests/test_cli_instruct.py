@@ -338,6 +338,27 @@ def test_generate_uses_the_template_stored_in_the_model(tmp_path, monkeypatch, c
     assert "records no prompt template" in capsys.readouterr().err
 
 
+def test_generate_and_export_read_the_checkpoint_once(tmp_path, monkeypatch, capsys, finished):
+    """The model and its recorded template come from one read of model.pt (they were two: a GPT-2 medium
+    checkpoint is 1.4 GB)."""
+    from course_lib import checkpoint
+
+    reads = []
+    real = checkpoint._read
+
+    def counted(path, *args, **kwargs):
+        reads.append(path)
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(checkpoint, "_read", counted)
+    save_checkpoint(tmp_path / "run" / "model.pt", finished.model, extra={"kind": "instruct", "style": "phi3"})
+    assert cli.main(["generate", str(tmp_path / "run"), "Say hi.", "--max-new-tokens", "2"]) == 0
+    assert len(reads) == 1
+    assert cli.main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert len(reads) == 2 and "phi3 chat template" in capsys.readouterr().out
+    model, extra = checkpoint.model_from_checkpoint(tmp_path / "run" / "model.pt", return_extra=True)
+    assert extra["style"] == "phi3" and isinstance(model, GPTModel)
+
+
 @pytest.fixture
 def checkpoints(tmp_path):
     torch.manual_seed(0)
