@@ -485,6 +485,11 @@ class Engine:
         with self._cond:
             return [self.name, *self._adapters]
 
+    def adapter_folder(self, name: str) -> Path | None:
+        """The folder adapter ``name`` was loaded from, or ``None`` (the base, or a name not served)."""
+        with self._cond:
+            return self._adapters.get(name)
+
     def load_adapter(self, name: str, path: str | os.PathLike) -> None:
         """Serve the PEFT adapter in folder ``path`` as model ``name`` (while running is fine).
 

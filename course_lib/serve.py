@@ -56,12 +56,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Delta, Engine, EngineClosed, EngineError, PromptTooLong, RequestFailed, SamplingParams, UnknownModel
 from .instruction import ALPACA_PREAMBLE, STYLES, format_prompt
+from .lora import adapter_chat_template
 
 __all__ = [
     "create_app",
     "serve",
     "running_server",
     "chat_prompt",
+    "chat_style",
     "chat_template",
     "chat",
     "engine_replier",
@@ -177,6 +179,21 @@ def chat_template(style: str = "alpaca") -> str:
         "{%- set ns.parts = ns.parts + [messages[-1]['content']] -%}"
         f"{{{{- {before} + ns.parts | join('\\n\\n') + {after} -}}}}"
     )
+
+
+def chat_style(engine: Engine, model: str | None, default: str = "alpaca") -> str:
+    """The template to write ``model``'s chats in: an adapter saved with a course chat template
+    (``course finetune instruct --lora``: :func:`~course_lib.lora.save_adapter`'s ``chat_template``)
+    is chatted with in the style it was tuned with; the base, and adapters without one (or with
+    another template), in ``default``."""
+    folder = engine.adapter_folder(model) if model is not None and hasattr(engine, "adapter_folder") else None
+    if folder is None:
+        return default
+    try:
+        template = adapter_chat_template(folder)
+    except (OSError, ValueError):
+        return default
+    return next((s for s in _JINJA_ENDS if template is not None and chat_template(s) == template), default)
 
 
 # --------------------------------------------------------------------------- #
@@ -427,6 +444,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, style: str | None 
             model was tuned with (:func:`~course_lib.export.load_model` gives it). Default ``None``:
             ``"alpaca"``, as ``course generate`` does for a model that records none; a base model
             answers chats poorly whatever the template, and ``/v1/completions`` gives it raw text.
+            An adapter saved with its own template is chatted with in that one (:func:`chat_style`).
 
     Returns:
         a :class:`fastapi.FastAPI`; run it with :func:`serve`, :func:`running_server` or uvicorn.
@@ -504,7 +522,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, style: str | None 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         try:
-            prompt = chat_prompt(body.messages, app.state.style)
+            prompt = chat_prompt(body.messages, chat_style(engine, body.model, app.state.style))
         except (TypeError, ValueError) as err:
             raise _APIError(400, str(err), param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens or engine.context_length
@@ -849,10 +867,11 @@ def engine_replier(engine: Engine, *, model: str | None = None, style: str | Non
 
     Args:
         model: the base or an adapter (``engine.models()``). Default the base.
-        style: the template (:func:`chat_prompt`). Default ``"alpaca"``.
+        style: the template (:func:`chat_prompt`). Default ``"alpaca"``; an adapter saved with its
+            own template uses that one (:func:`chat_style`).
         params: sampling settings. Default ``SamplingParams(max_tokens=256, temperature=0.7)``.
     """
-    style = style or "alpaca"
+    style = chat_style(engine, model, style or "alpaca")
     params = params or SamplingParams(max_tokens=256, temperature=0.7)
 
     def reply(messages: list[dict]) -> Iterator[str]:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from course_lib.config import get_config
-from course_lib.engine import Engine
+from course_lib.engine import Engine, SamplingParams
 from course_lib.evaluation import judge
 from course_lib.inference import generate
 from course_lib.instruction import format_prompt
@@ -256,6 +256,32 @@ def test_seed_reproducibility_and_n(client):
                                        seed=7, n=2, stream=True):
         streamed[c.choices[0].index] += c.choices[0].text
     assert streamed == pair
+
+
+def test_an_adapter_saved_with_its_chat_template_is_chatted_with_in_it(models, tok, tmp_path):
+    """An instruction adapter that records its template (``course finetune instruct --lora`` saves it) gets
+    chats in that template; the base and an adapter without one, in the server's. Through the server and
+    through ``engine_replier`` (``course chat``)."""
+    import shutil
+
+    from course_lib.serve import chat_style, chat_template, engine_replier
+
+    base, with_adapter, folder = models
+    instr = tmp_path / "instr"
+    shutil.copytree(folder, instr)
+    (instr / "chat_template.jinja").write_text(chat_template("phi3"))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]
+    greedy_params = SamplingParams(max_tokens=6, temperature=0)
+    with Engine(copy.deepcopy(base), name="base", adapters={"spam": folder, "instr": instr}) as eng:
+        assert [chat_style(eng, m) for m in ("base", "spam", "instr", None)] == ["alpaca", "alpaca", "phi3", "alpaca"]
+        with running_server(eng) as url, openai.OpenAI(base_url=url, api_key="x", max_retries=0) as c:
+            for model, ref, style in (("instr", with_adapter, "phi3"), ("spam", with_adapter, "alpaca"),
+                                      ("base", base, "alpaca")):
+                r = c.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0)
+                assert r.choices[0].message.content == greedy(ref, tok, chat_prompt(messages, style), 6)[0], model
+                assert r.usage.prompt_tokens == len(tok.encode(chat_prompt(messages, style)))
+        reply = engine_replier(eng, model="instr", params=greedy_params)
+        assert "".join(reply(messages)) == greedy(with_adapter, tok, chat_prompt(messages, "phi3"), 6)[0]
 
 
 def test_adapter_is_chosen_by_model(client, models, tok):
