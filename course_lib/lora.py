@@ -794,9 +794,11 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
 
     Raises:
         FileExistsError: ``folder`` holds an adapter and ``overwrite`` is ``False``.
-        TypeError: ``folder`` not a path; ``overwrite`` not a bool; ``model`` not a GPTModel/GPTClassifier.
+        TypeError: ``folder`` not a path; ``overwrite`` not a bool; ``model`` not a GPTModel/GPTClassifier;
+            ``chat_template`` not a str.
         ValueError: ``folder`` (or a folder above it) is a file; unknown ``name``; an adapter on a
-            layer GPT-2 does not have; q/k/v adapters of one block with different scales.
+            layer GPT-2 does not have; q/k/v adapters of one block with different scales; an empty
+            ``chat_template``.
     """
     from safetensors.torch import save as safetensors_bytes
 
@@ -815,9 +817,11 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
     if blocker is not None:
         raise ValueError(f"{blocker} is a file, so the folder {folder} cannot be made; save_adapter writes a "
                          "folder: choose another path")
-    if chat_template is not None and (not isinstance(chat_template, str) or not chat_template.strip()):
-        raise TypeError(f"chat_template must be None or the template's Jinja text (a non-empty str), got "
-                        f"{type(chat_template).__name__}")
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise TypeError(f"chat_template must be None or the template's Jinja text (a str, e.g. "
+                        f"course_lib.serve.chat_template('alpaca')), got {type(chat_template).__name__}")
+    if chat_template is not None and not chat_template.strip():
+        raise ValueError("chat_template is empty; give the template's Jinja text, or None for no template")
     existing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if (folder / f).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{folder} already holds an adapter ({', '.join(existing)}); pass overwrite=True "

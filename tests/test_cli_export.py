@@ -231,6 +231,9 @@ def test_merging_an_instruction_adapter_carries_its_chat_template(tmp_path, caps
     assert "chat_template" not in json.loads((tmp_path / "plain" / "tokenizer_config.json").read_text())
     with pytest.raises(TypeError, match="chat_template must be"):
         save_adapter(model, tmp_path / "other", chat_template=b"{{ x }}")
+    with pytest.raises(ValueError, match="chat_template is empty"):
+        save_adapter(model, tmp_path / "other", chat_template="  ")
+    assert not (tmp_path / "other").exists()                           # refused before anything was written
 
 
 def test_export_gguf_and_its_refusals(tmp_path, capsys):
