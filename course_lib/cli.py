@@ -347,12 +347,18 @@ def _write_hf(model, out: Path, force: bool, chat_template: str | None = None) -
 
 
 def _hf_chat_template(folder: Path) -> str | None:
-    """The ``chat_template`` of a Hugging Face folder's ``tokenizer_config.json``, or ``None``."""
+    """A Hugging Face folder's chat template: ``tokenizer_config.json``'s ``chat_template``, else the
+    ``chat_template.jinja`` file newer ``transformers`` write beside it; ``None`` without one."""
     try:
         template = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
     except (OSError, ValueError, AttributeError):
-        return None
-    return template if isinstance(template, str) and template.strip() else None
+        template = None
+    if not (isinstance(template, str) and template.strip()):
+        try:
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        except (OSError, ValueError):
+            return None
+    return template if template.strip() else None
 
 
 def _cmd_adapters_merge(args) -> int:

@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from .checks import boolean, positive_int
 from .inference import KVCache, _takes_cache, fast_decoding, prefill, sample_next_token
-from .lora import load_adapter as _load_lora, lora_layers, set_adapter
+from .lora import adapter_chat_template as _adapter_chat_template, load_adapter as _load_lora, lora_layers, set_adapter
 from .model import GPTModel
 from .text_data import encode_text
 
@@ -463,6 +463,7 @@ class Engine:
         self.context_length: int = model.cfg.context_length
         self.vocab_size: int = model.cfg.vocab_size
         self._adapters: dict[str, Path] = {}
+        self._templates: dict[str, str | None] = {}     # each adapter's chat template, read when loaded
         self._model_lock = threading.RLock()        # held by the thread while it runs the model
         self._cond = threading.Condition()          # guards the queue, the counters and _closed
         self._waiting: deque[RequestHandle] = deque()
@@ -490,6 +491,12 @@ class Engine:
         with self._cond:
             return self._adapters.get(name)
 
+    def adapter_chat_template(self, name: str) -> str | None:
+        """The chat template adapter ``name`` was saved with (read when it was loaded:
+        :func:`course_lib.lora.adapter_chat_template`), or ``None``."""
+        with self._cond:
+            return self._templates.get(name)
+
     def load_adapter(self, name: str, path: str | os.PathLike) -> None:
         """Serve the PEFT adapter in folder ``path`` as model ``name`` (while running is fine).
 
@@ -499,6 +506,7 @@ class Engine:
         """
         if name == self.name or name in self._adapters:
             raise ValueError(f"model name {name!r} is taken; this engine serves {self.models()}: choose another")
+        template = _adapter_chat_template(path)     # read with the weights: what was loaded is what it describes
         with self._model_lock:                      # between two decode steps
             if self.fast:
                 fast_decoding(self.model, False)    # wrap plain nn.Linear layers, then switch back on
@@ -510,6 +518,7 @@ class Engine:
             self._active, self._has_lora = "unset", True
         with self._cond:
             self._adapters[name] = Path(path)
+            self._templates[name] = template
 
     # -- requests ----------------------------------------------------------- #
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -743,7 +752,8 @@ class Engine:
             picked = dict(zip(sampled, logits[sampled].contiguous().split(1)))     # j -> [1, V]
         ends: dict[int, tuple] = {}                  # row -> (handle, Delta or error, counter)
         wake: list = []                              # the asyncio readers to wake, once per loop
-        generated = 0
+        with self._cond:                             # counted before any reader gets its token
+            self._stats["tokens_generated"] += sum(ok)
         for j, row in enumerate(rows):
             handle = self._rows[row]
             try:
@@ -753,15 +763,18 @@ class Engine:
                 if p.temperature == 0:
                     token = greedy[j]
                 else:
-                    token = int(sample_next_token(picked[j], p.temperature, p.top_k, p.top_p, handle._generator))
-                generated += 1
+                    try:
+                        token = int(sample_next_token(picked[j], p.temperature, p.top_k, p.top_p,
+                                                      handle._generator))
+                    except Exception:
+                        with self._cond:             # no token after all
+                            self._stats["tokens_generated"] -= 1
+                        raise
                 end = self._advance(handle, token, wake)
                 if end is not None:
                     ends[row] = (handle, end, "requests_finished")
             except Exception as err:   # noqa: BLE001 — this row fails alone
                 ends[row] = (handle, err, "requests_failed")
-        with self._cond:
-            self._stats["tokens_generated"] += generated
         _wake(wake)
         for row, handle in enumerate(self._rows):
             if handle.cancelled and row not in ends:

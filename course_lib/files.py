@@ -271,18 +271,23 @@ def locked(path: str | os.PathLike, timeout: float = 30.0) -> Iterator[Path]:
 
     Raises:
         TimeoutError: another holder kept the lock for ``timeout`` seconds (default 30).
-        OSError: the lock file cannot be created.
+        NotADirectoryError, PermissionError: the folder of ``path`` cannot be made or written (named).
     """
     path = Path(path).expanduser()
+    problem = writable_problem(path.parent)
+    if problem is not None:
+        error = NotADirectoryError if "is a file" in problem else PermissionError
+        raise error(f"cannot write {path}: the folder {path.parent} {problem}; choose a path in a folder you "
+                    "can write to")
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_file = path.with_name(f".{path.name}.lock")
     lock = FileLock(lock_file, timeout=timeout)
     try:
         lock.acquire()
     except Timeout:
-        raise TimeoutError(f"{path} is being written by another process: its lock {lock_file} was held for "
-                           f"{timeout:g} s; try again, or delete the lock file if no course command is running"
-                           ) from None
+        raise TimeoutError(f"{path} is being written by another process (it holds {lock_file}) and was not "
+                           f"released within {timeout:g} s; let that command (a notebook cell, `course check`) "
+                           "finish, then run this again") from None
     try:
         yield path
     finally:

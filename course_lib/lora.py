@@ -787,7 +787,10 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
         chat_template: for an instruction adapter, the Jinja chat template it was tuned with
             (:func:`course_lib.serve.chat_template`), written as ``chat_template.jinja`` beside the
             adapter (:func:`adapter_chat_template` reads it; ``course adapters merge`` puts it in the
-            merged model's tokenizer). Default ``None``: none, and an older one in ``folder`` is removed.
+            merged model's tokenizer). Default ``None``: none; when an adapter in ``folder`` is
+            replaced (``overwrite``), the template saved with it goes too. A ``chat_template.jinja``
+            in a folder without an adapter (a tokenizer's) is left alone, and replaced only with
+            ``overwrite``.
 
     Returns:
         the folder.
@@ -817,15 +820,28 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
     if blocker is not None:
         raise ValueError(f"{blocker} is a file, so the folder {folder} cannot be made; save_adapter writes a "
                          "folder: choose another path")
-    if chat_template is not None and not isinstance(chat_template, str):
-        raise TypeError(f"chat_template must be None or the template's Jinja text (a str, e.g. "
-                        f"course_lib.serve.chat_template('alpaca')), got {type(chat_template).__name__}")
-    if chat_template is not None and not chat_template.strip():
-        raise ValueError("chat_template is empty; give the template's Jinja text, or None for no template")
+    template_bytes = None
+    if chat_template is not None:
+        if not isinstance(chat_template, str):
+            raise TypeError(f"chat_template must be None or the template's Jinja text (a str, e.g. "
+                            f"course_lib.serve.chat_template('alpaca')), got {type(chat_template).__name__}")
+        if not chat_template.strip():
+            raise ValueError("chat_template is empty; give the template's Jinja text, or None for no template")
+        try:
+            template_bytes = chat_template.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"chat_template cannot be written as UTF-8 text ({err.reason} at character "
+                             f"{err.start}); give the template's text") from None
+        if (folder / CHAT_TEMPLATE_FILE).is_dir():
+            raise ValueError(f"{folder / CHAT_TEMPLATE_FILE} is a folder, where the chat template goes; move it "
+                             "or choose another folder")
     existing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if (folder / f).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{folder} already holds an adapter ({', '.join(existing)}); pass overwrite=True "
                               "to replace it, or choose another folder")
+    if template_bytes is not None and (folder / CHAT_TEMPLATE_FILE).exists() and not overwrite:
+        raise FileExistsError(f"{folder} already holds a {CHAT_TEMPLATE_FILE} (a tokenizer's?); pass "
+                              "overwrite=True to replace it, or choose another folder")
 
     d = gpt.cfg.emb_dim
     grouped: dict[str, dict[str | None, LoRALinear]] = {}
@@ -875,27 +891,34 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
     atomic_write(folder / WEIGHTS_FILE, lambda fh: fh.write(blob), overwrite=True)
     text = json.dumps(config, indent=2) + "\n"
     atomic_write(folder / CONFIG_FILE, lambda fh: fh.write(text.encode("utf-8")), overwrite=True)
-    if chat_template is None:               # an older adapter's template would describe another adapter
+    if template_bytes is not None:
+        atomic_write(folder / CHAT_TEMPLATE_FILE, lambda fh: fh.write(template_bytes), overwrite=True)
+    elif existing:      # the adapter it was saved with was just replaced: it would describe another adapter
         (folder / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
-    else:
-        atomic_write(folder / CHAT_TEMPLATE_FILE, lambda fh: fh.write(chat_template.encode("utf-8")), overwrite=True)
     return folder
 
 
 def adapter_chat_template(folder: str | os.PathLike) -> str | None:
     """The chat template saved with the adapter in ``folder`` (``chat_template.jinja``, see
-    :func:`save_adapter`), or ``None`` when it has none (a classification adapter, or one PEFT made).
+    :func:`save_adapter`), or ``None`` when it has none (a classification adapter, one PEFT made,
+    or an empty file).
 
     Raises:
-        ValueError: the file is not UTF-8 text.
+        ValueError: the file is not UTF-8 text, or is a folder; ``folder`` is a file.
     """
-    path = _folder("folder", folder) / CHAT_TEMPLATE_FILE
+    folder = _folder("folder", folder)
+    if folder.is_file():
+        raise ValueError(f"{folder} is a file; give the adapter's folder (the one holding {CONFIG_FILE})")
+    path = folder / CHAT_TEMPLATE_FILE
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a chat template; move it out of the adapter's folder")
     try:
-        return path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         return None
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text; delete it, or save the adapter again") from None
+    return text if text.strip() else None
 
 
 def _kind(hf: str) -> str:

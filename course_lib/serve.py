@@ -56,7 +56,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Delta, Engine, EngineClosed, EngineError, PromptTooLong, RequestFailed, SamplingParams, UnknownModel
 from .instruction import ALPACA_PREAMBLE, STYLES, format_prompt
-from .lora import adapter_chat_template
 
 __all__ = [
     "create_app",
@@ -183,16 +182,11 @@ def chat_template(style: str = "alpaca") -> str:
 
 def chat_style(engine: Engine, model: str | None, default: str = "alpaca") -> str:
     """The template to write ``model``'s chats in: an adapter saved with a course chat template
-    (``course finetune instruct --lora``: :func:`~course_lib.lora.save_adapter`'s ``chat_template``)
-    is chatted with in the style it was tuned with; the base, and adapters without one (or with
-    another template), in ``default``."""
-    folder = engine.adapter_folder(model) if model is not None and hasattr(engine, "adapter_folder") else None
-    if folder is None:
-        return default
-    try:
-        template = adapter_chat_template(folder)
-    except (OSError, ValueError):
-        return default
+    (``course finetune instruct --lora``: :func:`~course_lib.lora.save_adapter`'s ``chat_template``,
+    read when the engine loaded the adapter) is chatted with in the style it was tuned with; the
+    base, and adapters without one (or with another template), in ``default``."""
+    read = getattr(engine, "adapter_chat_template", None)
+    template = read(model) if model is not None and read is not None else None
     return next((s for s in _JINJA_ENDS if template is not None and chat_template(s) == template), default)
 
 
@@ -250,7 +244,7 @@ class _Request(BaseModel):
             neutral = _NEUTRAL[name]
         if any(value == v and type(value) is type(v) for v in neutral if v is not None) or value is None:
             return value
-        shown = json.dumps(next(v for v in neutral if v is not None))
+        shown = "null" if name == "logprobs" else json.dumps(next(v for v in neutral if v is not None))
         raise ValueError(f"this server (the course's own engine) does not support {name}; leave it out or send "
                          f"{shown}")
 
@@ -312,7 +306,7 @@ def _validation_message(err: RequestValidationError, content_type: str = "applic
     raw = [str(x) for x in first.get("loc", ()) if x != "body"]
     loc = [x for x in raw if x not in ("str", "int") and not x.startswith("list[")]   # union branches pydantic names
     param = ".".join(loc) or None
-    msg = first.get("msg", "invalid request")
+    msg = first.get("msg", "invalid request").removeprefix("Value error, ")    # a validator's own message
     if param is None and "json" not in content_type:
         return (f"send the body as a JSON object with the header 'Content-Type: application/json' "
                 f"(got {content_type or 'no Content-Type'!r})"), None

@@ -222,6 +222,13 @@ def test_merging_an_instruction_adapter_carries_its_chat_template(tmp_path, caps
     status, out, err = run(capsys, "export", tmp_path / "merged", "--format", "gguf", "--out", tmp_path / "m.gguf")
     assert status == 0 and "chat template" in out, err
     assert gguf.GGUFReader(tmp_path / "m.gguf").fields["tokenizer.chat_template"].contents() == chat_template(style)
+    # transformers' own save keeps the template in chat_template.jinja: the export still finds it
+    config = json.loads((tmp_path / "merged" / "tokenizer_config.json").read_text())
+    (tmp_path / "merged" / "chat_template.jinja").write_text(config.pop("chat_template"))
+    (tmp_path / "merged" / "tokenizer_config.json").write_text(json.dumps(config))
+    status, out, err = run(capsys, "export", tmp_path / "merged", "--format", "gguf", "--out", tmp_path / "j.gguf")
+    assert status == 0 and "chat template" in out, err
+    assert gguf.GGUFReader(tmp_path / "j.gguf").fields["tokenizer.chat_template"].contents() == chat_template(style)
 
     save_adapter(model, tmp_path / "adapter", overwrite=True)          # saved again without: the old one goes
     assert adapter_chat_template(tmp_path / "adapter") is None
@@ -233,7 +240,33 @@ def test_merging_an_instruction_adapter_carries_its_chat_template(tmp_path, caps
         save_adapter(model, tmp_path / "other", chat_template=b"{{ x }}")
     with pytest.raises(ValueError, match="chat_template is empty"):
         save_adapter(model, tmp_path / "other", chat_template="  ")
+    with pytest.raises(ValueError, match="UTF-8"):
+        save_adapter(model, tmp_path / "other", chat_template="ok \udcff")
     assert not (tmp_path / "other").exists()                           # refused before anything was written
+    # a template already in the folder without an adapter (a tokenizer saved there) is the learner's: kept
+    mine = tmp_path / "shared"
+    mine.mkdir()
+    (mine / "chat_template.jinja").write_text("MY OWN")
+    save_adapter(model, mine)
+    assert (mine / "chat_template.jinja").read_text() == "MY OWN"
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "chat_template.jinja").write_text("THEIRS")
+    with pytest.raises(FileExistsError, match="chat_template.jinja"):
+        save_adapter(model, lone, chat_template=chat_template(style))
+    assert [p.name for p in lone.iterdir()] == ["chat_template.jinja"]  # nothing written
+    save_adapter(model, mine, overwrite=True)          # replacing the adapter: the template saved with it goes
+    assert not (mine / "chat_template.jinja").exists()
+    (mine / "chat_template.jinja").mkdir()
+    with pytest.raises(ValueError, match="is a folder"):
+        adapter_chat_template(mine)
+    with pytest.raises(ValueError, match="is a folder"):
+        save_adapter(model, tmp_path / "shared", overwrite=True, chat_template="x")
+    with pytest.raises(ValueError, match="is a file"):
+        adapter_chat_template(mine / "adapter_config.json")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "chat_template.jinja").write_text("  \n")
+    assert adapter_chat_template(tmp_path / "empty") is None
 
 
 def test_export_gguf_and_its_refusals(tmp_path, capsys):

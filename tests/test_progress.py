@@ -231,6 +231,16 @@ def test_a_lock_held_elsewhere_is_a_warning_naming_it(pfile, monkeypatch, capsys
     assert pfile.read_bytes() == before
 
 
+def test_a_progress_file_that_cannot_be_written_is_one_clear_warning(tmp_path, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("COURSE_PROGRESS_FILE", str(tmp_path / "afile" / "progress.json"))
+    progress.record_ri(2, 3.0, metric="m", higher_is_better=True, profile="tiny")      # never raises
+    err = capsys.readouterr().err
+    assert "progress not recorded" in err and f"the folder {tmp_path / 'afile'} is a file" in err, err
+    assert main(["progress", "--learner", "ada"]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
 def test_learner_name_from_env_and_from_the_cli(pfile, monkeypatch, capsys):
     monkeypatch.setenv("COURSE_LEARNER", "ada")
     progress.record_ri(1, 10, metric="m", higher_is_better=True, profile="tiny")
