@@ -54,13 +54,18 @@ def check_writable(path: str | os.PathLike, what: str = "path") -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise IsADirectoryError(f"{what} {path} is a folder; give a file name inside it, e.g. {path / 'run.pt'}")
+    _make_folder(path, what)
+    return path
+
+
+def _make_folder(path: Path, what: str) -> None:
+    """Create the folder of ``path``, or raise NotADirectoryError / PermissionError naming why it cannot be written."""
     problem = writable_problem(path.parent)
     if problem is not None:
         error = NotADirectoryError if "is a file" in problem else PermissionError
         raise error(f"cannot write {what} {path}: the folder {path.parent} {problem}; choose a path in a folder "
                     "you can write to")
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _pid_alive(pid: int) -> bool:
@@ -274,12 +279,7 @@ def locked(path: str | os.PathLike, timeout: float = 30.0) -> Iterator[Path]:
         NotADirectoryError, PermissionError: the folder of ``path`` cannot be made or written (named).
     """
     path = Path(path).expanduser()
-    problem = writable_problem(path.parent)
-    if problem is not None:
-        error = NotADirectoryError if "is a file" in problem else PermissionError
-        raise error(f"cannot write {path}: the folder {path.parent} {problem}; choose a path in a folder you "
-                    "can write to")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(path, "file")
     lock_file = path.with_name(f".{path.name}.lock")
     lock = FileLock(lock_file, timeout=timeout)
     try:
