@@ -486,11 +486,6 @@ class Engine:
         with self._cond:
             return [self.name, *self._adapters]
 
-    def adapter_folder(self, name: str) -> Path | None:
-        """The folder adapter ``name`` was loaded from, or ``None`` (the base, or a name not served)."""
-        with self._cond:
-            return self._adapters.get(name)
-
     def adapter_chat_template(self, name: str) -> str | None:
         """The chat template adapter ``name`` was saved with (read when it was loaded:
         :func:`course_lib.lora.adapter_chat_template`), or ``None``."""
