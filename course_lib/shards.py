@@ -637,9 +637,9 @@ class ShardLoader:
     ranks unequal counts, are left out. ``iter(loader)`` yields one pass from the start (without
     moving ``next_batch``'s position); ``next_batch()`` goes on in order and starts again after the end.
 
-    ``state_dict()`` holds the number of batches drawn and the settings; ``load_state_dict`` on a
-    new loader (on any rank: rank 0's saved state resumes every rank) continues with exactly the
-    batches the uninterrupted loader would have given.
+    ``state_dict()`` holds the number of batches drawn, the settings and :attr:`fingerprint` (of
+    the data); ``load_state_dict`` on a new loader (on any rank: rank 0's saved state resumes every
+    rank) continues with exactly the batches the uninterrupted loader would have given.
 
     Args:
         directory_or_files: a folder of ``{split}_NNNNNN.bin`` shards, one shard file, or a list of
@@ -676,6 +676,13 @@ class ShardLoader:
         self.device = get_device(device) if device is not None else None  # a clear error for "gpu", or cuda without one
         self._shards = [read_shard(f) for f in self.files]  # memory maps: nothing read yet
         sizes = np.array([len(s) for s in self._shards], dtype=np.int64)
+        digest = hashlib.blake2b(digest_size=8)
+        for shard in self._shards:  # each shard's length, first and last 4,096 tokens: a few KB read
+            digest.update(len(shard).to_bytes(8, "little"))
+            digest.update(np.ascontiguousarray(shard[:4096]).tobytes())
+            digest.update(np.ascontiguousarray(shard[-4096:]).tobytes())
+        #: 16 hex digits of the shards' lengths and ends: the state of a loader over other data has another.
+        self.fingerprint = digest.hexdigest()
         self._offsets = np.concatenate([[0], np.cumsum(sizes)])  # global position of each shard's first token
         total = int(self._offsets[-1])
         bounds = self._offsets.tolist()
@@ -810,9 +817,9 @@ class ShardLoader:
     _CHECKED = ("batch_size", "context_length", "num_tokens", "sequential", "cross_shard", "seed", "world_size")
 
     def state_dict(self) -> dict:
-        """``{"batches": batches drawn so far, ...settings}``: plain ints and bools (safe for
-        ``torch.load(weights_only=True)``), the same on every rank."""
-        return {"batches": self._step, **{k: getattr(self, k) for k in self._CHECKED}}
+        """``{"batches": batches drawn so far, ...settings, "data": fingerprint}``: plain ints, bools
+        and a str (safe for ``torch.load(weights_only=True)``), the same on every rank."""
+        return {"batches": self._step, **{k: getattr(self, k) for k in self._CHECKED}, "data": self.fingerprint}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Continue from ``state`` (from :meth:`state_dict`, of this loader or of rank 0's).
@@ -822,8 +829,8 @@ class ShardLoader:
                 ``False`` takes only the batch count (e.g. to resume on another number of GPUs).
 
         Raises:
-            ValueError: with ``strict``, a setting that differs or is missing (named, with both values);
-                a state without a ``batches`` count >= 0.
+            ValueError: with ``strict``, a setting that differs or is missing (named, with both values),
+                or shards with other contents (:attr:`fingerprint`); a state without a ``batches`` count >= 0.
             TypeError: ``strict`` is not ``True``/``False``.
         """
         strict = boolean("strict", strict)
@@ -841,4 +848,10 @@ class ShardLoader:
                     raise ValueError(f"the loader state was saved with {key}={state[key]!r}, this loader has "
                                      f"{getattr(self, key)!r}: exact resume needs the same data and settings "
                                      "(pass strict=False to continue anyway)")
+            # a state saved before loaders had a fingerprint has no "data": its settings were checked above
+            if "data" in state and state["data"] != self.fingerprint:
+                raise ValueError(f"the loader state was saved on other data: the shards hold as many tokens "
+                                 f"({self.num_tokens:,}) but other ones (fingerprint {state['data']!r}, these "
+                                 f"{self.fingerprint!r}); were they written again? Exact resume needs the shards "
+                                 "the run started on (pass strict=False to continue anyway)")
         self._step = batches

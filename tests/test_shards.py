@@ -395,6 +395,26 @@ def test_state_from_other_settings_is_refused(numbered):
         other.load_state_dict({"step": 3})
 
 
+def test_state_over_other_data_of_the_same_size_is_refused(numbered, tmp_path):
+    """Shards written again with the same number of tokens but other ones (the documents in another order):
+    the settings and token count match, the data does not; strict resume says so (it resumed silently)."""
+    kw = dict(batch_size=4, context_length=8)
+    state = ShardLoader(numbered, **kw).state_dict()
+    other = tmp_path / "other"
+    start = 0
+    for i, n in enumerate(SIZES):
+        write_shard(other / f"train_{i:06d}.bin", np.arange(start, start + n)[::-1].copy())
+        start += n
+    moved = ShardLoader(other, **kw)
+    assert moved.num_tokens == state["num_tokens"] and moved.fingerprint != state["data"]
+    with pytest.raises(ValueError, match="saved on other data.*strict=False"):
+        moved.load_state_dict(state)
+    moved.load_state_dict(state, strict=False)
+    ShardLoader(numbered, **kw).load_state_dict(state)                              # the same data: fine
+    old = {k: v for k, v in state.items() if k != "data"}                           # saved before fingerprints
+    ShardLoader(other, **kw).load_state_dict(old)
+
+
 def test_loader_reads_through_memory_maps(numbered):
     loader = ShardLoader(numbered, batch_size=2, context_length=4)
     assert all(isinstance(s, np.memmap) for s in loader._shards)
