@@ -38,6 +38,7 @@ the model from it).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -411,7 +412,7 @@ class _Dist:
     world_size: int = 1
     local_rank: int = 0
     on: bool = False        # a process group is in use
-    started: bool = False   # ... and train() started it (so it also destroys it)
+    started: bool = False   # ... and train() started it (it stays up for later calls; see _distributed)
 
     @property
     def master(self) -> bool:
@@ -440,8 +441,19 @@ def _distributed(cfg: TrainerConfig) -> tuple[_Dist, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if d.started:
+        # Started once per process and left up, so that a second train() in the same processes
+        # uses it: gloo cannot start a new group on torchrun's store after one was destroyed (it
+        # reads the old group's addresses back and waits forever). Destroyed when Python exits.
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_end_group)
     return d, device
+
+
+def _end_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _on_rank0(d: _Dist, fn: Callable[[], Any]) -> Any:
@@ -1089,8 +1101,6 @@ def train(cfg: TrainerConfig, *, resume: bool = False, progress: bool = True, ve
     finally:
         if bar is not None:
             bar.close()
-        if d.started and dist.is_initialized():
-            dist.destroy_process_group()
     tokens_per_s, mfu = meter.mean() if meter is not None else (float("nan"), float("nan"))
     if raw_model is not None:
         raw_model.eval()

@@ -28,10 +28,10 @@ from course_lib.trainer import TrainerConfig, read_log, train
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
 
-# The first run starts and ends torchrun's process group inside train(), as `course pretrain` does.
-# gloo cannot start a second group on torchrun's store in the same processes (its old addresses are
-# read back), so the later runs share a group started here on a fresh file store: train() uses it
-# and leaves it up. A run with "kill_at" raises from the callback after that step, as a kill would.
+# Three runs in the same two processes: the first starts torchrun's process group inside train(), as
+# `course pretrain` does, and leaves it up; the later runs use it (gloo cannot start a second group on
+# torchrun's store: a train() that ended its group made the next one wait forever). The group ends when
+# Python exits. A run with "kill_at" raises from the callback after that step, as a kill would.
 RUNNER = """
 import json, os, sys
 import torch
@@ -46,17 +46,12 @@ def killer(at):
     return callback
 
 for i, run in enumerate(json.loads(open(sys.argv[1]).read())):
-    if i == 1:
-        dist.init_process_group("gloo", init_method="file://" + sys.argv[1] + ".store",
-                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     try:
         result = train(TrainerConfig.from_dict(run["cfg"]), resume=run["resume"], progress=False, verbose=True,
                        callback=killer(run["kill_at"]) if run["kill_at"] else None)
         print(f"rank-done {i} steps={result.steps} group-left-up={dist.is_initialized()}", flush=True)
     except RuntimeError as err:
         print(f"rank-{err} {i}", flush=True)
-if dist.is_initialized():
-    dist.destroy_process_group()
 """
 
 
@@ -124,8 +119,8 @@ def test_ddp_and_resumed_fsdp_on_two_processes_equal_one_process_and_only_rank_0
         assert saved["world_size"] == 2 and saved["global_batch_tokens"] == 2 * 2 * 2 * 16
         assert saved["fsdp"] == (run is fsdp)
     # rank 0 alone printed (per finished run: one evaluation line, one summary); both ranks finished every
-    # run; the first group was ended by train() (which started it), the other left up (the caller's)
+    # run, all three in the group the first train() started and left up
     assert out.count("pretraining: 3/3 steps") == 2 and out.count("val loss") == 4, out[-3000:]
-    assert out.count("rank-done 0 steps=3 group-left-up=False") == 2, out[-3000:]
+    assert out.count("rank-done 0 steps=3 group-left-up=True") == 2, out[-3000:]
     assert out.count("rank-killed 1") == 2 and out.count("resumed ") == 1, out[-3000:]
     assert out.count("rank-done 2 steps=3 group-left-up=True") == 2, out[-3000:]
