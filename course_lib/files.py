@@ -22,6 +22,7 @@ import errno
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,7 @@ from .paths import writable_problem
 __all__ = ["atomic_write", "scratch_file", "check_writable", "publish", "move_aside", "locked"]
 
 _TEMP_SUFFIXES = (".tmp", ".part")
+_HELD = threading.local()   # the lock files this thread holds through locked(), and how many times
 
 
 def check_writable(path: str | os.PathLike, what: str = "path") -> Path:
@@ -266,7 +268,8 @@ def locked(path: str | os.PathLike, timeout: float = 30.0) -> Iterator[Path]:
 
     The lock is ``filelock``'s, on the hidden file ``.<name>.lock`` beside ``path`` (left there
     afterwards; the operating system frees the lock when its process ends, so a killed process
-    leaves none held).
+    leaves none held). It is reentrant in one thread: a ``locked(path)`` inside another for the
+    same file holds it on (it does not wait for itself).
 
     >>> with locked(progress_file):                                          # doctest: +SKIP
     ...     data = load(progress_file); data["runs"] += 1; save(data, progress_file)
@@ -281,14 +284,25 @@ def locked(path: str | os.PathLike, timeout: float = 30.0) -> Iterator[Path]:
     path = Path(path).expanduser()
     _make_folder(path, "file")
     lock_file = path.with_name(f".{path.name}.lock")
-    lock = FileLock(lock_file, timeout=timeout)
+    key = os.path.realpath(lock_file)
+    held = _HELD.__dict__.setdefault("counts", {})
+    if held.get(key):
+        held[key] += 1
+        try:
+            yield path
+        finally:
+            held[key] -= 1
+        return
+    lock = FileLock(lock_file, timeout=timeout, thread_local=False)
     try:
         lock.acquire()
     except Timeout:
         raise TimeoutError(f"{path} is being written by another process (it holds {lock_file}) and was not "
                            f"released within {timeout:g} s; let that command (a notebook cell, `course check`) "
                            "finish, then run this again") from None
+    held[key] = 1
     try:
         yield path
     finally:
+        held.pop(key, None)
         lock.release()

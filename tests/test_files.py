@@ -146,3 +146,30 @@ def test_move_aside_keeps_every_damaged_copy(tmp_path):
     assert one.name.startswith("record.json.damaged-") and two.name.startswith(one.name)
     with pytest.raises(OSError):
         move_aside(tmp_path / "missing.json")
+
+
+def test_locked_is_reentrant_in_one_thread_and_exclusive_across_threads(tmp_path):
+    import threading
+
+    from course_lib.files import locked
+
+    path = tmp_path / "record.json"
+    got = []
+
+    def other():
+        try:
+            with locked(path, timeout=0.2):
+                got.append("other")
+        except TimeoutError:
+            got.append("timeout")
+
+    with locked(path, timeout=0.5):
+        with locked(str(path), timeout=0.5):        # the same file again: held on, no wait for itself
+            got.append("inner")
+        t = threading.Thread(target=other)          # still held by the outer block
+        t.start()
+        t.join(timeout=10)
+    t = threading.Thread(target=other)              # released by the outer block
+    t.start()
+    t.join(timeout=10)
+    assert got == ["inner", "timeout", "other"]
