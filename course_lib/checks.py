@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["positive_int", "non_negative_int", "integer", "positive_float", "probability", "boolean", "describe"]
+__all__ = ["positive_int", "non_negative_int", "integer", "positive_float", "finite_number", "probability", "boolean",
+           "describe"]
 
 
 def describe(value: Any) -> str:
@@ -86,6 +87,38 @@ def positive_float(name: str, value: Any, *, hint: str = "") -> float:
     if not _is_real(value) or not math.isfinite(_float(value)) or value <= 0:
         raise ValueError(f"{name} must be a finite number above 0, got {describe(value)}{hint}")
     return float(value)
+
+
+def finite_number(name: str, value: Any, *, minimum: float | None = None, positive: bool = False,
+                  strict: bool = False, hint: str = "") -> float:
+    """``value`` as a ``float`` if it is a finite real number (NumPy's too, never a ``bool``),
+    at least ``minimum`` when given and above 0 with ``positive``.
+
+    >>> finite_number("grad_clip", 1, minimum=0)
+    1.0
+
+    Args:
+        minimum: the smallest value allowed. Default: no bound.
+        positive: refuse 0 and below. Default ``False``.
+        strict: a value that is not a real number is a ``TypeError`` ("must be a number").
+            Default ``False``: a ``ValueError`` like the others.
+        hint: appended to the message.
+
+    Raises:
+        ValueError: ``nan``, ``inf`` (an int too large for a float too), a value out of bounds;
+            without ``strict``, anything that is not a real number.
+        TypeError: with ``strict``, not a real number (a string, a ``bool``, ``None``).
+    """
+    bound = " > 0" if positive else f" >= {minimum:g}" if minimum is not None else ""
+    if not _is_real(value):
+        if strict:
+            raise TypeError(f"{name} must be a number, got {describe(value)}{hint}")
+        raise ValueError(f"{name} must be a finite number{bound}, got {describe(value)}{hint}")
+    number = _float(value)
+    if (not math.isfinite(number) or (minimum is not None and number < minimum)
+            or (positive and number <= 0)):
+        raise ValueError(f"{name} must be a finite number{bound}, got {describe(value)}{hint}")
+    return number
 
 
 def non_negative_int(name: str, value: Any, *, hint: str = "") -> int:

@@ -20,15 +20,14 @@ percent of the rough estimate below is normal. The table is approximate; pass
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import re
 import warnings
 from typing import Any
 
-import numpy as np
 import torch
+
+from .checks import finite_number
 
 __all__ = ["PEAK_FLOPS", "CPU_CORE_FLOPS", "FALLBACK_GPU", "DTYPES", "peak_flops", "mfu", "device_name",
            "lookup"]
@@ -107,21 +106,8 @@ def lookup(name: str) -> str | None:
     return None
 
 
-def _number(value: Any) -> float:
-    """``value`` as a float if it is a real number (NumPy's too, never a bool); else ``nan``."""
-    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
-        return math.nan
-    try:
-        return float(value)
-    except OverflowError:  # an int too large for a float
-        return math.inf
-
-
 def _positive(name: str, value: Any) -> float:
-    number = _number(value)
-    if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"{name} must be a positive number of FLOP/s (e.g. 989e12), got {value!r}")
-    return number
+    return finite_number(name, value, positive=True, hint=" (FLOP/s, e.g. 989e12)")
 
 
 def peak_flops(device: Any = None, dtype: str | torch.dtype = "bf16", override: float | None = None) -> float:
@@ -196,10 +182,7 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak: float) -> float:
         ValueError: a negative or non-finite throughput, or a ``flops_per_token``/``peak`` that is
             not a positive number.
     """
-    tps, fpt = _number(tokens_per_second), _number(flops_per_token)
-    if not math.isfinite(tps) or tps < 0:
-        raise ValueError(f"tokens_per_second must be a finite number >= 0, got {tokens_per_second!r}")
-    if not math.isfinite(fpt) or fpt <= 0:
-        raise ValueError(f"flops_per_token must be a positive number (course_lib.anatomy.flops_per_token(cfg)), "
-                         f"got {flops_per_token!r}")
+    tps = finite_number("tokens_per_second", tokens_per_second, minimum=0)
+    fpt = finite_number("flops_per_token", flops_per_token, positive=True,
+                        hint=" (course_lib.anatomy.flops_per_token(cfg))")
     return tps * fpt / _positive("peak", peak)

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from .checker import FAILED, NOT_RUN, NOT_STARTED, PASSED, CheckReport, exercise_file
-from .checks import boolean, describe, integer
+from .checks import boolean, describe, finite_number, integer
 from .files import atomic_write, locked, move_aside
 from .paths import find_course_root
 
@@ -347,11 +347,10 @@ def _score(value: Any) -> float:
             value = value.item()
         except (AttributeError, ValueError, RuntimeError):
             raise TypeError(f"score must be a number, got {describe(value)}") from None
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):
-            raise TypeError(f"score must be a number, got {describe(value)}")
-    if not math.isfinite(value):
-        raise ValueError(f"score must be a finite number, got {value!r}: a run that diverged has no score to record")
-    return float(value)
+    try:
+        return finite_number("score", value, strict=True)
+    except ValueError as err:
+        raise ValueError(f"{err}: a run that diverged has no score to record") from None
 
 
 def _fmt(x: float) -> str:

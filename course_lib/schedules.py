@@ -30,28 +30,18 @@ the default of 0 the first update does nothing, which is why recipes pass a smal
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 
 import torch
 
-from .checks import describe, integer
+from .checks import finite_number, integer
 
 __all__ = ["lr_at", "linear_lr_at", "wsd_lr_at", "SCHEDULES", "lr_lambda", "scheduler"]
 
 
 def _rate(name: str, value, *, positive: bool = False) -> float:
     """``value`` as a float if it is a finite real number >= 0 (> 0 with ``positive``)."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {describe(value)}")
-    bound = "> 0" if positive else ">= 0"
-    try:
-        number = float(value)
-    except OverflowError:  # an int too large for a float (10**400)
-        number = math.inf
-    if not math.isfinite(number) or number < 0 or (positive and number == 0):
-        raise ValueError(f"{name} must be a finite number {bound}, got {describe(value)}")
-    return number
+    return finite_number(name, value, minimum=0, positive=positive, strict=True)
 
 
 def _check(step, max_lr, min_lr, warmup_steps, total_steps, warmup_start_lr):

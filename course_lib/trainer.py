@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from .anatomy import flops_per_token
 from .checkpoint import (CheckpointError, NonFiniteError, load_checkpoint, nonfinite_parameters, rng_state,
                          save_checkpoint, set_rng_state)
-from .checks import boolean, integer, non_negative_int, positive_int
+from .checks import boolean, finite_number, integer, non_negative_int, positive_int
 from .config import DEFAULT_SEED, GPT_CONFIGS, GPTConfig, get_config, get_device
 from .files import atomic_write, check_writable
 from .mfu import mfu as model_flops_utilisation
@@ -231,16 +231,7 @@ class TrainerConfig:
 
 def _real(name: str, value: Any, *, positive: bool = False) -> float:
     """``value`` as a ``float`` if it is a finite real number >= 0 (> 0 with ``positive``); NumPy's too."""
-    number = math.nan
-    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
-        try:
-            number = float(value)
-        except OverflowError:  # an int too large for a float (10**400)
-            number = math.inf
-    if not math.isfinite(number) or number < 0 or (positive and number == 0):
-        raise ValueError(f"TrainerConfig.{name} must be a finite number {'> 0' if positive else '>= 0'}, "
-                         f"got {value!r}")
-    return number
+    return finite_number(f"TrainerConfig.{name}", value, minimum=0, positive=positive)
 
 
 def check_config(cfg: TrainerConfig) -> TrainerConfig:
@@ -1025,8 +1016,6 @@ def train(cfg: TrainerConfig, *, resume: bool = False, progress: bool = True, ve
         course_lib.checkpoint.CheckpointError, CheckpointMismatchError: a checkpoint that cannot be resumed.
     """
     from tqdm.auto import tqdm
-
-    import torch.distributed as dist
 
     cfg = check_config(cfg)                              # plain Python values from here on
     for name, flag in (("resume", resume), ("progress", progress), ("verbose", verbose)):

@@ -8,7 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from course_lib.checks import boolean, describe, integer, non_negative_int, positive_float, positive_int, probability
+from course_lib.checks import (boolean, describe, finite_number, integer, non_negative_int, positive_float, positive_int,
+                               probability)
 
 
 def re_repr(value) -> str:
@@ -99,3 +100,24 @@ def test_positive_float_refuses_what_is_not_a_finite_positive_number(value):
 
 def test_positive_float_returns_plain_floats():
     assert positive_float("lr", np.float32(0.5)) == 0.5 and type(positive_float("lr", 2)) is float
+
+
+def test_finite_number_bounds_types_and_messages():
+    assert finite_number("x", -2.5) == -2.5 and type(finite_number("x", np.float32(0.5))) is float
+    assert finite_number("x", 0, minimum=0) == 0.0 and finite_number("x", np.int64(3), positive=True) == 3.0
+    for value, kwargs, message in [
+            (-0.1, dict(minimum=0), "x must be a finite number >= 0, got the float -0.1"),
+            (0, dict(positive=True), "x must be a finite number > 0, got the int 0"),
+            (1.5, dict(minimum=2), "x must be a finite number >= 2, got the float 1.5"),
+            (math.nan, {}, "x must be a finite number, got the float nan"),
+            (10**400, dict(minimum=0), "x must be a finite number >= 0, got the int 1000"),   # not float()'s OverflowError
+            ("1", {}, "x must be a finite number, got the str '1'"),
+            (True, {}, "x must be a finite number, got the bool True")]:
+        with pytest.raises(ValueError) as err:
+            finite_number("x", value, **kwargs)
+        assert str(err.value).startswith(message), (value, str(err.value))
+    for value in ("1", True, np.bool_(False), None):
+        with pytest.raises(TypeError, match=r"^x must be a number, got .*; see the docs$"):
+            finite_number("x", value, strict=True, hint="; see the docs")
+    with pytest.raises(ValueError, match=r"^x must be a finite number, got the float inf; see the docs$"):
+        finite_number("x", math.inf, strict=True, hint="; see the docs")
