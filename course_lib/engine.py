@@ -44,11 +44,12 @@ from .lora import adapter_chat_template as _adapter_chat_template, load_adapter 
 from .model import GPTModel
 from .text_data import encode_text
 
-__all__ = ["SamplingParams", "Delta", "Completion", "RequestHandle", "Engine", "EngineError", "UnknownModel",
+__all__ = ["SamplingParams", "Delta", "Completion", "TokenLogprob", "RequestHandle", "Engine", "EngineError", "UnknownModel",
            "PromptTooLong", "RequestFailed", "EngineClosed", "ENDOFTEXT_ID"]
 
 ENDOFTEXT_ID = 50256    #: GPT-2's ``<|endoftext|>``
 MAX_STOP = 4            #: stop strings per request, as OpenAI's API
+MAX_LOGPROBS = 20       #: most likely tokens a request can ask for at each step, as OpenAI's chat API
 
 
 # --------------------------------------------------------------------------- #
@@ -70,6 +71,10 @@ class SamplingParams:
             whatever else is in the batch (a ``torch.Generator`` per request). Default ``None``.
         stop_token_ids: ids that end the request with finish ``"stop"``, left out of the text
             and ``token_ids``. Default ``(50256,)``, ``<|endoftext|>``.
+        logprobs: ``None`` (default) or an integer in ``[0, 20]``: each Delta and the Completion
+            carry, for each token of ``token_ids``, its log-probability and the ``logprobs`` most
+            likely tokens at that step (:class:`TokenLogprob`). They are the model's own
+            distribution (a log-softmax of the logits, before temperature, ``top_k`` and ``top_p``).
 
     Raises:
         ValueError: any field out of its range (the message names the field and the range).
@@ -82,6 +87,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = (ENDOFTEXT_ID,)
+    logprobs: int | None = None
 
     def __post_init__(self):
         def bad(name, want, got):
@@ -105,6 +111,8 @@ class SamplingParams:
         ids = self.stop_token_ids
         if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
             bad("stop_token_ids", "a list of token ids (integers >= 0)", ids)
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]", self.logprobs)
         object.__setattr__(self, "stop", tuple(stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
         object.__setattr__(self, "temperature", float(t))
@@ -149,28 +157,42 @@ class EngineClosed(RuntimeError):
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability (natural log) and the ``top`` most likely tokens at its
+    step, ``[(token_id, logprob), ...]`` from the most likely down (``SamplingParams.logprobs`` of them)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Delta:
     """One event of a running request: the text and token ids new since the previous one.
 
     ``text`` may be ``""`` while a possible stop string or a partial UTF-8 character is held
     back. ``finish_reason`` is ``None`` until the last Delta: ``"stop"``, ``"length"`` or ``"cancelled"``.
+    ``logprobs``: one :class:`TokenLogprob` per id of ``token_ids`` when the request asked for
+    them (``SamplingParams.logprobs``), else ``None``.
     """
 
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
 class Completion:
     """A finished request. ``completion_tokens`` counts every token generated, a stop token
-    included (``token_ids`` leaves it out)."""
+    included (``token_ids`` leaves it out). ``logprobs``: as in :class:`Delta`, for all of ``token_ids``."""
 
     text: str
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
 
 
 def _prefill_last(model: nn.Module, prompts: list[list[int]]) -> tuple[KVCache, torch.Tensor]:
@@ -297,6 +319,7 @@ class RequestHandle:
         self._generator: torch.Generator | None = None
         self._next: int = 0                 # the token to feed at the next decode step
         self._count = 0                     # tokens generated
+        self._logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []  # of token_ids
 
     # -- producer side (the engine's thread) --------------------------------- #
     def _push(self, event: Delta | BaseException, wake: list | None = None) -> None:
@@ -317,13 +340,16 @@ class RequestHandle:
         else:
             wake += waiters
 
-    def _finish(self, reason: str, text: str = "", token_ids: list[int] | None = None) -> None:
-        """Send the last Delta (``reason``), after recording the :class:`Completion`."""
+    def _finish(self, end: Delta) -> None:
+        """Send the last Delta ``end``, after recording the :class:`Completion`."""
         detok = self._detok
         full = detok.text if detok is not None else ""
         ids = list(detok.ids) if detok is not None else []
-        self._completion = Completion(full, ids, reason, self.prompt_tokens, self._count)
-        self._push(Delta(text, token_ids or [], reason))
+        logprobs = None if self._logprobs is None else list(self._logprobs)
+        self._completion = Completion(full, ids, end.finish_reason, self.prompt_tokens, self._count, logprobs)
+        if self._logprobs is not None and end.logprobs is None:
+            end = Delta(end.text, end.token_ids, end.finish_reason, [])
+        self._push(end)
 
     # -- consumer side ------------------------------------------------------ #
     def __iter__(self) -> Iterator[Delta]:
@@ -573,7 +599,7 @@ class Engine:
             if handle in self._waiting:             # never started: end it now
                 self._waiting.remove(handle)
                 self._stats["requests_cancelled"] += 1
-                handle._finish("cancelled")
+                handle._finish(Delta("", [], "cancelled"))
             self._cond.notify_all()
 
     def stats(self) -> dict:
@@ -745,6 +771,9 @@ class Engine:
         sampled = [j for j, row in enumerate(rows) if self._rows[row].params.temperature > 0]
         if sampled:    # their rows, contiguous: fast decoding's head gives the logits as a transposed view
             picked = dict(zip(sampled, logits[sampled].contiguous().split(1)))     # j -> [1, V]
+        scored = [j for j, row in enumerate(rows) if self._rows[row].params.logprobs is not None]
+        if scored:     # the model's own distribution, before temperature and filters
+            logp = dict(zip(scored, torch.log_softmax(logits[scored].float(), dim=-1).split(1)))   # j -> [1, V]
         ends: dict[int, tuple] = {}                  # row -> (handle, Delta or error, counter)
         wake: list = []                              # the asyncio readers to wake, once per loop
         with self._cond:                             # counted before any reader gets its token
@@ -765,7 +794,13 @@ class Engine:
                         with self._cond:             # no token after all
                             self._stats["tokens_generated"] -= 1
                         raise
-                end = self._advance(handle, token, wake)
+                scores = None
+                if p.logprobs is not None:
+                    row_logp = logp[j][0]
+                    top = row_logp.topk(p.logprobs) if p.logprobs else None
+                    scores = TokenLogprob(token, float(row_logp[token]), [] if top is None else
+                                          list(zip(top.indices.tolist(), top.values.tolist())))
+                end = self._advance(handle, token, wake, scores)
                 if end is not None:
                     ends[row] = (handle, end, "requests_finished")
             except Exception as err:   # noqa: BLE001 — this row fails alone
@@ -784,22 +819,28 @@ class Engine:
                 continue
             with self._cond:
                 self._stats[counter] += 1
-            handle._finish(end.finish_reason, end.text, end.token_ids)
+            handle._finish(end)
 
-    def _advance(self, handle: RequestHandle, token: int, wake: list) -> Delta | None:
-        """Give ``token`` to ``handle``: push its Delta (its asyncio readers added to ``wake``), or
-        return the last one if it finished."""
+    def _advance(self, handle: RequestHandle, token: int, wake: list,
+                 scores: TokenLogprob | None = None) -> Delta | None:
+        """Give ``token`` (and its ``scores`` when the request wants log-probabilities) to
+        ``handle``: push its Delta (its asyncio readers added to ``wake``), or return the last one
+        if it finished."""
         p = handle.params
         handle._count += 1
         if token in p.stop_token_ids:
-            return Delta(handle._detok.flush(), [], "stop")
+            return Delta(handle._detok.flush(), [], "stop", None if scores is None else [])
         text, stopped = handle._detok.add(token)
+        scored = None
+        if scores is not None:
+            handle._logprobs.append(scores)
+            scored = [scores]
         if stopped:
-            return Delta(text, [token], "stop")
+            return Delta(text, [token], "stop", scored)
         if handle._count >= p.max_tokens or handle.prompt_tokens + handle._count >= self.context_length:
-            return Delta(text + handle._detok.flush(), [token], "length")
+            return Delta(text + handle._detok.flush(), [token], "length", scored)
         handle._next = token
-        handle._push(Delta(text, [token]), wake)
+        handle._push(Delta(text, [token], None, scored), wake)
         return None
 
     def _free(self, rows: list[int]) -> None:

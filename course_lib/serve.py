@@ -23,11 +23,18 @@ Choices where OpenAI's API says nothing about a small local model:
   ``seed + j``, so the choices differ and the whole reply is reproducible.
 * ``top_k`` and ``ignore_eos`` are extra fields, as in vLLM (``top_k`` ``null``, ``0`` or ``-1``: no
   limit; ``ignore_eos: true`` decodes past ``<|endoftext|>``, for benchmarks). Fields this server
-  does not do are a 400 naming the field when a request asks for them: ``logprobs``,
-  ``presence_penalty``, ``frequency_penalty``, ``logit_bias``; for completions ``echo``, ``best_of``
-  (above ``n``), ``suffix``; for chat ``top_logprobs``, ``tools``, ``functions``, ``tool_choice``,
-  ``response_format`` (other than text). Their default values (``null``, ``false``, ``0``, ``{}``,
-  ``[]``) pass, as clients send them. Other unknown fields (``user``, ``metadata``, ...) are ignored.
+  does not do are a 400 naming the field when a request asks for them: ``presence_penalty``,
+  ``frequency_penalty``, ``logit_bias``; for completions ``echo``, ``best_of`` (above ``n``),
+  ``suffix``; for chat ``tools``, ``functions``, ``tool_choice``, ``response_format`` (other than
+  text). Their default values (``null``, ``false``, ``0``, ``{}``, ``[]``) pass, as clients send them.
+  Other unknown fields (``user``, ``metadata``, ...) are ignored.
+* Log-probabilities (completions ``logprobs: k``, chat ``logprobs: true`` with ``top_logprobs: k``,
+  ``k`` up to 20) are the model's own distribution, before temperature, ``top_k`` and ``top_p`` (as
+  vLLM's default), in OpenAI's shapes, streamed too. Completions list the sampled token's entry in
+  ``top_logprobs`` as well when it is not among the ``k`` (OpenAI's rule: up to ``k + 1``);
+  ``text_offset`` counts from the start of the completion (no ``echo``). A token that is part of a
+  UTF-8 character is named ``"bytes:\\xe2\\x80"``, its ``bytes`` given in chat. A stop token is
+  not listed (it is not in the text).
 * Types are strict, as OpenAI's: ``"5"`` is no ``max_tokens``, ``true`` no token id. A body over
   :data:`MAX_BODY_BYTES` is a 413; a request to an engine that was shut down, a 503.
 """
@@ -35,6 +42,7 @@ Choices where OpenAI's API says nothing about a small local model:
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import ipaddress
 import json
@@ -54,7 +62,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Delta, Engine, EngineClosed, EngineError, PromptTooLong, RequestFailed, SamplingParams, UnknownModel
+from .engine import (MAX_LOGPROBS, Delta, Engine, EngineClosed, EngineError, PromptTooLong, RequestFailed,
+                     SamplingParams, TokenLogprob, UnknownModel)
 from .instruction import ALPACA_PREAMBLE, STYLES, format_prompt
 
 __all__ = [
@@ -231,9 +240,8 @@ class _Request(BaseModel):
     presence_penalty: Any = None
     frequency_penalty: Any = None
     logit_bias: Any = None
-    logprobs: Any = None
 
-    @field_validator("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "best_of",
+    @field_validator("presence_penalty", "frequency_penalty", "logit_bias", "best_of",
                      "echo", "suffix", "tools", "functions", "tool_choice", "response_format", check_fields=False)
     @classmethod
     def _not_supported(cls, value, info):
@@ -244,13 +252,13 @@ class _Request(BaseModel):
             neutral = _NEUTRAL[name]
         if any(value == v and type(value) is type(v) for v in neutral if v is not None) or value is None:
             return value
-        shown = "null" if name == "logprobs" else json.dumps(next(v for v in neutral if v is not None))
+        shown = json.dumps(next(v for v in neutral if v is not None))
         raise ValueError(f"this server (the course's own engine) does not support {name}; leave it out or send "
                          f"{shown}")
 
 
 _NEUTRAL = {"presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
-            "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
+            "echo": (None, False), "suffix": (None, ""),
             "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
             "response_format": (None, {"type": "text"})}
 
@@ -259,9 +267,18 @@ class CompletionRequest(_Request):
     """The body of ``POST /v1/completions``: ``prompt`` is a string, a list of strings, token ids, or lists of ids."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: Any = None
     echo: Any = None
     suffix: Any = None
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _no_logprobs(cls, value):   # some clients send false for "none" (OpenAI takes it too)
+        return None if value is False else value
+
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class ChatRequest(_Request):
@@ -269,11 +286,22 @@ class ChatRequest(_Request):
 
     messages: list[Any] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    top_logprobs: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: Any = None
     functions: Any = None
     tool_choice: Any = None
     response_format: Any = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value, info):
+        if value and not info.data.get("logprobs"):
+            raise ValueError('top_logprobs needs "logprobs": true as well')
+        return value
+
+    def wanted_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class _APIError(Exception):
@@ -404,7 +432,7 @@ def _coalesce(items: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
     Each choice's text stays in order; errors and ends (``None``) stay after that choice's deltas.
 
     >>> _coalesce([(0, Delta("a", [1])), (1, Delta("b", [2])), (0, Delta("c", [3], "stop")), (0, None)])
-    [(0, Delta(text='ac', token_ids=[1, 3], finish_reason='stop')), (1, Delta(text='b', token_ids=[2], finish_reason=None)), (0, None)]
+    [(0, Delta(text='ac', token_ids=[1, 3], finish_reason='stop', logprobs=None)), (1, Delta(text='b', token_ids=[2], finish_reason=None, logprobs=None)), (0, None)]
     """
     out: list[tuple[int, Any]] = []
     last: dict[int, int] = {}                       # choice -> its open (unfinished) Delta's place in out
@@ -412,7 +440,8 @@ def _coalesce(items: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
         j = last.pop(i, None)
         if isinstance(item, Delta) and j is not None:
             prev = out[j][1]
-            item = Delta(prev.text + item.text, prev.token_ids + item.token_ids, item.finish_reason)
+            logprobs = None if item.logprobs is None else (prev.logprobs or []) + item.logprobs
+            item = Delta(prev.text + item.text, prev.token_ids + item.token_ids, item.finish_reason, logprobs)
             out[j] = (i, item)
         else:
             j = len(out)
@@ -507,10 +536,11 @@ def create_app(engine: Engine, *, api_key: str | None = None, style: str | None 
         handles = await _submit_in_thread(engine, request, body, prompts, body.max_tokens or 16, "prompt")
         kind = "text_completion"
         if body.stream:
-            return _streaming(request, body, handles, "cmpl", kind, chat=False)
+            return _streaming(request, engine, body, handles, "cmpl", kind, chat=False)
         results = await _results(request, engine, handles)
-        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-                   for i, (text, finish, _) in enumerate(results)]
+        choices = [{"index": i, "text": text, "finish_reason": finish,
+                    "logprobs": None if lp is None else _completion_logprobs(engine.tokenizer, lp)}
+                   for i, (text, finish, _, lp) in enumerate(results)]
         return _reply(request, "cmpl", kind, body.model, choices, results)
 
     @app.post("/v1/chat/completions")
@@ -523,10 +553,11 @@ def create_app(engine: Engine, *, api_key: str | None = None, style: str | None 
         handles = await _submit_in_thread(engine, request, body, [prompt], max_tokens, "messages")
         kind = "chat.completion"
         if body.stream:
-            return _streaming(request, body, handles, "chatcmpl", kind + ".chunk", chat=True)
+            return _streaming(request, engine, body, handles, "chatcmpl", kind + ".chunk", chat=True)
         results = await _results(request, engine, handles)
         choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": None, "finish_reason": finish} for i, (text, finish, _) in enumerate(results)]
+                    "logprobs": None if lp is None else _chat_logprobs(engine.tokenizer, lp), "finish_reason": finish}
+                   for i, (text, finish, _, lp) in enumerate(results)]
         return _reply(request, "chatcmpl", kind, body.model, choices, results)
 
     app.add_middleware(_Access, api_key=api_key)   # outermost: before FastAPI reads the body
@@ -556,6 +587,7 @@ def _params(body: _Request, max_tokens: int, choice: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
                               top_p=1.0 if body.top_p is None else body.top_p, top_k=top_k, stop=tuple(body.stop or ()),
                               seed=None if body.seed is None else (body.seed + choice) % 2**64,
+                              logprobs=body.wanted_logprobs(),
                               **({"stop_token_ids": ()} if body.ignore_eos else {}))
     except (TypeError, ValueError) as err:   # the message starts with the field's name
         name = str(err).split(" ", 1)[0]
@@ -633,13 +665,72 @@ async def _results(request: Request, engine: Engine, handles: list) -> list[tupl
             gathered.cancel()
 
 
-async def _collect(handle) -> tuple[str, str, int]:
-    """``(text, finish_reason, completion tokens)`` of one request, without blocking the event loop."""
+async def _collect(handle) -> tuple[str, str, int, list[TokenLogprob] | None]:
+    """``(text, finish_reason, completion tokens, logprobs)`` of one request, without blocking the event loop."""
     pieces, finish = [], None
     async for delta in handle:   # leaving early (a cancelled task) cancels the request
         pieces.append(delta.text)
         finish = delta.finish_reason or finish
-    return "".join(pieces), finish or "stop", handle.result(timeout=0).completion_tokens
+    done = handle.result(timeout=0)
+    return "".join(pieces), finish or "stop", done.completion_tokens, done.logprobs
+
+
+# --------------------------------------------------------------------------- #
+# Log-probabilities in OpenAI's two shapes
+# --------------------------------------------------------------------------- #
+def _token_bytes(tokenizer, token_id: int) -> bytes:
+    if hasattr(tokenizer, "decode_bytes"):
+        return tokenizer.decode_bytes([token_id])
+    return tokenizer.decode([token_id]).encode("utf-8")
+
+
+def _token_name(raw: bytes) -> str:
+    """A token's text; a piece of a UTF-8 character as OpenAI names it: ``"bytes:\\xe2\\x80"``."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+class _Offsets:
+    """Where each token's text starts in a completion, in characters: an incremental UTF-8 decoder
+    counts them (a token that ends in part of a character starts where that character starts)."""
+
+    def __init__(self):
+        self.decoder, self.at = codecs.getincrementaldecoder("utf-8")(errors="replace"), 0
+
+    def next(self, raw: bytes) -> int:
+        start = self.at
+        self.at += len(self.decoder.decode(raw))
+        return start
+
+
+def _completion_logprobs(tokenizer, entries: list[TokenLogprob], offsets: _Offsets | None = None) -> dict:
+    """``/v1/completions``' ``logprobs`` object for ``entries``; ``offsets`` carries the text
+    offsets on from one streamed chunk to the next."""
+    offsets = _Offsets() if offsets is None else offsets
+    tokens, starts, tops = [], [], []
+    for e in entries:
+        raw = _token_bytes(tokenizer, e.token_id)
+        name = _token_name(raw)
+        tokens.append(name)
+        starts.append(offsets.next(raw))
+        top = {_token_name(_token_bytes(tokenizer, t)): lp for t, lp in e.top}
+        if e.token_id not in {t for t, _ in e.top}:      # the sampled token is always there (k + 1 at most)
+            top[name] = e.logprob
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": tops,
+            "text_offset": starts}
+
+
+def _chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> dict:
+    """``/v1/chat/completions``' ``logprobs`` object for ``entries``."""
+    def item(token_id: int, logprob: float) -> dict:
+        raw = _token_bytes(tokenizer, token_id)
+        return {"token": _token_name(raw), "logprob": logprob, "bytes": list(raw)}
+
+    return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                        for e in entries], "refusal": None}
 
 
 def _reply(request: Request, prefix: str, kind: str, model: str, choices: list, results: list) -> dict:
@@ -652,7 +743,7 @@ def _reply(request: Request, prefix: str, kind: str, model: str, choices: list, 
                       "total_tokens": prompt_tokens + completion_tokens}}
 
 
-def _streaming(request: Request, body: _Request, handles: list, prefix: str, kind: str,
+def _streaming(request: Request, engine: Engine, body: _Request, handles: list, prefix: str, kind: str,
                chat: bool) -> StreamingResponse:
     """Server-sent events: one chunk per piece of text, a last one per choice with its finish_reason,
     a usage chunk (``stream_options.include_usage``), then ``data: [DONE]``. A client that goes away
@@ -665,11 +756,19 @@ def _streaming(request: Request, body: _Request, handles: list, prefix: str, kin
                "system_fingerprint": None}
         return _sse({**obj, "usage": use.get("usage")} if usage else obj)
 
-    def choice(i: int, text: str | None, finish: str | None, role: bool = False) -> dict:
+    offsets = [_Offsets() for _ in handles]         # completions' text_offset, per choice
+
+    def choice(i: int, text: str | None, finish: str | None, role: bool = False,
+               entries: list[TokenLogprob] | None = None) -> dict:
+        scores = None
+        if entries is not None and not chat:
+            scores = _completion_logprobs(engine.tokenizer, entries, offsets[i])
+        elif entries is not None:
+            scores = _chat_logprobs(engine.tokenizer, entries)
         if not chat:
-            return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": i, "text": text or "", "logprobs": scores, "finish_reason": finish}
         delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-        return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": i, "delta": delta, "logprobs": scores, "finish_reason": finish}
 
     async def events() -> AsyncIterator[str]:
         queue: asyncio.Queue = asyncio.Queue()
@@ -704,10 +803,10 @@ def _streaming(request: Request, body: _Request, handles: list, prefix: str, kin
                         if item.finish_reason:
                             running.discard(i)
                             state.completion_tokens += handles[i].result(timeout=0).completion_tokens
-                        if not chat and (item.text or item.finish_reason):
-                            yield chunk([choice(i, item.text, item.finish_reason)])
-                        if chat and item.text:
-                            yield chunk([choice(i, item.text, None)])
+                        if not chat and (item.text or item.finish_reason or item.logprobs):
+                            yield chunk([choice(i, item.text, item.finish_reason, entries=item.logprobs)])
+                        if chat and (item.text or item.logprobs):
+                            yield chunk([choice(i, item.text, None, entries=item.logprobs)])
                         if chat and item.finish_reason:
                             yield chunk([choice(i, None, item.finish_reason)])
             if usage:

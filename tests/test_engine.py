@@ -231,7 +231,8 @@ def test_seed_reproducible_alone_and_in_a_batch(model, enc):
 @pytest.mark.parametrize("field, value", [
     ("max_tokens", 0), ("max_tokens", 2.0), ("temperature", -0.1), ("temperature", 2.5), ("temperature", float("nan")),
     ("temperature", "1"), ("top_p", 0), ("top_p", 1.5), ("top_k", 0), ("top_k", 2.5), ("stop", ["a"] * 5),
-    ("stop", [""]), ("stop", [1]), ("seed", 1.5), ("seed", 2**64), ("stop_token_ids", [-1]), ("stop_token_ids", 5)])
+    ("stop", [""]), ("stop", [1]), ("seed", 1.5), ("seed", 2**64), ("stop_token_ids", [-1]), ("stop_token_ids", 5),
+    ("logprobs", -1), ("logprobs", 21), ("logprobs", True), ("logprobs", 2.0)])
 def test_sampling_params_validated(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
@@ -241,6 +242,51 @@ def test_sampling_params_normalised():
     p = SamplingParams(stop="###", stop_token_ids=[1, 2], temperature=1)
     assert p.stop == ("###",) and p.stop_token_ids == (1, 2) and p.temperature == 1.0
     assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+
+
+def _reference_logprobs(model, ids, new):
+    """log-softmax of the model's logits at each generated position: one full forward pass, no cache."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + new]))[0, len(ids) - 1:len(ids) + len(new) - 1]   # [len(new), V]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.5, top_k=5, seed=3)])
+def test_logprobs_are_the_models_own_and_follow_the_tokens(model, enc, sampling):
+    ids = _prompt(5, seed=8)
+    with Engine(copy.deepcopy(model), enc) as eng:
+        plain = eng.generate(ids, SamplingParams(max_tokens=12, stop_token_ids=(), **sampling))
+        h = eng.submit(ids, SamplingParams(max_tokens=12, stop_token_ids=(), logprobs=3, **sampling))
+        deltas = list(h)
+        c = h.result()
+        none = eng.generate(ids, SamplingParams(max_tokens=12, stop_token_ids=(), logprobs=0, **sampling))
+    assert c.token_ids == plain.token_ids and plain.logprobs is None           # asking changes no token
+    ref = _reference_logprobs(model, ids, c.token_ids)
+    assert [e.token_id for e in c.logprobs] == c.token_ids
+    for k, entry in enumerate(c.logprobs):
+        assert entry.logprob == pytest.approx(float(ref[k, entry.token_id]), abs=1e-4)
+        top = ref[k].topk(3)
+        assert [t for t, _ in entry.top] == top.indices.tolist()
+        assert [lp for _, lp in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    if sampling["temperature"] == 0:
+        assert all(e.top[0][0] == e.token_id for e in c.logprobs)             # greedy takes the most likely
+    # every Delta carries its own tokens' entries; together they are the Completion's
+    assert all(len(d.logprobs) == len(d.token_ids) for d in deltas)
+    assert [e for d in deltas for e in d.logprobs] == c.logprobs
+    assert [e.top for e in none.logprobs] == [[]] * 12 and [e.token_id for e in none.logprobs] == c.token_ids
+
+
+def test_logprobs_leave_out_a_stop_token_as_token_ids_do(model, enc):
+    ids = _prompt(6, seed=6)
+    want = _ref(model, ids, 30)
+    stop = want[7]
+    k = want.index(stop)
+    with Engine(copy.deepcopy(model), enc) as eng:
+        h = eng.submit(ids, SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[stop], logprobs=1))
+        deltas = list(h)
+        c = h.result()
+    assert [e.token_id for e in c.logprobs] == c.token_ids == want[:k]
+    assert deltas[-1].finish_reason == "stop" and deltas[-1].logprobs == [] == deltas[-1].token_ids
 
 
 # --------------------------------------------------------------------------- #

@@ -382,7 +382,6 @@ COMPLETION = {"model": "base", "prompt": "hi", "max_tokens": 2}
 
 
 @pytest.mark.parametrize("base, field, value", [
-    (COMPLETION, "logprobs", 2), (COMPLETION, "logprobs", 0), (CHAT, "logprobs", True), (CHAT, "top_logprobs", 3),
     (COMPLETION, "echo", True), (COMPLETION, "best_of", 3), (COMPLETION, "suffix", " end."),
     (COMPLETION, "presence_penalty", 0.5), (CHAT, "frequency_penalty", -1), (CHAT, "logit_bias", {"50256": -100}),
     (CHAT, "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
@@ -399,8 +398,126 @@ def test_a_field_this_server_does_not_do_is_a_400_naming_it(url, base, field, va
     assert error["param"] == field and error["type"] == "invalid_request_error"
     assert "does not support " + field in error["message"] and "leave it out" in error["message"]
     assert "Value error" not in error["message"]                          # pydantic's prefix is dropped
-    if field == "logprobs":
-        assert "or send null (got" in error["message"]                   # an integer or null in OpenAI's API
+
+
+# --------------------------------------------------------------------------- #
+# log-probabilities
+# --------------------------------------------------------------------------- #
+def _reference_logprobs(model, tok, prompt: str, new: list[int]) -> torch.Tensor:
+    """log-softmax of the model's logits at each generated position ``[len(new), V]``: one forward pass."""
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + new]))[0, len(ids) - 1:len(ids) + len(new) - 1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _name(tok, token_id: int) -> str:
+    raw = tok.decode_bytes([token_id])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def _id(tok, name: str) -> int:
+    """The token a completions ``logprobs`` name stands for (its bytes, as one token of tiktoken's)."""
+    raw = bytes.fromhex(name[6:].replace("\\x", "")) if name.startswith("bytes:") else name.encode("utf-8")
+    return tok.encode_single_token(raw)
+
+
+def test_completion_logprobs_are_the_models_in_openais_shape(client, models, tok):
+    base = models[0]
+    prompt = "Once upon a time"
+    r = client.completions.create(model="base", prompt=prompt, max_tokens=12, temperature=0, logprobs=3,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    ids = tok.encode(prompt)
+    new = generate(base, torch.tensor([ids]), 12, temperature=0)[0, len(ids):].tolist()     # greedy's tokens
+    assert tok.decode(new) == r.choices[0].text
+    ref = _reference_logprobs(base, tok, prompt, new)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 12
+    assert lp.tokens == [_name(tok, t) for t in new]                    # tiktoken names every token
+    assert lp.token_logprobs == pytest.approx([float(ref[k, t]) for k, t in enumerate(new)], abs=1e-4)
+    for k, top in enumerate(lp.top_logprobs):
+        best = ref[k].topk(3)
+        assert top == pytest.approx({_name(tok, t): v for t, v in zip(best.indices.tolist(), best.values.tolist())},
+                                    abs=1e-4)
+        assert top[lp.tokens[k]] == lp.token_logprobs[k]                # greedy: the most likely one
+    want_offsets = [len(tok.decode(new[:k])) for k in range(len(new))]
+    assert lp.text_offset == want_offsets and lp.text_offset[0] == 0
+    # streamed: the same entries, a chunk at a time, the offsets carried on
+    chunks = list(client.completions.create(model="base", prompt=prompt, max_tokens=12, temperature=0, logprobs=3,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    got = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert sum((g.tokens for g in got), []) == lp.tokens
+    assert sum((g.token_logprobs for g in got), []) == pytest.approx(lp.token_logprobs, abs=1e-6)
+    assert sum((g.text_offset for g in got), []) == lp.text_offset
+
+
+def test_a_sampled_token_outside_the_top_k_is_listed_too(client, models, tok):
+    """OpenAI's rule: the sampled token's entry is always in top_logprobs (up to k + 1 of them)."""
+    r = client.completions.create(model="base", prompt="The", max_tokens=24, temperature=2, seed=5, logprobs=1,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    new = [_id(tok, name) for name in lp.tokens]
+    assert tok.decode(new) == r.choices[0].text
+    ref = _reference_logprobs(models[0], tok, "The", new)
+    assert lp.token_logprobs == pytest.approx([float(ref[k, t]) for k, t in enumerate(new)], abs=1e-4)
+    outside = [k for k, top in enumerate(lp.top_logprobs) if len(top) == 2]
+    assert outside, "at temperature 2 some sampled token should not be the most likely"
+    for k in outside:
+        assert lp.tokens[k] in lp.top_logprobs[k] and lp.top_logprobs[k][lp.tokens[k]] == lp.token_logprobs[k]
+        best = int(ref[k].argmax())
+        assert lp.top_logprobs[k][_name(tok, best)] == pytest.approx(float(ref[k, best]), abs=1e-4)
+    assert all(len(top) == 1 for k, top in enumerate(lp.top_logprobs) if k not in outside)
+
+
+def test_chat_logprobs_streamed_and_not_are_the_models(client, models, tok):
+    base = models[0]
+    messages = [{"role": "user", "content": "Name a colour."}]
+    prompt = chat_prompt(messages)
+    r = client.chat.completions.create(model="base", messages=messages, max_tokens=10, temperature=0,
+                                       logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    ids = tok.encode(prompt)
+    new = generate(base, torch.tensor([ids]), 10, temperature=0)[0, len(ids):].tolist()     # greedy's tokens
+    assert tok.decode(new) == r.choices[0].message.content
+    ref = _reference_logprobs(base, tok, prompt, new)
+    assert [bytes(c.bytes) for c in content] == [tok.decode_bytes([t]) for t in new]
+    assert [c.token for c in content] == [_name(tok, t) for t in new]
+    assert [c.logprob for c in content] == pytest.approx([float(ref[k, t]) for k, t in enumerate(new)], abs=1e-4)
+    for k, c in enumerate(content):
+        best = ref[k].topk(2)
+        assert [bytes(t.bytes) for t in c.top_logprobs] == [tok.decode_bytes([t]) for t in best.indices.tolist()]
+        assert [t.logprob for t in c.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
+    chunks = list(client.chat.completions.create(model="base", messages=messages, max_tokens=10, temperature=0,
+                                                 logprobs=True, top_logprobs=2, stream=True,
+                                                 extra_body={"ignore_eos": True}))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.bytes) for e in streamed] == [(c.token, c.bytes) for c in content]
+    assert [e.logprob for e in streamed] == pytest.approx([c.logprob for c in content], abs=1e-6)
+    # logprobs without top_logprobs: no alternatives; not asked: null
+    r = client.chat.completions.create(model="base", messages=messages, max_tokens=3, temperature=0, logprobs=True)
+    assert [c.top_logprobs for c in r.choices[0].logprobs.content] == [[]] * len(r.choices[0].logprobs.content)
+    r = client.chat.completions.create(model="base", messages=messages, max_tokens=3, temperature=0)
+    assert r.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/completions", {**COMPLETION, "logprobs": 21}, "logprobs"),
+    ("/completions", {**COMPLETION, "logprobs": True}, "logprobs"),
+    ("/chat/completions", {**CHAT, "top_logprobs": 3}, "top_logprobs"),
+    ("/chat/completions", {**CHAT, "logprobs": False, "top_logprobs": 2}, "top_logprobs"),
+    ("/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/chat/completions", {**CHAT, "logprobs": 1}, "logprobs"),
+])
+def test_bad_logprobs_requests_are_400s_naming_the_field(url, path, body, field):
+    r = post(url, path, body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field and error["type"] == "invalid_request_error", error
+    if field == "top_logprobs" and body.get("top_logprobs") == 3 or body.get("logprobs") is False:
+        assert '"logprobs": true' in error["message"]
 
 
 def test_the_default_values_clients_send_for_those_fields_pass(client):
