@@ -75,6 +75,10 @@ class SamplingParams:
             carry, for each token of ``token_ids``, its log-probability and the ``logprobs`` most
             likely tokens at that step (:class:`TokenLogprob`). They are the model's own
             distribution (a log-softmax of the logits, before temperature, ``top_k`` and ``top_p``).
+        prompt_logprobs: ``None`` (default) or an integer in ``[0, 20]``: the same for each token
+            of the prompt, in ``Completion.prompt_logprobs`` and ``RequestHandle.prompt_logprobs``
+            (the first token has none: ``None``). It costs one more forward pass over the prompt
+            (with the output head at every position) when the request starts.
 
     Raises:
         ValueError: any field out of its range (the message names the field and the range).
@@ -88,6 +92,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = (ENDOFTEXT_ID,)
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         def bad(name, want, got):
@@ -111,8 +116,10 @@ class SamplingParams:
         ids = self.stop_token_ids
         if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
             bad("stop_token_ids", "a list of token ids (integers >= 0)", ids)
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            bad("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]", self.logprobs)
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
+                bad(name, f"None or an integer in [0, {MAX_LOGPROBS}]", k)
         object.__setattr__(self, "stop", tuple(stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
         object.__setattr__(self, "temperature", float(t))
@@ -185,7 +192,8 @@ class Delta:
 @dataclass
 class Completion:
     """A finished request. ``completion_tokens`` counts every token generated, a stop token
-    included (``token_ids`` leaves it out). ``logprobs``: as in :class:`Delta`, for all of ``token_ids``."""
+    included (``token_ids`` leaves it out). ``logprobs``: as in :class:`Delta`, for all of ``token_ids``;
+    ``prompt_logprobs``: one per prompt token, the first ``None`` (``SamplingParams.prompt_logprobs``)."""
 
     text: str
     token_ids: list[int]
@@ -193,6 +201,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def _prefill_last(model: nn.Module, prompts: list[list[int]]) -> tuple[KVCache, torch.Tensor]:
@@ -219,6 +228,23 @@ def _prefill_last(model: nn.Module, prompts: list[list[int]]) -> tuple[KVCache, 
     last = torch.tensor(lengths, device=x.device) - 1                        # [B]
     x = x[torch.arange(len(prompts), device=x.device), last]                  # [B, d]
     return cache, model.out_head(model.final_norm(x))                         # [B, V]
+
+
+def _scores(logp: torch.Tensor, chosen: list[int], k: int) -> list[TokenLogprob]:
+    """A :class:`TokenLogprob` per row of ``logp [N, V]`` (log-probabilities): ``chosen[n]``'s and the top ``k``."""
+    picked = logp.gather(1, torch.tensor(chosen, device=logp.device)[:, None])[:, 0].tolist()
+    if k == 0:
+        return [TokenLogprob(t, lp, []) for t, lp in zip(chosen, picked)]
+    top = logp.topk(k, dim=-1)
+    return [TokenLogprob(t, lp, list(zip(ids, vals)))
+            for t, lp, ids, vals in zip(chosen, picked, top.indices.tolist(), top.values.tolist())]
+
+
+def _prompt_scores(model: nn.Module, ids: list[int], k: int, device) -> list[TokenLogprob | None]:
+    """Each prompt token's log-probability given the tokens before it (and the top ``k``): one
+    forward pass of the whole prompt. The first token has nothing before it: ``None``."""
+    logits = model(torch.tensor([ids], device=device))[0, :-1]                # [T-1, V]: position t predicts t+1
+    return [None, *_scores(torch.log_softmax(logits.float(), dim=-1), ids[1:], k)]
 
 
 # --------------------------------------------------------------------------- #
@@ -300,14 +326,16 @@ class RequestHandle:
     (``break``, a client that disconnected) cancels the request.
 
     Attributes:
-        id: ``"cmpl-..."``, unique. prompt_tokens: the prompt's length. model: the name served.
-        params: the :class:`SamplingParams`.
+        id: ``"cmpl-..."``, unique. prompt_tokens: the prompt's length. prompt_ids: its token ids.
+        model: the name served. params: the :class:`SamplingParams`. prompt_logprobs: see
+        ``SamplingParams.prompt_logprobs`` (``None`` until the request starts, or when not asked).
     """
 
     def __init__(self, engine: "Engine", ids: list[int], params: SamplingParams, model: str, adapter: str | None):
         self.id = f"cmpl-{uuid.uuid4().hex[:24]}"
         self.prompt_tokens, self.model, self.params = len(ids), model, params
         self._engine, self._ids, self._adapter = engine, ids, adapter
+        self.prompt_ids = tuple(ids)
         self._cond = threading.Condition()
         self._events: list[Delta | BaseException] = []
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
@@ -320,6 +348,9 @@ class RequestHandle:
         self._next: int = 0                 # the token to feed at the next decode step
         self._count = 0                     # tokens generated
         self._logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []  # of token_ids
+        #: with ``params.prompt_logprobs``: one entry per prompt token (the first ``None``), set before
+        #: the first Delta is sent
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
 
     # -- producer side (the engine's thread) --------------------------------- #
     def _push(self, event: Delta | BaseException, wake: list | None = None) -> None:
@@ -346,7 +377,8 @@ class RequestHandle:
         full = detok.text if detok is not None else ""
         ids = list(detok.ids) if detok is not None else []
         logprobs = None if self._logprobs is None else list(self._logprobs)
-        self._completion = Completion(full, ids, end.finish_reason, self.prompt_tokens, self._count, logprobs)
+        self._completion = Completion(full, ids, end.finish_reason, self.prompt_tokens, self._count, logprobs,
+                                      self.prompt_logprobs)
         if self._logprobs is not None and end.logprobs is None:
             end = Delta(end.text, end.token_ids, end.finish_reason, [])
         self._push(end)
@@ -730,7 +762,13 @@ class Engine:
 
     def _start(self, batch: list[RequestHandle]) -> tuple[torch.Tensor, list[int]]:
         """Prefill ``batch`` in one forward pass (each on its adapter) into the next free rows of
-        the cache; returns the logits of each prompt's last token ``[len(batch), V]`` and the rows."""
+        the cache; returns the logits of each prompt's last token ``[len(batch), V]`` and the rows.
+        A request that wants its prompt's log-probabilities gets them first, in a pass of its own."""
+        for handle in batch:
+            if handle.params.prompt_logprobs is not None:
+                self._use_adapters(handle._adapter)
+                handle.prompt_logprobs = _prompt_scores(self.model, handle._ids, handle.params.prompt_logprobs,
+                                                        self.device)
         self._use_adapters(tuple(h._adapter for h in batch))
         prefilled, logits = _prefill_last(self.model, [h._ids for h in batch])     # logits [B, V]
         with self._cond:
@@ -794,12 +832,7 @@ class Engine:
                         with self._cond:             # no token after all
                             self._stats["tokens_generated"] -= 1
                         raise
-                scores = None
-                if p.logprobs is not None:
-                    row_logp = logp[j][0]
-                    top = row_logp.topk(p.logprobs) if p.logprobs else None
-                    scores = TokenLogprob(token, float(row_logp[token]), [] if top is None else
-                                          list(zip(top.indices.tolist(), top.values.tolist())))
+                scores = _scores(logp[j], [token], p.logprobs)[0] if p.logprobs is not None else None
                 end = self._advance(handle, token, wake, scores)
                 if end is not None:
                     ends[row] = (handle, end, "requests_finished")

@@ -24,17 +24,20 @@ Choices where OpenAI's API says nothing about a small local model:
 * ``top_k`` and ``ignore_eos`` are extra fields, as in vLLM (``top_k`` ``null``, ``0`` or ``-1``: no
   limit; ``ignore_eos: true`` decodes past ``<|endoftext|>``, for benchmarks). Fields this server
   does not do are a 400 naming the field when a request asks for them: ``presence_penalty``,
-  ``frequency_penalty``, ``logit_bias``; for completions ``echo``, ``best_of`` (above ``n``),
-  ``suffix``; for chat ``tools``, ``functions``, ``tool_choice``, ``response_format`` (other than
-  text). Their default values (``null``, ``false``, ``0``, ``{}``, ``[]``) pass, as clients send them.
+  ``frequency_penalty``, ``logit_bias``; for completions ``best_of`` (above ``n``), ``suffix``;
+  for chat ``tools``, ``functions``, ``tool_choice``, ``response_format`` (other than text). Their default values (``null``, ``false``, ``0``, ``{}``, ``[]``) pass, as clients send them.
   Other unknown fields (``user``, ``metadata``, ...) are ignored.
 * Log-probabilities (completions ``logprobs: k``, chat ``logprobs: true`` with ``top_logprobs: k``,
   ``k`` up to 20) are the model's own distribution, before temperature, ``top_k`` and ``top_p`` (as
   vLLM's default), in OpenAI's shapes, streamed too. Completions list the sampled token's entry in
   ``top_logprobs`` as well when it is not among the ``k`` (OpenAI's rule: up to ``k + 1``);
-  ``text_offset`` counts from the start of the completion (no ``echo``). A token that is part of a
-  UTF-8 character is named ``"bytes:\\xe2\\x80"``, its ``bytes`` given in chat. A stop token is
-  not listed (it is not in the text).
+  ``text_offset`` counts from the start of the completion (of the prompt with ``echo``). A token that
+  is part of a UTF-8 character is named ``"bytes:\\xe2\\x80"``, its ``bytes`` given in chat. A stop
+  token is not listed (it is not in the text).
+* Completions' ``echo: true`` starts each choice with its prompt (and, with ``logprobs``, the prompt
+  tokens' log-probabilities, the first ``null``); ``max_tokens: 0`` with it scores the prompt alone,
+  the request evaluation harnesses send for a log-likelihood (``lm-evaluation-harness``'s
+  ``local-completions``). Scoring a prompt costs one more forward pass over it.
 * Types are strict, as OpenAI's: ``"5"`` is no ``max_tokens``, ``true`` no token id. A body over
   :data:`MAX_BODY_BYTES` is a 413; a request to an engine that was shut down, a 503.
 """
@@ -242,7 +245,7 @@ class _Request(BaseModel):
     logit_bias: Any = None
 
     @field_validator("presence_penalty", "frequency_penalty", "logit_bias", "best_of",
-                     "echo", "suffix", "tools", "functions", "tool_choice", "response_format", check_fields=False)
+                     "suffix", "tools", "functions", "tool_choice", "response_format", check_fields=False)
     @classmethod
     def _not_supported(cls, value, info):
         name = info.field_name
@@ -258,7 +261,7 @@ class _Request(BaseModel):
 
 
 _NEUTRAL = {"presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
-            "echo": (None, False), "suffix": (None, ""),
+            "suffix": (None, ""),
             "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
             "response_format": (None, {"type": "text"})}
 
@@ -267,9 +270,10 @@ class CompletionRequest(_Request):
     """The body of ``POST /v1/completions``: ``prompt`` is a string, a list of strings, token ids, or lists of ids."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)       # 0 with echo: score the prompt only
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = None
     best_of: Any = None
-    echo: Any = None
     suffix: Any = None
 
     @field_validator("logprobs", mode="before")
@@ -279,6 +283,9 @@ class CompletionRequest(_Request):
 
     def wanted_logprobs(self) -> int | None:
         return self.logprobs
+
+    def wanted_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
 
 class ChatRequest(_Request):
@@ -302,6 +309,9 @@ class ChatRequest(_Request):
 
     def wanted_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def wanted_prompt_logprobs(self) -> int | None:
+        return None
 
 
 class _APIError(Exception):
@@ -532,15 +542,28 @@ def create_app(engine: Engine, *, api_key: str | None = None, style: str | None 
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        if body.max_tokens == 0 and not body.echo:
+            raise _APIError(400, 'max_tokens 0 generates nothing: send "echo": true with it to score the prompt '
+                                 "(with logprobs), or max_tokens >= 1", param="max_tokens")
         prompts = _prompts(body.prompt)
-        handles = await _submit_in_thread(engine, request, body, prompts, body.max_tokens or 16, "prompt")
+        score_only = body.max_tokens == 0           # (with echo) one token is decoded and dropped
+        max_tokens = 16 if body.max_tokens is None else max(body.max_tokens, 1)
+        handles = await _submit_in_thread(engine, request, body, prompts, max_tokens, "prompt")
+        echo = _echoes(engine, body, handles) if body.echo else None
         kind = "text_completion"
         if body.stream:
-            return _streaming(request, engine, body, handles, "cmpl", kind, chat=False)
+            return _streaming(request, engine, body, handles, "cmpl", kind, chat=False, echo=echo,
+                              score_only=score_only)
         results = await _results(request, engine, handles)
-        choices = [{"index": i, "text": text, "finish_reason": finish,
-                    "logprobs": None if lp is None else _completion_logprobs(engine.tokenizer, lp)}
-                   for i, (text, finish, _, lp) in enumerate(results)]
+        if score_only:
+            results = [("", "length", 0, None if lp is None else []) for _, _, _, lp in results]
+        choices = []
+        for i, (text, finish, _, lp) in enumerate(results):
+            if echo is not None:
+                text = echo[i] + text
+                lp = None if lp is None else _prompt_entries(handles[i]) + lp
+            choices.append({"index": i, "text": text, "finish_reason": finish,
+                            "logprobs": None if lp is None else _completion_logprobs(engine.tokenizer, lp)})
         return _reply(request, "cmpl", kind, body.model, choices, results)
 
     @app.post("/v1/chat/completions")
@@ -587,7 +610,7 @@ def _params(body: _Request, max_tokens: int, choice: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
                               top_p=1.0 if body.top_p is None else body.top_p, top_k=top_k, stop=tuple(body.stop or ()),
                               seed=None if body.seed is None else (body.seed + choice) % 2**64,
-                              logprobs=body.wanted_logprobs(),
+                              logprobs=body.wanted_logprobs(), prompt_logprobs=body.wanted_prompt_logprobs(),
                               **({"stop_token_ids": ()} if body.ignore_eos else {}))
     except (TypeError, ValueError) as err:   # the message starts with the field's name
         name = str(err).split(" ", 1)[0]
@@ -715,12 +738,30 @@ def _completion_logprobs(tokenizer, entries: list[TokenLogprob], offsets: _Offse
         name = _token_name(raw)
         tokens.append(name)
         starts.append(offsets.next(raw))
+        if e.top is None:                                 # an echoed prompt's first token
+            tops.append(None)
+            continue
         top = {_token_name(_token_bytes(tokenizer, t)): lp for t, lp in e.top}
         if e.token_id not in {t for t, _ in e.top}:      # the sampled token is always there (k + 1 at most)
             top[name] = e.logprob
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": tops,
             "text_offset": starts}
+
+
+def _echoes(engine: Engine, body: CompletionRequest, handles: list) -> list[str]:
+    """The prompt text each choice starts with under ``echo``: the prompt as sent (a string), or
+    its ids decoded."""
+    sent = [body.prompt] if isinstance(body.prompt, str) or (
+        body.prompt and all(isinstance(t, int) for t in body.prompt)) else list(body.prompt)
+    texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in sent]
+    return [texts[i // body.n] for i in range(len(handles))]
+
+
+def _prompt_entries(handle) -> list[TokenLogprob]:
+    """The prompt's entries for ``_completion_logprobs``: the first token has no log-probability."""
+    first = TokenLogprob(handle.prompt_ids[0], None, None)       # OpenAI's null logprob and top_logprobs
+    return [first, *handle.prompt_logprobs[1:]]
 
 
 def _chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> dict:
@@ -744,10 +785,12 @@ def _reply(request: Request, prefix: str, kind: str, model: str, choices: list, 
 
 
 def _streaming(request: Request, engine: Engine, body: _Request, handles: list, prefix: str, kind: str,
-               chat: bool) -> StreamingResponse:
+               chat: bool, echo: list[str] | None = None, score_only: bool = False) -> StreamingResponse:
     """Server-sent events: one chunk per piece of text, a last one per choice with its finish_reason,
     a usage chunk (``stream_options.include_usage``), then ``data: [DONE]``. A client that goes away
-    cancels the requests still running (their rows are freed at the next token)."""
+    cancels the requests still running (their rows are freed at the next token). With ``echo``
+    (completions), each choice's first chunk is its prompt (and the prompt's log-probabilities);
+    with ``score_only`` (``max_tokens`` 0) nothing generated is sent."""
     ident, created, state = f"{prefix}-{uuid.uuid4().hex}", int(time.time()), request.state
     usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -800,9 +843,16 @@ def _streaming(request: Request, engine: Engine, body: _Request, handles: list, 
                         left = 0
                         break
                     else:
+                        if echo is not None and echo[i] is not None:
+                            entries = None if item.logprobs is None else _prompt_entries(handles[i])
+                            yield chunk([choice(i, echo[i], None, entries=entries)])
+                            echo[i] = None
+                        if score_only:
+                            item = Delta("", [], item.finish_reason and "length", None)
                         if item.finish_reason:
                             running.discard(i)
-                            state.completion_tokens += handles[i].result(timeout=0).completion_tokens
+                            if not score_only:
+                                state.completion_tokens += handles[i].result(timeout=0).completion_tokens
                         if not chat and (item.text or item.finish_reason or item.logprobs):
                             yield chunk([choice(i, item.text, item.finish_reason, entries=item.logprobs)])
                         if chat and (item.text or item.logprobs):

@@ -232,7 +232,8 @@ def test_seed_reproducible_alone_and_in_a_batch(model, enc):
     ("max_tokens", 0), ("max_tokens", 2.0), ("temperature", -0.1), ("temperature", 2.5), ("temperature", float("nan")),
     ("temperature", "1"), ("top_p", 0), ("top_p", 1.5), ("top_k", 0), ("top_k", 2.5), ("stop", ["a"] * 5),
     ("stop", [""]), ("stop", [1]), ("seed", 1.5), ("seed", 2**64), ("stop_token_ids", [-1]), ("stop_token_ids", 5),
-    ("logprobs", -1), ("logprobs", 21), ("logprobs", True), ("logprobs", 2.0)])
+    ("logprobs", -1), ("logprobs", 21), ("logprobs", True), ("logprobs", 2.0), ("prompt_logprobs", 21),
+    ("prompt_logprobs", False)])
 def test_sampling_params_validated(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
@@ -274,6 +275,33 @@ def test_logprobs_are_the_models_own_and_follow_the_tokens(model, enc, sampling)
     assert all(len(d.logprobs) == len(d.token_ids) for d in deltas)
     assert [e for d in deltas for e in d.logprobs] == c.logprobs
     assert [e.top for e in none.logprobs] == [[]] * 12 and [e.token_id for e in none.logprobs] == c.token_ids
+
+
+def test_prompt_logprobs_are_the_models_given_the_tokens_before(model, enc, tmp_path):
+    ids = _prompt(9, seed=4)
+    ref = _reference_logprobs(model, ids[:1], ids[1:])         # position t predicts token t + 1
+    tuned = copy.deepcopy(model)
+    add_lora(tuned, rank=4, alpha=8, name="a")
+    with torch.no_grad():
+        for layer in lora_layers(tuned).values():
+            layer.lora_B["a"].normal_(0, 0.3)
+    folder = save_adapter(tuned, tmp_path / "a", "a")
+    set_adapter(tuned, "a")
+    ref_a = _reference_logprobs(tuned.eval(), ids[:1], ids[1:])
+    with Engine(copy.deepcopy(model), enc, adapters={"a": folder}) as eng:
+        plain = eng.generate(ids, SamplingParams(max_tokens=5, **GREEDY))
+        # submitted together: the prompt passes and the batch's prefill each use their own adapter
+        hs = [eng.submit(ids, SamplingParams(max_tokens=5, prompt_logprobs=2, **GREEDY), model=m)
+              for m in (None, "a", None)]
+        got = [h.result() for h in hs]
+    assert got[0].token_ids == plain.token_ids == got[2].token_ids and got[0].logprobs is None
+    for c, r in ((got[0], ref), (got[1], ref_a), (got[2], ref)):
+        assert c.prompt_logprobs[0] is None and len(c.prompt_logprobs) == len(ids)
+        assert [e.token_id for e in c.prompt_logprobs[1:]] == ids[1:]
+        for k, e in enumerate(c.prompt_logprobs[1:]):
+            assert e.logprob == pytest.approx(float(r[k, ids[k + 1]]), abs=1e-4)
+            assert [t for t, _ in e.top] == r[k].topk(2).indices.tolist()
+    assert hs[0].prompt_logprobs == got[0].prompt_logprobs and plain.prompt_logprobs is None
 
 
 def test_logprobs_leave_out_a_stop_token_as_token_ids_do(model, enc):

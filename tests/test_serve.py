@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -382,7 +383,7 @@ COMPLETION = {"model": "base", "prompt": "hi", "max_tokens": 2}
 
 
 @pytest.mark.parametrize("base, field, value", [
-    (COMPLETION, "echo", True), (COMPLETION, "best_of", 3), (COMPLETION, "suffix", " end."),
+    (COMPLETION, "best_of", 3), (COMPLETION, "suffix", " end."),
     (COMPLETION, "presence_penalty", 0.5), (CHAT, "frequency_penalty", -1), (CHAT, "logit_bias", {"50256": -100}),
     (CHAT, "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     (CHAT, "functions", [{"name": "f", "parameters": {}}]), (CHAT, "tool_choice", "required"),
@@ -503,6 +504,60 @@ def test_chat_logprobs_streamed_and_not_are_the_models(client, models, tok):
     assert r.choices[0].logprobs is None
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_as_evaluation_harnesses_ask(client, models, tok):
+    """lm-evaluation-harness' log-likelihood request: the prompt echoed with its tokens' log-probabilities,
+    nothing generated."""
+    prompt = "The cat sat on the mat."
+    ids = tok.encode(prompt)
+    ref = _reference_logprobs(models[0], tok, tok.decode(ids[:1]), ids[1:])
+    for stream in (False, True):
+        if stream:
+            chunks = list(client.completions.create(model="base", prompt=prompt, max_tokens=0, echo=True, logprobs=1,
+                                                    stream=True, stream_options={"include_usage": True}))
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+            parts = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+            lp = SimpleNamespace(tokens=sum((p.tokens for p in parts), []),
+                                token_logprobs=sum((p.token_logprobs for p in parts), []),
+                                top_logprobs=sum((p.top_logprobs for p in parts), []),
+                                text_offset=sum((p.text_offset for p in parts), []))
+            usage, finish = chunks[-1].usage, [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        else:
+            r = client.completions.create(model="base", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+            text, lp, usage, finish = r.choices[0].text, r.choices[0].logprobs, r.usage, r.choices[0].finish_reason
+        assert text == prompt and finish == "length", stream
+        assert (usage.prompt_tokens, usage.completion_tokens) == (len(ids), 0)
+        assert lp.tokens == [_name(tok, t) for t in ids]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:] == pytest.approx([float(ref[k, t]) for k, t in enumerate(ids[1:])], abs=1e-4)
+        assert [max(top.values()) for top in lp.top_logprobs[1:]] == pytest.approx(ref.max(-1).values.tolist(),
+                                                                                    abs=1e-4)
+        assert lp.text_offset == [len(tok.decode(ids[:k])) for k in range(len(ids))]
+
+
+def test_echo_prepends_the_prompt_to_every_choice_and_its_logprobs(client, models, tok):
+    prompt = "Once upon a time"
+    ids = tok.encode(prompt)
+    r = client.completions.create(model="base", prompt=[prompt, prompt], max_tokens=5, temperature=0, echo=True,
+                                  logprobs=0, n=2, extra_body={"ignore_eos": True})
+    by_ids = client.completions.create(model="base", prompt=[ids], max_tokens=5, temperature=0, echo=True,
+                                       logprobs=0, extra_body={"ignore_eos": True})
+    greedy_ids = generate(models[0], torch.tensor([ids]), 5, temperature=0)[0].tolist()    # prompt + new
+    ref = _reference_logprobs(models[0], tok, tok.decode(ids[:1]), greedy_ids[1:])
+    assert len(r.choices) == 4 and r.usage.completion_tokens == 4 * 5
+    for c in [*r.choices, *by_ids.choices]:
+        assert c.text == tok.decode(greedy_ids)                    # the prompt, then the completion
+        assert c.logprobs.tokens == [_name(tok, t) for t in greedy_ids]
+        assert c.logprobs.token_logprobs[1:] == pytest.approx([float(ref[k, t]) for k, t in
+                                                               enumerate(greedy_ids[1:])], abs=1e-4)
+        assert c.logprobs.text_offset == [len(tok.decode(greedy_ids[:k])) for k in range(len(greedy_ids))]
+    plain = client.completions.create(model="base", prompt=prompt, max_tokens=5, temperature=0, echo=True)
+    assert plain.choices[0].text == r.choices[0].text and plain.choices[0].logprobs is None
+    chunks = list(client.completions.create(model="base", prompt=prompt, max_tokens=5, temperature=0, echo=True,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
+    assert chunks[0].choices[0].text == prompt                    # the prompt comes first, alone
+
+
 @pytest.mark.parametrize("path, body, field", [
     ("/completions", {**COMPLETION, "logprobs": 21}, "logprobs"),
     ("/completions", {**COMPLETION, "logprobs": True}, "logprobs"),
@@ -510,8 +565,12 @@ def test_chat_logprobs_streamed_and_not_are_the_models(client, models, tok):
     ("/chat/completions", {**CHAT, "logprobs": False, "top_logprobs": 2}, "top_logprobs"),
     ("/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("/chat/completions", {**CHAT, "logprobs": 1}, "logprobs"),
+    ("/completions", {**COMPLETION, "max_tokens": 0}, "max_tokens"),
+    ("/completions", {**COMPLETION, "max_tokens": 0, "echo": False}, "max_tokens"),
+    ("/completions", {**COMPLETION, "echo": 1}, "echo"),
+    ("/chat/completions", {**CHAT, "max_tokens": 0}, "max_tokens"),
 ])
-def test_bad_logprobs_requests_are_400s_naming_the_field(url, path, body, field):
+def test_bad_logprobs_and_echo_requests_are_400s_naming_the_field(url, path, body, field):
     r = post(url, path, body)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
