@@ -809,13 +809,11 @@ class Engine:
         sampled = [j for j, row in enumerate(rows) if self._rows[row].params.temperature > 0]
         if sampled:    # their rows, contiguous: fast decoding's head gives the logits as a transposed view
             picked = dict(zip(sampled, logits[sampled].contiguous().split(1)))     # j -> [1, V]
-        scored = [j for j, row in enumerate(rows) if self._rows[row].params.logprobs is not None]
-        if scored:     # the model's own distribution, before temperature and filters
-            logp = dict(zip(scored, torch.log_softmax(logits[scored].float(), dim=-1).split(1)))   # j -> [1, V]
         ends: dict[int, tuple] = {}                  # row -> (handle, Delta or error, counter)
         wake: list = []                              # the asyncio readers to wake, once per loop
         with self._cond:                             # counted before any reader gets its token
             self._stats["tokens_generated"] += sum(ok)
+        tokens: dict[int, int] = {}                  # j -> the token chosen for rows[j]
         for j, row in enumerate(rows):
             handle = self._rows[row]
             try:
@@ -823,17 +821,23 @@ class Engine:
                     raise ValueError("the model's logits are not finite (NaN or inf): has the model diverged?")
                 p = handle.params
                 if p.temperature == 0:
-                    token = greedy[j]
+                    tokens[j] = greedy[j]
                 else:
                     try:
-                        token = int(sample_next_token(picked[j], p.temperature, p.top_k, p.top_p,
-                                                      handle._generator))
+                        tokens[j] = int(sample_next_token(picked[j], p.temperature, p.top_k, p.top_p,
+                                                          handle._generator))
                     except Exception:
                         with self._cond:             # no token after all
                             self._stats["tokens_generated"] -= 1
                         raise
-                scores = _scores(logp[j], [token], p.logprobs)[0] if p.logprobs is not None else None
-                end = self._advance(handle, token, wake, scores)
+            except Exception as err:   # noqa: BLE001 — this row fails alone
+                ends[row] = (handle, err, "requests_failed")
+        scores = self._scores(logits, rows, tokens)
+        for j, token in tokens.items():
+            row = rows[j]
+            handle = self._rows[row]
+            try:
+                end = self._advance(handle, token, wake, scores.get(j))
                 if end is not None:
                     ends[row] = (handle, end, "requests_finished")
             except Exception as err:   # noqa: BLE001 — this row fails alone
@@ -853,6 +857,18 @@ class Engine:
             with self._cond:
                 self._stats[counter] += 1
             handle._finish(end)
+
+    def _scores(self, logits: torch.Tensor, rows: list[int], tokens: dict[int, int]) -> dict[int, TokenLogprob]:
+        """``j -> TokenLogprob`` of ``tokens[j]`` for the rows that asked for log-probabilities: the
+        model's own distribution (before temperature and filters), for all of them at once (one
+        log-softmax, gather and top-k: a GPU is waited for once per step, not per row)."""
+        wanted = [j for j in tokens if self._rows[rows[j]].params.logprobs is not None]
+        if not wanted:
+            return {}
+        ks = [self._rows[rows[j]].params.logprobs for j in wanted]
+        logp = torch.log_softmax(logits[wanted].float(), dim=-1)                  # [n, V]
+        entries = _scores(logp, [tokens[j] for j in wanted], max(ks))
+        return {j: TokenLogprob(e.token_id, e.logprob, e.top[:k]) for j, e, k in zip(wanted, entries, ks)}
 
     def _advance(self, handle: RequestHandle, token: int, wake: list,
                  scores: TokenLogprob | None = None) -> Delta | None:

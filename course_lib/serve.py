@@ -31,9 +31,12 @@ Choices where OpenAI's API says nothing about a small local model:
   ``k`` up to 20) are the model's own distribution, before temperature, ``top_k`` and ``top_p`` (as
   vLLM's default), in OpenAI's shapes, streamed too. Completions list the sampled token's entry in
   ``top_logprobs`` as well when it is not among the ``k`` (OpenAI's rule: up to ``k + 1``);
-  ``text_offset`` counts from the start of the completion (of the prompt with ``echo``). A token that
-  is part of a UTF-8 character is named ``"bytes:\\xe2\\x80"``, its ``bytes`` given in chat. A stop
-  token is not listed (it is not in the text).
+  ``text_offset`` counts characters (Python's code points, not UTF-16 units) from the start of the
+  completion (of the prompt with ``echo``). A token that is part of a UTF-8 character is named
+  ``"bytes:\\xe2\\x80"``, its ``bytes`` given in chat. A stop token is not listed (it is not in
+  the text); a stop string's tokens are, from the one it begins in to the one that completed it (the
+  text ends inside the first; streamed, they go out before the stop string is seen), and
+  unstreamed completions cap ``text_offset`` at the text's end.
 * Completions' ``echo: true`` starts each choice with its prompt (and, with ``logprobs``, the prompt
   tokens' log-probabilities, the first ``null``); ``max_tokens: 0`` with it scores the prompt alone,
   the request evaluation harnesses send for a log-likelihood (``lm-evaluation-harness``'s
@@ -563,7 +566,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, style: str | None 
                 text = echo[i] + text
                 lp = None if lp is None else _prompt_entries(handles[i]) + lp
             choices.append({"index": i, "text": text, "finish_reason": finish,
-                            "logprobs": None if lp is None else _completion_logprobs(engine.tokenizer, lp)})
+                            "logprobs": None if lp is None else _completion_logprobs(engine.tokenizer, lp,
+                                                                                      end=len(text))})
         return _reply(request, "cmpl", kind, body.model, choices, results)
 
     @app.post("/v1/chat/completions")
@@ -724,20 +728,25 @@ class _Offsets:
 
     def next(self, raw: bytes) -> int:
         start = self.at
+        if self.decoder.getstate()[0] and raw and not 0x80 <= raw[0] <= 0xBF:
+            start += 1           # the unfinished character held back becomes one U+FFFD before this token
         self.at += len(self.decoder.decode(raw))
         return start
 
 
-def _completion_logprobs(tokenizer, entries: list[TokenLogprob], offsets: _Offsets | None = None) -> dict:
+def _completion_logprobs(tokenizer, entries: list[TokenLogprob], offsets: _Offsets | None = None,
+                         end: int | None = None) -> dict:
     """``/v1/completions``' ``logprobs`` object for ``entries``; ``offsets`` carries the text
-    offsets on from one streamed chunk to the next."""
+    offsets on from one streamed chunk to the next; ``end`` (the text's length) caps them: a stop
+    string cuts the text inside the last token, whose entry stays (as at OpenAI)."""
     offsets = _Offsets() if offsets is None else offsets
     tokens, starts, tops = [], [], []
     for e in entries:
         raw = _token_bytes(tokenizer, e.token_id)
         name = _token_name(raw)
         tokens.append(name)
-        starts.append(offsets.next(raw))
+        start = offsets.next(raw)
+        starts.append(start if end is None else min(start, end))
         if e.top is None:                                 # an echoed prompt's first token
             tops.append(None)
             continue
@@ -803,7 +812,7 @@ def _streaming(request: Request, engine: Engine, body: _Request, handles: list, 
 
     def choice(i: int, text: str | None, finish: str | None, role: bool = False,
                entries: list[TokenLogprob] | None = None) -> dict:
-        scores = None
+        scores, entries = None, entries or None        # no tokens in this chunk: null, as OpenAI's
         if entries is not None and not chat:
             scores = _completion_logprobs(engine.tokenizer, entries, offsets[i])
         elif entries is not None:

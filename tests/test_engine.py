@@ -304,6 +304,24 @@ def test_prompt_logprobs_are_the_models_given_the_tokens_before(model, enc, tmp_
     assert hs[0].prompt_logprobs == got[0].prompt_logprobs and plain.prompt_logprobs is None
 
 
+def test_logprobs_of_rows_decoded_together_equal_each_alone(model, enc):
+    """Rows asking for different numbers of alternatives (and none) share a step's scoring pass."""
+    asks = [(_prompt(4, seed=s), k) for s, k in ((1, 1), (2, 4), (3, None), (4, 0))]
+    with Engine(copy.deepcopy(model), enc) as eng:
+        alone = [eng.generate(ids, SamplingParams(max_tokens=6, logprobs=k, **GREEDY)) for ids, k in asks]
+        hs = [eng.submit(ids, SamplingParams(max_tokens=6, logprobs=k, **GREEDY)) for ids, k in asks]
+        together = [h.result() for h in hs]
+    for a, t, (_, k) in zip(alone, together, asks):
+        assert t.token_ids == a.token_ids
+        if k is None:
+            assert t.logprobs is None
+            continue
+        assert [len(e.top) for e in t.logprobs] == [k] * 6
+        assert [e.token_id for e in t.logprobs] == [e.token_id for e in a.logprobs]
+        assert [e.logprob for e in t.logprobs] == pytest.approx([e.logprob for e in a.logprobs], abs=1e-5)
+        assert [[i for i, _ in e.top] for e in t.logprobs] == [[i for i, _ in e.top] for e in a.logprobs]
+
+
 def test_logprobs_leave_out_a_stop_token_as_token_ids_do(model, enc):
     ids = _prompt(6, seed=6)
     want = _ref(model, ids, 30)

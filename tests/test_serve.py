@@ -504,6 +504,49 @@ def test_chat_logprobs_streamed_and_not_are_the_models(client, models, tok):
     assert r.choices[0].logprobs is None
 
 
+def test_text_offsets_after_an_unfinished_character_and_inside_a_stop_string(client, models, tok):
+    from course_lib.engine import TokenLogprob
+    from course_lib.serve import _completion_logprobs
+
+    # "a", a lone continuation byte, three of a four-byte character's bytes, "b": the text is "a\ufffd\ufffdb"
+    pieces = [b"a", b"\x80", b"\xf0\x9f\x98", b"b"]
+    ids = [tok.encode_single_token(p) for p in pieces]
+    text = b"".join(pieces).decode("utf-8", errors="replace")
+    got = _completion_logprobs(tok, [TokenLogprob(t, -1.0, []) for t in ids])
+    assert text == "a\ufffd\ufffdb" and got["text_offset"] == [0, 1, 2, 3]           # "b" was put at 2
+    assert got["tokens"] == ["a", "bytes:\\x80", "bytes:\\xf0\\x9f\\x98", "b"]
+    # a stop string cut inside a token: its entry stays, the offsets stay inside the text
+    full = client.completions.create(model="base", prompt="Once upon a time", max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[7:11]
+    r = client.completions.create(model="base", prompt="Once upon a time", max_tokens=12, temperature=0,
+                                  logprobs=1, stop=[stop], extra_body={"ignore_eos": True})
+    c = r.choices[0]
+    assert c.text == full[:full.find(stop)] and c.finish_reason == "stop"
+    assert "".join(c.logprobs.tokens).startswith(c.text) and len("".join(c.logprobs.tokens)) > len(c.text)
+    assert max(c.logprobs.text_offset) <= len(c.text)
+
+
+def test_a_streamed_chunk_without_tokens_has_null_logprobs(models):
+    """A model that says <|endoftext|> at once: the last chunk has no token, and its logprobs are null."""
+    eager = copy.deepcopy(models[0])
+    head = torch.nn.Linear(eager.cfg.emb_dim, eager.cfg.vocab_size)      # the same head, with a bias for EOT
+    with torch.no_grad():
+        head.weight.copy_(eager.out_head.weight)
+        head.bias.zero_()[EOT] = 1e4
+    eager.out_head = head
+    with Engine(eager, name="base") as eng, running_server(eng) as base_url:
+        for path, body in (("/completions", {**COMPLETION, "logprobs": 1}),
+                           ("/chat/completions", {**CHAT, "logprobs": True})):
+            chunks = [e for e in events(post(base_url, path, {**body, "temperature": 0, "stream": True}))
+                      if e != "[DONE]"]
+            assert chunks[-1]["choices"][0]["finish_reason"] == "stop", chunks
+            assert all(c["choices"][0]["logprobs"] is None for c in chunks), chunks
+            plain = post(base_url, path, {**body, "temperature": 0}).json()["choices"][0]
+            assert plain["logprobs"] in ({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []},
+                                         {"content": [], "refusal": None})     # asked for, none to give
+
+
 def test_echo_with_max_tokens_0_scores_the_prompt_as_evaluation_harnesses_ask(client, models, tok):
     """lm-evaluation-harness' log-likelihood request: the prompt echoed with its tokens' log-probabilities,
     nothing generated."""
