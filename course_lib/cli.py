@@ -570,9 +570,10 @@ def _cmd_chat(args) -> int:
                                    max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
         except (ConnectionError, ValueError, openai.APIError) as err:
             return _error(err, 1)
-        print(f"chatting with {args.base_url} (/reset forgets the history; /exit or Ctrl-D ends)", file=sys.stderr)
+        print(f"chatting with {reply.model} at {args.base_url} (/reset forgets the history; /exit or Ctrl-D ends)",
+              file=sys.stderr)
         try:
-            return chat(reply, system=args.system)
+            return chat(reply, system=args.system, name=reply.model)
         except openai.APIConnectionError:
             print(flush=True)  # end the answer's line
             return _error(f"lost the connection to {args.base_url}: is the server still running?", 1)

@@ -1044,7 +1044,8 @@ def engine_replier(engine: Engine, *, model: str | None = None, style: str | Non
 def client_replier(base_url: str, *, api_key: str | None = None, model: str | None = None,
                    max_tokens: int | None = 256, temperature: float | None = 0.7,
                    seed: int | None = None) -> Callable[[list[dict]], Iterator[str]]:
-    """``reply(messages)`` for :func:`chat` through any OpenAI-compatible server, streamed.
+    """``reply(messages)`` for :func:`chat` through any OpenAI-compatible server, streamed;
+    ``reply.model`` is the model's name there.
 
     Args:
         base_url: e.g. ``"http://127.0.0.1:8000/v1"``. api_key: default ``"not-needed"``.
@@ -1077,6 +1078,7 @@ def client_replier(base_url: str, *, api_key: str | None = None, model: str | No
                 if part.choices and part.choices[0].delta.content:
                     yield part.choices[0].delta.content
 
+    reply.model = model
     return reply
 
 

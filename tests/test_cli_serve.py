@@ -98,7 +98,8 @@ def test_chat_against_a_server(checkpoint, monkeypatch, capsys):
             status, out, err = run_chat(monkeypatch, capsys, ["--base-url", url, "--api-key", "k", "--temperature",
                                                               "0", "--max-tokens", "5"], "\n".join(questions) + "\n")
             assert status == 0, err
-            assert out == "".join(f"model> {a}\n" for a in expected_chat(model, questions, "alpaca", 5))
+            assert out == "".join(f"mine> {a}\n" for a in expected_chat(model, questions, "alpaca", 5))
+            assert f"chatting with mine at {url}" in err           # the server's name for it (was "model>")
             status, _, err = run_chat(monkeypatch, capsys, ["--base-url", url, "--api-key", "wrong"], "hi\n")
             assert status == 1 and "API key" in one_error_line(err)
     finally:
