@@ -552,6 +552,9 @@ def _cmd_chat(args) -> int:
         return _error(f"--max-tokens must be a positive number of tokens, got {args.max_tokens}")
     if not (math.isfinite(args.temperature) and 0 <= args.temperature <= 2):
         return _error(f"--temperature must be from 0 (greedy) to 2, got {args.temperature:g}")
+    if not (math.isfinite(args.frequency_penalty) and -2 <= args.frequency_penalty <= 2):
+        return _error(f"--frequency-penalty must be from -2 to 2 (0: none; 0.5-1 against loops), "
+                      f"got {args.frequency_penalty:g}")
     if args.base_url is not None:
         local = [o for o, v in (("MODEL_DIR", args.model_dir), ("--profile", args.profile),
                                 ("--adapter", args.adapter)) if v]
@@ -567,7 +570,8 @@ def _cmd_chat(args) -> int:
 
         try:
             reply = client_replier(args.base_url, api_key=args.api_key, model=args.model,
-                                   max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+                                   max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                                   frequency_penalty=args.frequency_penalty)
         except (ConnectionError, ValueError, openai.APIError) as err:
             return _error(err, 1)
         print(f"chatting with {reply.model} at {args.base_url} (/reset forgets the history; /exit or Ctrl-D ends)",
@@ -593,7 +597,8 @@ def _cmd_chat(args) -> int:
     try:
         if args.model is not None and args.model not in engine.models():
             return _error(f"--model {args.model!r} is not loaded; choose one of {engine.models()}")
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                                frequency_penalty=args.frequency_penalty)
         reply = engine_replier(engine, model=args.model, style=style, params=params)
         if note:
             print(note, file=sys.stderr)
@@ -1998,6 +2003,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7, metavar="T",
                    help="0 picks the likeliest token each time; higher samples more freely (default 0.7)")
     p.add_argument("--seed", type=int, metavar="S", help="the same S gives the same answers")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, metavar="F",
+                   help="in [-2, 2]: taken from a token's score each time it was said; 0.5-1 stops a small "
+                        "model's loops (default 0, OpenAI's frequency_penalty)")
     p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("site", help="build the course website (Jupyter Book 2) or serve it locally")

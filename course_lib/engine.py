@@ -79,6 +79,13 @@ class SamplingParams:
             of the prompt, in ``Completion.prompt_logprobs`` and ``RequestHandle.prompt_logprobs``
             (the first token has none: ``None``). It costs one more forward pass over the prompt
             (with the output head at every position) when the request starts.
+        presence_penalty, frequency_penalty: in ``[-2, 2]``, OpenAI's: before choosing each token,
+            ``presence_penalty`` is taken from the logit of every token already generated and
+            ``frequency_penalty`` times the number of times it was (the prompt's tokens do not
+            count). Positive values discourage repeating. Default 0.
+        logit_bias: ``{token_id: bias}``, each bias in ``[-100, 100]``, added to that token's logit
+            before choosing (``-100`` bans it, ``100`` all but forces it). Default none.
+            The penalties and the bias change the choice; ``logprobs`` stay the model's own.
 
     Raises:
         ValueError: any field out of its range (the message names the field and the range).
@@ -93,6 +100,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = (ENDOFTEXT_ID,)
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         def bad(name, want, got):
@@ -116,6 +126,18 @@ class SamplingParams:
         ids = self.stop_token_ids
         if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
             bad("stop_token_ids", "a list of token ids (integers >= 0)", ids)
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or not -2 <= v <= 2:
+                bad(name, "a number in [-2, 2] (0 = none)", v)
+            object.__setattr__(self, name, float(v))
+        bias = self.logit_bias
+        pairs = list(bias.items()) if isinstance(bias, dict) else bias
+        if not isinstance(pairs, (list, tuple)) or not all(
+                isinstance(pair, (list, tuple)) and len(pair) == 2 and _is_int(pair[0]) and pair[0] >= 0
+                and _is_real(pair[1]) and -100 <= pair[1] <= 100 for pair in pairs):
+            bad("logit_bias", "a dict {token_id: bias} of ids >= 0 and biases in [-100, 100]", bias)
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in pairs)))
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
@@ -351,6 +373,9 @@ class RequestHandle:
         #: with ``params.prompt_logprobs``: one entry per prompt token (the first ``None``), set before
         #: the first Delta is sent
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        #: with a penalty or a bias: what to add to the logits before choosing the next token [V]
+        self._shift: torch.Tensor | None = None
+        self._seen: dict[int, int] = {}     # generated token -> times (for the penalties)
 
     # -- producer side (the engine's thread) --------------------------------- #
     def _push(self, event: Delta | BaseException, wake: list | None = None) -> None:
@@ -382,6 +407,12 @@ class RequestHandle:
         if self._logprobs is not None and end.logprobs is None:
             end = Delta(end.text, end.token_ids, end.finish_reason, [])
         self._push(end)
+
+    def _penalize(self, token: int) -> None:
+        """``token`` was generated: OpenAI's penalties, ``presence`` once, ``frequency`` every time."""
+        p = self.params
+        self._seen[token] = self._seen.get(token, 0) + 1
+        self._shift[token] -= p.frequency_penalty + (p.presence_penalty if self._seen[token] == 1 else 0.0)
 
     # -- consumer side ------------------------------------------------------ #
     def __iter__(self) -> Iterator[Delta]:
@@ -604,7 +635,8 @@ class Engine:
             raise TypeError(f"prompt must be a str or a list of int token ids, got {type(prompt).__name__}")
         if not ids:
             raise EngineError("the prompt has no tokens; give at least one (e.g. '<|endoftext|>' for GPT-2)")
-        bad = [i for i in (*ids, *params.stop_token_ids) if not 0 <= i < self.vocab_size]
+        bad = [i for i in (*ids, *params.stop_token_ids, *(t for t, _ in params.logit_bias))
+               if not 0 <= i < self.vocab_size]
         if bad:
             raise EngineError(f"token id {bad[0]} is outside the model's vocabulary [0, {self.vocab_size})")
         if len(ids) >= self.context_length:
@@ -776,6 +808,10 @@ class Engine:
         for handle in batch:
             p = handle.params
             handle._detok = _Detokenizer(self.tokenizer, p.stop)
+            if p.presence_penalty or p.frequency_penalty or p.logit_bias:
+                handle._shift = torch.zeros(logits.shape[-1], device=logits.device)
+                for token, bias in p.logit_bias:
+                    handle._shift[token] += bias
             if p.temperature > 0:
                 handle._generator = torch.Generator(device=self.device)
                 if p.seed is None:
@@ -807,8 +843,16 @@ class Engine:
         ok = [math.isfinite(t) for t in logits.sum(dim=-1, dtype=torch.float32).tolist()]   # a NaN or inf in a row
         greedy = logits.max(dim=-1).indices.tolist()    # argmax's first maximum, in 3/4 of its time on CPU
         sampled = [j for j, row in enumerate(rows) if self._rows[row].params.temperature > 0]
+        picked: dict[int, torch.Tensor] = {}
         if sampled:    # their rows, contiguous: fast decoding's head gives the logits as a transposed view
             picked = dict(zip(sampled, logits[sampled].contiguous().split(1)))     # j -> [1, V]
+        shifted = [j for j, row in enumerate(rows) if self._rows[row]._shift is not None]
+        if shifted:    # penalties and biases: these rows choose from their shifted logits
+            moved = logits[shifted].float() + torch.stack([self._rows[rows[j]]._shift for j in shifted])
+            for j, best, row_logits in zip(shifted, moved.max(dim=-1).indices.tolist(), moved.split(1)):
+                greedy[j] = best
+                if j in picked:
+                    picked[j] = row_logits
         ends: dict[int, tuple] = {}                  # row -> (handle, Delta or error, counter)
         wake: list = []                              # the asyncio readers to wake, once per loop
         with self._cond:                             # counted before any reader gets its token
@@ -837,6 +881,8 @@ class Engine:
             row = rows[j]
             handle = self._rows[row]
             try:
+                if handle._shift is not None:
+                    handle._penalize(token)
                 end = self._advance(handle, token, wake, scores.get(j))
                 if end is not None:
                     ends[row] = (handle, end, "requests_finished")

@@ -23,10 +23,13 @@ Choices where OpenAI's API says nothing about a small local model:
   ``seed + j``, so the choices differ and the whole reply is reproducible.
 * ``top_k`` and ``ignore_eos`` are extra fields, as in vLLM (``top_k`` ``null``, ``0`` or ``-1``: no
   limit; ``ignore_eos: true`` decodes past ``<|endoftext|>``, for benchmarks). Fields this server
-  does not do are a 400 naming the field when a request asks for them: ``presence_penalty``,
-  ``frequency_penalty``, ``logit_bias``; for completions ``best_of`` (above ``n``), ``suffix``;
-  for chat ``tools``, ``functions``, ``tool_choice``, ``response_format`` (other than text). Their default values (``null``, ``false``, ``0``, ``{}``, ``[]``) pass, as clients send them.
-  Other unknown fields (``user``, ``metadata``, ...) are ignored.
+  does not do are a 400 naming the field when a request asks for them: for completions ``best_of``
+  (above ``n``), ``suffix``; for chat ``tools``, ``functions``, ``tool_choice``, ``response_format``
+  (other than text). Their default values (``null``, ``false``, ``""``, ``[]``) pass, as clients
+  send them. Other unknown fields (``user``, ``metadata``, ...) are ignored.
+* ``presence_penalty``, ``frequency_penalty`` (counted over the generated tokens) and ``logit_bias``
+  are OpenAI's (:class:`~course_lib.engine.SamplingParams`): a small model's loops are what the
+  penalties are for.
 * Log-probabilities (completions ``logprobs: k``, chat ``logprobs: true`` with ``top_logprobs: k``,
   ``k`` up to 20) are the model's own distribution, before temperature, ``top_k`` and ``top_p`` (as
   vLLM's default), in OpenAI's shapes, streamed too. Completions list the sampled token's entry in
@@ -241,14 +244,23 @@ class _Request(BaseModel):
         return stops
 
 
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value):
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias' keys are token ids written as strings (e.g. \"50256\"), got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias' values are in [-100, 100], got {bias!r} for token {key}")
+        return value
+
     # Fields of OpenAI's API that this server does not do. A value that asks for one is a 400 naming it
     # (ignoring it would answer another request than the one sent); the values clients send by default pass.
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    logit_bias: Any = None
-
-    @field_validator("presence_penalty", "frequency_penalty", "logit_bias", "best_of",
-                     "suffix", "tools", "functions", "tool_choice", "response_format", check_fields=False)
+    @field_validator("best_of", "suffix", "tools", "functions", "tool_choice", "response_format", check_fields=False)
     @classmethod
     def _not_supported(cls, value, info):
         name = info.field_name
@@ -263,8 +275,7 @@ class _Request(BaseModel):
                          f"{shown}")
 
 
-_NEUTRAL = {"presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
-            "suffix": (None, ""),
+_NEUTRAL = {"suffix": (None, ""),
             "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
             "response_format": (None, {"type": "text"})}
 
@@ -615,6 +626,9 @@ def _params(body: _Request, max_tokens: int, choice: int) -> SamplingParams:
                               top_p=1.0 if body.top_p is None else body.top_p, top_k=top_k, stop=tuple(body.stop or ()),
                               seed=None if body.seed is None else (body.seed + choice) % 2**64,
                               logprobs=body.wanted_logprobs(), prompt_logprobs=body.wanted_prompt_logprobs(),
+                              presence_penalty=body.presence_penalty or 0.0,
+                              frequency_penalty=body.frequency_penalty or 0.0,
+                              logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
                               **({"stop_token_ids": ()} if body.ignore_eos else {}))
     except (TypeError, ValueError) as err:   # the message starts with the field's name
         name = str(err).split(" ", 1)[0]
@@ -630,6 +644,10 @@ def _submit(engine: Engine, request: Request, body: _Request, prompts: list, max
     if len(prompts) * body.n > MAX_CHOICES:
         raise _APIError(400, f"{len(prompts)} prompts x n={body.n} is more than {MAX_CHOICES} choices in one request",
                         param="n")
+    outside = [k for k in (body.logit_bias or {}) if int(k) >= engine.vocab_size]
+    if outside:
+        raise _APIError(400, f"logit_bias names token {outside[0]}, outside this model's vocabulary of "
+                             f"{engine.vocab_size:,} tokens", param="logit_bias")
     params = [_params(body, max_tokens, j) for j in range(body.n)]
     handles = []
     try:
@@ -1043,7 +1061,7 @@ def engine_replier(engine: Engine, *, model: str | None = None, style: str | Non
 
 def client_replier(base_url: str, *, api_key: str | None = None, model: str | None = None,
                    max_tokens: int | None = 256, temperature: float | None = 0.7,
-                   seed: int | None = None) -> Callable[[list[dict]], Iterator[str]]:
+                   seed: int | None = None, frequency_penalty: float = 0.0) -> Callable[[list[dict]], Iterator[str]]:
     """``reply(messages)`` for :func:`chat` through any OpenAI-compatible server, streamed;
     ``reply.model`` is the model's name there.
 
@@ -1067,8 +1085,10 @@ def client_replier(base_url: str, *, api_key: str | None = None, model: str | No
 
     def reply(messages: list[dict]) -> Iterator[str]:
         try:
+            extra = {"frequency_penalty": frequency_penalty} if frequency_penalty else {}
             stream = client.chat.completions.create(model=model, messages=messages, stream=True,
-                                                    max_tokens=max_tokens, temperature=temperature, seed=seed)
+                                                    max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                                    **extra)
         except openai.BadRequestError as err:
             if "context" in str(err):
                 raise ContextFull(str(err)) from None

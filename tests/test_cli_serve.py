@@ -106,6 +106,32 @@ def test_chat_against_a_server(checkpoint, monkeypatch, capsys):
         engine.shutdown()
 
 
+def test_chat_frequency_penalty_reaches_the_model_here_and_through_a_server(checkpoint, monkeypatch, capsys):
+    """A model that says one token forever (tied, random) says others with --frequency-penalty, the same
+    in the process and through a server."""
+    import copy
+
+    torch.manual_seed(0)
+    loop = GPTModel(get_config("gpt-tiny", context_length=128), tie_weights=True).eval()
+    path = save_checkpoint(checkpoint[0].parent / "loop" / "model.pt", loop, include_rng=False)
+    answers = {}
+    for penalty in ("0", "1.5"):
+        status, out, err = run_chat(monkeypatch, capsys, [str(path), "--temperature", "0", "--max-tokens", "8",
+                                                          "--device", "cpu", "--frequency-penalty", penalty], "hi\n")
+        assert status == 0, err
+        answers[penalty] = out
+    engine = Engine(copy.deepcopy(loop), name="loop")
+    try:
+        with running_server(engine) as url:
+            status, out, err = run_chat(monkeypatch, capsys, ["--base-url", url, "--temperature", "0",
+                                                              "--max-tokens", "8", "--frequency-penalty", "1.5"], "hi\n")
+    finally:
+        engine.shutdown()
+    assert answers["0"] == "loop> " + "\n" * 8 + "\n"                    # the loop (of newlines), without a penalty
+    assert answers["1.5"] != answers["0"] and status == 0
+    assert out == answers["1.5"]                                         # the same answer through the server
+
+
 def test_chat_when_the_server_is_gone_is_one_error_line(checkpoint, monkeypatch, capsys):
     path, model = checkpoint
     import copy
@@ -129,6 +155,8 @@ def test_chat_when_the_server_is_gone_is_one_error_line(checkpoint, monkeypatch,
     ("serve", ["MODEL", "--profile", "tiny"], "not both"),
     ("chat", ["--temperature", "5"], "--temperature"),
     ("chat", ["--max-tokens", "0"], "--max-tokens"),
+    ("chat", ["--frequency-penalty", "3"], "--frequency-penalty"),
+    ("chat", ["--frequency-penalty", "nan"], "--frequency-penalty"),
     ("chat", ["MODEL", "--base-url", "http://127.0.0.1:1/v1"], "--base-url"),
     ("chat", ["--base-url", "localhost:8000"], "http://"),
     ("chat", ["MODEL", "--api-key", "k"], "--api-key goes with --base-url"),

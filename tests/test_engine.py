@@ -233,7 +233,9 @@ def test_seed_reproducible_alone_and_in_a_batch(model, enc):
     ("temperature", "1"), ("top_p", 0), ("top_p", 1.5), ("top_k", 0), ("top_k", 2.5), ("stop", ["a"] * 5),
     ("stop", [""]), ("stop", [1]), ("seed", 1.5), ("seed", 2**64), ("stop_token_ids", [-1]), ("stop_token_ids", 5),
     ("logprobs", -1), ("logprobs", 21), ("logprobs", True), ("logprobs", 2.0), ("prompt_logprobs", 21),
-    ("prompt_logprobs", False)])
+    ("prompt_logprobs", False), ("presence_penalty", 2.5), ("frequency_penalty", float("nan")),
+    ("frequency_penalty", "1"), ("logit_bias", {-1: 1.0}), ("logit_bias", {5: 101}), ("logit_bias", {"5": 1}),
+    ("logit_bias", [5])])
 def test_sampling_params_validated(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
@@ -320,6 +322,52 @@ def test_logprobs_of_rows_decoded_together_equal_each_alone(model, enc):
         assert [e.token_id for e in t.logprobs] == [e.token_id for e in a.logprobs]
         assert [e.logprob for e in t.logprobs] == pytest.approx([e.logprob for e in a.logprobs], abs=1e-5)
         assert [[i for i, _ in e.top] for e in t.logprobs] == [[i for i, _ in e.top] for e in a.logprobs]
+
+
+def _penalized_reference(model, ids, n, presence=0.0, frequency=0.0, bias=None):
+    """Greedy decoding by hand with OpenAI's penalties and logit bias: a full forward pass per token."""
+    out, counts = [], {}
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + out]))[0, -1].float()
+        for t, b in (bias or {}).items():
+            logits[t] += b
+        for t, c in counts.items():
+            logits[t] -= frequency * c + presence
+        token = int(logits.argmax())
+        out.append(token)
+        counts[token] = counts.get(token, 0) + 1
+    return out
+
+
+def test_penalties_and_logit_bias_equal_a_hand_written_loop(enc):
+    torch.manual_seed(0)
+    model = GPTModel(get_config("gpt-tiny"), tie_weights=True).eval()   # tied and random: it says one token forever
+    ids = _prompt(5, seed=12)
+    plain = _ref(model, ids, 24)
+    assert len(set(plain)) == 1
+    settings = [dict(frequency=1.5), dict(presence=1.0), dict(presence=0.5, frequency=0.5, bias={plain[0]: -100}),
+                dict(frequency=-0.5, bias={11: 3.0})]
+    with Engine(copy.deepcopy(model), enc) as eng:
+        # all together in one batch, with a plain row beside them
+        hs = [eng.submit(ids, SamplingParams(max_tokens=24, presence_penalty=k.get("presence", 0.0),
+                                             frequency_penalty=k.get("frequency", 0.0),
+                                             logit_bias=k.get("bias", {}), **GREEDY)) for k in settings]
+        h_plain = eng.submit(ids, SamplingParams(max_tokens=24, **GREEDY))
+        got = [h.result().token_ids for h in hs]
+        forced = eng.generate(ids, SamplingParams(max_tokens=6, temperature=1.0, seed=1, logit_bias={42: 100.0},
+                                                  stop_token_ids=()))
+        banned = eng.generate(ids, SamplingParams(max_tokens=40, temperature=2.0, seed=1, stop_token_ids=(),
+                                                  logit_bias={t: -100 for t in plain}))
+        with pytest.raises(EngineError, match="token id 50257"):
+            eng.submit(ids, SamplingParams(logit_bias={50257: 1.0}))
+    assert h_plain.result().token_ids == plain
+    for k, tokens in zip(settings, got):
+        assert tokens == _penalized_reference(model, ids, 24, **k), k
+    assert got[0] != plain and len(set(got[0])) > len(set(plain))
+    assert got[2][0] != plain[0]
+    assert forced.token_ids == [42] * 6
+    assert not set(banned.token_ids) & set(plain)
 
 
 def test_logprobs_leave_out_a_stop_token_as_token_ids_do(model, enc):

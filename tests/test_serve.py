@@ -384,10 +384,9 @@ COMPLETION = {"model": "base", "prompt": "hi", "max_tokens": 2}
 
 @pytest.mark.parametrize("base, field, value", [
     (COMPLETION, "best_of", 3), (COMPLETION, "suffix", " end."),
-    (COMPLETION, "presence_penalty", 0.5), (CHAT, "frequency_penalty", -1), (CHAT, "logit_bias", {"50256": -100}),
     (CHAT, "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     (CHAT, "functions", [{"name": "f", "parameters": {}}]), (CHAT, "tool_choice", "required"),
-    (CHAT, "response_format", {"type": "json_object"}), (COMPLETION, "presence_penalty", True),
+    (CHAT, "response_format", {"type": "json_object"})
 ])
 def test_a_field_this_server_does_not_do_is_a_400_naming_it(url, base, field, value):
     """Asked for, an OpenAI field the engine does not do is refused by name (it was ignored: a client asking
@@ -620,6 +619,48 @@ def test_bad_logprobs_and_echo_requests_are_400s_naming_the_field(url, path, bod
     assert error["param"] == field and error["type"] == "invalid_request_error", error
     if field == "top_logprobs" and body.get("top_logprobs") == 3 or body.get("logprobs") is False:
         assert '"logprobs": true' in error["message"]
+
+
+def test_penalties_and_logit_bias_are_openais(client, models, tok):
+    """The server's choice equals a hand-written greedy loop with OpenAI's formula: bias added, then
+    presence_penalty once and frequency_penalty per use subtracted for each generated token."""
+    base = models[0]
+    prompt, bias = "Once upon a time", {"42": 6.0, "1110": 4.0}
+    ids = tok.encode(prompt)
+    for presence, frequency in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.5), (0.5, 2.0)):
+        out, counts = [], {}
+        for _ in range(10):
+            with torch.no_grad():
+                logits = base(torch.tensor([ids + out]))[0, -1].float()
+            for t, b in bias.items():
+                logits[int(t)] += b
+            for t, c in counts.items():
+                logits[t] -= frequency * c + presence
+            out.append(int(logits.argmax()))
+            counts[out[-1]] = counts.get(out[-1], 0) + 1
+        r = client.completions.create(model="base", prompt=prompt, max_tokens=10, temperature=0, logit_bias=bias,
+                                      presence_penalty=presence, frequency_penalty=frequency,
+                                      extra_body={"ignore_eos": True})
+        assert r.choices[0].text == tok.decode(out), (presence, frequency)
+    assert tok.decode([42]) in r.choices[0].text                 # the bias does something
+    r = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       temperature=0.8, seed=3, logit_bias={"42": 100})
+    assert r.choices[0].message.content == tok.decode([42] * 4)
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"presence_penalty": True}, "presence_penalty"), ({"frequency_penalty": "1"}, "frequency_penalty"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"5": 200}}, "logit_bias"),
+    ({"logit_bias": {"60000": 1}}, "logit_bias"), ({"logit_bias": [5]}, "logit_bias"),
+    ({"logit_bias": {"5": "x"}}, "logit_bias"),
+])
+def test_bad_penalties_and_biases_are_400s_naming_the_field(url, body, field):
+    for base, path in ((COMPLETION, "/completions"), (CHAT, "/chat/completions")):
+        r = post(url, path, {**base, **body})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"].split(".")[0] == field and error["type"] == "invalid_request_error", error
 
 
 def test_the_default_values_clients_send_for_those_fields_pass(client):
