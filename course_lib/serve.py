@@ -23,10 +23,12 @@ Choices where OpenAI's API says nothing about a small local model:
   ``seed + j``, so the choices differ and the whole reply is reproducible.
 * ``top_k`` and ``ignore_eos`` are extra fields, as in vLLM (``top_k`` ``null``, ``0`` or ``-1``: no
   limit; ``ignore_eos: true`` decodes past ``<|endoftext|>``, for benchmarks). Fields this server
-  does not do are a 400 naming the field when a request asks for them: for completions ``best_of``
-  (above ``n``), ``suffix``; for chat ``tools``, ``functions``, ``tool_choice``, ``response_format``
-  (other than text). Their default values (``null``, ``false``, ``""``, ``[]``) pass, as clients
+  does not do are a 400 naming the field when a request asks for them: for completions ``suffix``;
+  for chat ``tools``, ``functions``, ``tool_choice``, ``response_format`` (other than text). Their default values (``null``, ``false``, ``""``, ``[]``) pass, as clients
   send them. Other unknown fields (``user``, ``metadata``, ...) are ignored.
+* Completions' ``best_of`` (>= ``n``, not streamed): ``best_of`` completions are decoded (choice
+  ``j`` with ``seed + j``) and the ``n`` with the highest mean log-probability per token are
+  returned, best first; ``usage`` counts every token decoded, as OpenAI bills them.
 * ``presence_penalty``, ``frequency_penalty`` (counted over the generated tokens) and ``logit_bias``
   are OpenAI's (:class:`~course_lib.engine.SamplingParams`): a small model's loops are what the
   penalties are for.
@@ -56,6 +58,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
 import secrets
 import socket
 import sys
@@ -260,14 +263,11 @@ class _Request(BaseModel):
 
     # Fields of OpenAI's API that this server does not do. A value that asks for one is a 400 naming it
     # (ignoring it would answer another request than the one sent); the values clients send by default pass.
-    @field_validator("best_of", "suffix", "tools", "functions", "tool_choice", "response_format", check_fields=False)
+    @field_validator("suffix", "tools", "functions", "tool_choice", "response_format", check_fields=False)
     @classmethod
     def _not_supported(cls, value, info):
         name = info.field_name
-        if name == "best_of":                       # best_of = n is no choice among more
-            neutral = (None, info.data.get("n", 1))
-        else:
-            neutral = _NEUTRAL[name]
+        neutral = _NEUTRAL[name]
         if any(value == v and type(value) is type(v) for v in neutral if v is not None) or value is None:
             return value
         shown = json.dumps(next(v for v in neutral if v is not None))
@@ -287,8 +287,18 @@ class CompletionRequest(_Request):
     max_tokens: int | None = Field(None, ge=0)       # 0 with echo: score the prompt only
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = None
-    best_of: Any = None
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
     suffix: Any = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value, info):
+        n = info.data.get("n", 1)
+        if value is not None and value < n:
+            raise ValueError(f"best_of must be at least n ({n}): it is how many completions the n are chosen from")
+        if value is not None and value > n and info.data.get("stream"):
+            raise ValueError("best_of above n cannot be streamed (the best are known only at the end), as at OpenAI")
+        return value
 
     @field_validator("logprobs", mode="before")
     @classmethod
@@ -562,6 +572,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, style: str | None 
         prompts = _prompts(body.prompt)
         score_only = body.max_tokens == 0           # (with echo) one token is decoded and dropped
         max_tokens = 16 if body.max_tokens is None else max(body.max_tokens, 1)
+        asked = body
+        if body.best_of is not None and body.best_of > body.n:     # best_of candidates, scored by their logprobs
+            body = body.model_copy(update={"n": body.best_of, "logprobs": body.logprobs or 0})
         handles = await _submit_in_thread(engine, request, body, prompts, max_tokens, "prompt")
         echo = _echoes(engine, body, handles) if body.echo else None
         kind = "text_completion"
@@ -571,12 +584,16 @@ def create_app(engine: Engine, *, api_key: str | None = None, style: str | None 
         results = await _results(request, engine, handles)
         if score_only:
             results = [("", "length", 0, None if lp is None else []) for _, _, _, lp in results]
+        kept = _best(results, body.n, asked.n) if body is not asked else range(len(results))
         choices = []
-        for i, (text, finish, _, lp) in enumerate(results):
+        for index, i in enumerate(kept):
+            text, finish, _, lp = results[i]
             if echo is not None:
                 text = echo[i] + text
                 lp = None if lp is None else _prompt_entries(handles[i]) + lp
-            choices.append({"index": i, "text": text, "finish_reason": finish,
+            if asked.logprobs is None:
+                lp = None
+            choices.append({"index": index, "text": text, "finish_reason": finish,
                             "logprobs": None if lp is None else _completion_logprobs(engine.tokenizer, lp,
                                                                                       end=len(text))})
         return _reply(request, "cmpl", kind, body.model, choices, results)
@@ -774,6 +791,19 @@ def _completion_logprobs(tokenizer, entries: list[TokenLogprob], offsets: _Offse
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": tops,
             "text_offset": starts}
+
+
+def _best(results: list, candidates: int, n: int) -> list[int]:
+    """For each prompt's ``candidates`` results (in order), the indices of the ``n`` with the
+    highest mean log-probability per token (OpenAI's ``best_of``), best first; a completion
+    without a token comes last."""
+    kept = []
+    for start in range(0, len(results), candidates):
+        group = range(start, start + candidates)
+        mean = {i: sum(e.logprob for e in results[i][3]) / len(results[i][3]) if results[i][3] else -math.inf
+                for i in group}
+        kept += sorted(group, key=lambda i: -mean[i])[:n]
+    return kept
 
 
 def _echoes(engine: Engine, body: CompletionRequest, handles: list) -> list[str]:

@@ -383,7 +383,7 @@ COMPLETION = {"model": "base", "prompt": "hi", "max_tokens": 2}
 
 
 @pytest.mark.parametrize("base, field, value", [
-    (COMPLETION, "best_of", 3), (COMPLETION, "suffix", " end."),
+    (COMPLETION, "suffix", " end."),
     (CHAT, "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     (CHAT, "functions", [{"name": "f", "parameters": {}}]), (CHAT, "tool_choice", "required"),
     (CHAT, "response_format", {"type": "json_object"})
@@ -610,6 +610,10 @@ def test_echo_prepends_the_prompt_to_every_choice_and_its_logprobs(client, model
     ("/completions", {**COMPLETION, "max_tokens": 0}, "max_tokens"),
     ("/completions", {**COMPLETION, "max_tokens": 0, "echo": False}, "max_tokens"),
     ("/completions", {**COMPLETION, "echo": 1}, "echo"),
+    ("/completions", {**COMPLETION, "n": 3, "best_of": 2}, "best_of"),
+    ("/completions", {**COMPLETION, "best_of": 2, "stream": True}, "best_of"),
+    ("/completions", {**COMPLETION, "best_of": 0}, "best_of"),
+    ("/completions", {**COMPLETION, "best_of": 65}, "best_of"),
     ("/chat/completions", {**CHAT, "max_tokens": 0}, "max_tokens"),
 ])
 def test_bad_logprobs_and_echo_requests_are_400s_naming_the_field(url, path, body, field):
@@ -661,6 +665,22 @@ def test_bad_penalties_and_biases_are_400s_naming_the_field(url, body, field):
         assert r.status_code == 400, r.text
         error = r.json()["error"]
         assert error["param"].split(".")[0] == field and error["type"] == "invalid_request_error", error
+
+
+def test_best_of_returns_the_n_likeliest_of_its_candidates(client):
+    kw = dict(model="base", prompt="Once upon a time", max_tokens=8, temperature=1.5, seed=7,
+              extra_body={"ignore_eos": True})
+    all_four = client.completions.create(n=4, logprobs=0, **kw)                # the candidates: seeds 7..10
+    mean = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in all_four.choices]
+    order = sorted(range(4), key=lambda i: -mean[i])
+    assert len({c.text for c in all_four.choices}) == 4
+    best = client.completions.create(n=2, best_of=4, **kw)
+    assert [c.text for c in best.choices] == [all_four.choices[i].text for i in order[:2]]
+    assert [c.index for c in best.choices] == [0, 1] and best.choices[0].logprobs is None
+    assert best.usage.completion_tokens == 4 * 8                              # every candidate's tokens
+    scored = client.completions.create(best_of=4, logprobs=2, **kw)            # n = 1, with its logprobs
+    assert scored.choices[0].text == all_four.choices[order[0]].text
+    assert scored.choices[0].logprobs.token_logprobs == pytest.approx(all_four.choices[order[0]].logprobs.token_logprobs)
 
 
 def test_the_default_values_clients_send_for_those_fields_pass(client):
