@@ -61,7 +61,8 @@ class SamplingParams:
 
     Args:
         max_tokens: new tokens at most; finish ``"length"`` when reached, or when prompt and
-            new tokens fill the context. Default 16.
+            new tokens fill the context. Default 16. 0 (with ``prompt_logprobs``) scores the
+            prompt alone: nothing is generated, and the prompt may fill the whole context.
         temperature: in ``[0, 2]``; 0 is greedy. Default 1.0 (OpenAI's).
         top_p: in ``(0, 1]``. Default 1.0 (no filter).
         top_k: ``None`` or an integer >= 1. Default ``None``.
@@ -108,8 +109,8 @@ class SamplingParams:
         def bad(name, want, got):
             raise ValueError(f"{name} must be {want}, got {got!r}")
 
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            bad("max_tokens", "an integer >= 1", self.max_tokens)
+        if not _is_int(self.max_tokens) or self.max_tokens < 0 or (self.max_tokens == 0 and self.prompt_logprobs is None):
+            bad("max_tokens", "an integer >= 1 (0 only with prompt_logprobs: the prompt scored alone)", self.max_tokens)
         t = self.temperature
         if not _is_real(t) or not 0 <= t <= 2:
             bad("temperature", "a number in [0, 2] (0 = greedy)", t)
@@ -137,6 +138,8 @@ class SamplingParams:
                 isinstance(pair, (list, tuple)) and len(pair) == 2 and _is_int(pair[0]) and pair[0] >= 0
                 and _is_real(pair[1]) and -100 <= pair[1] <= 100 for pair in pairs):
             bad("logit_bias", "a dict {token_id: bias} of ids >= 0 and biases in [-100, 100]", bias)
+        if len({int(t) for t, _ in pairs}) < len(pairs):
+            bad("logit_bias", "one bias per token id", bias)
         object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in pairs)))
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
@@ -639,7 +642,7 @@ class Engine:
                if not 0 <= i < self.vocab_size]
         if bad:
             raise EngineError(f"token id {bad[0]} is outside the model's vocabulary [0, {self.vocab_size})")
-        if len(ids) >= self.context_length:
+        if len(ids) >= self.context_length + (params.max_tokens == 0):    # scoring alone needs no room after it
             raise PromptTooLong(len(ids), self.context_length)
         handle = RequestHandle(self, ids, params, served, None if served == self.name else served)
         self.start()
@@ -775,6 +778,21 @@ class Engine:
                     batch.append(handle)
             if not batch:
                 return
+            scoring = [h for h in batch if h.params.max_tokens == 0]
+            if scoring:
+                batch = [h for h in batch if h.params.max_tokens > 0]
+                try:
+                    self._score_only(scoring)
+                except Exception:   # noqa: BLE001 — each alone, so that only the one at fault fails
+                    self._active = "unset"
+                    for handle in scoring:
+                        try:
+                            self._score_only([handle])
+                        except Exception as err:   # noqa: BLE001
+                            self._active = "unset"
+                            self._fail(handle, err)
+                if not batch:
+                    continue
             if len(batch) > 1:
                 try:
                     started = self._start(batch)
@@ -795,12 +813,9 @@ class Engine:
     def _start(self, batch: list[RequestHandle]) -> tuple[torch.Tensor, list[int]]:
         """Prefill ``batch`` in one forward pass (each on its adapter) into the next free rows of
         the cache; returns the logits of each prompt's last token ``[len(batch), V]`` and the rows.
-        A request that wants its prompt's log-probabilities gets them first, in a pass of its own."""
-        for handle in batch:
-            if handle.params.prompt_logprobs is not None:
-                self._use_adapters(handle._adapter)
-                handle.prompt_logprobs = _prompt_scores(self.model, handle._ids, handle.params.prompt_logprobs,
-                                                        self.device)
+        A request that wants its prompt's log-probabilities gets them first, in a pass of its own
+        (one per prompt and adapter: the ``n`` choices of a request share it)."""
+        self._score_prompts(batch)
         self._use_adapters(tuple(h._adapter for h in batch))
         prefilled, logits = _prefill_last(self.model, [h._ids for h in batch])     # logits [B, V]
         with self._cond:
@@ -810,8 +825,10 @@ class Engine:
             handle._detok = _Detokenizer(self.tokenizer, p.stop)
             if p.presence_penalty or p.frequency_penalty or p.logit_bias:
                 handle._shift = torch.zeros(logits.shape[-1], device=logits.device)
-                for token, bias in p.logit_bias:
-                    handle._shift[token] += bias
+                if p.logit_bias:                    # one write for all of them, however many
+                    tokens, biases = zip(*p.logit_bias)
+                    handle._shift[torch.tensor(tokens, device=logits.device)] = torch.tensor(
+                        biases, device=logits.device)
             if p.temperature > 0:
                 handle._generator = torch.Generator(device=self.device)
                 if p.seed is None:
@@ -824,6 +841,28 @@ class Engine:
         with self._cond:
             self._rows.extend(batch)
         return logits, list(range(first, first + len(batch)))
+
+    def _score_prompts(self, batch: list[RequestHandle]) -> None:
+        """Set ``prompt_logprobs`` of the requests in ``batch`` that ask for them."""
+        done: dict[tuple, list] = {}
+        for handle in batch:
+            k = handle.params.prompt_logprobs
+            if k is None:
+                continue
+            key = (handle.prompt_ids, handle._adapter, k)
+            if key not in done:
+                self._use_adapters(handle._adapter)
+                done[key] = _prompt_scores(self.model, handle._ids, k, self.device)
+            handle.prompt_logprobs = done[key]
+
+    def _score_only(self, batch: list[RequestHandle]) -> None:
+        """Requests with ``max_tokens`` 0: their prompts scored, and finished (no row of the cache)."""
+        batch = [h for h in batch if not h.done]       # (when called again, one by one, after a failure)
+        self._score_prompts(batch)
+        for handle in batch:
+            with self._cond:
+                self._stats["requests_finished"] += 1
+            handle._finish(Delta("", [], "length"))
 
     def _decode(self) -> None:
         """One token for every running row: rows ``0..n-1`` of the cache, one forward pass."""

@@ -45,7 +45,8 @@ Choices where OpenAI's API says nothing about a small local model:
 * Completions' ``echo: true`` starts each choice with its prompt (and, with ``logprobs``, the prompt
   tokens' log-probabilities, the first ``null``); ``max_tokens: 0`` with it scores the prompt alone,
   the request evaluation harnesses send for a log-likelihood (``lm-evaluation-harness``'s
-  ``local-completions``). Scoring a prompt costs one more forward pass over it.
+  ``local-completions``); the prompt may then fill the whole context. Scoring a prompt costs one more
+  forward pass over it (its only one with ``max_tokens: 0``).
 * Types are strict, as OpenAI's: ``"5"`` is no ``max_tokens``, ``true`` no token id. A body over
   :data:`MAX_BODY_BYTES` is a 413; a request to an engine that was shut down, a 503.
 """
@@ -59,6 +60,7 @@ import ipaddress
 import json
 import logging
 import math
+import re
 import secrets
 import socket
 import sys
@@ -98,6 +100,8 @@ logger = logging.getLogger("course_lib.serve")
 
 #: The most choices per request (``n`` x prompts): each is a row of the engine's batch.
 MAX_CHOICES = 64
+#: The most entries of a request's ``logit_bias``.
+MAX_LOGIT_BIAS = 300
 #: The largest request body read (413 past it): far more than a context of text, even as token ids.
 MAX_BODY_BYTES = 1 << 20
 _ROUTES = "GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions"
@@ -254,11 +258,17 @@ class _Request(BaseModel):
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, value):
+        if value is not None and len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias has {len(value)} entries; at most {MAX_LOGIT_BIAS}")
+        seen = set()
         for key, bias in (value or {}).items():
-            if not key.isdigit():
-                raise ValueError(f"logit_bias' keys are token ids written as strings (e.g. \"50256\"), got {key!r}")
+            if not re.fullmatch(r"[0-9]{1,9}", key):
+                raise ValueError(f"logit_bias' keys are token ids written as strings (e.g. \"50256\"), got {key[:20]!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias' values are in [-100, 100], got {bias!r} for token {key}")
+            if int(key) in seen:
+                raise ValueError(f"logit_bias names token {int(key)} twice")
+            seen.add(int(key))
         return value
 
     # Fields of OpenAI's API that this server does not do. A value that asks for one is a 400 naming it
@@ -570,29 +580,29 @@ def create_app(engine: Engine, *, api_key: str | None = None, style: str | None 
             raise _APIError(400, 'max_tokens 0 generates nothing: send "echo": true with it to score the prompt '
                                  "(with logprobs), or max_tokens >= 1", param="max_tokens")
         prompts = _prompts(body.prompt)
-        score_only = body.max_tokens == 0           # (with echo) one token is decoded and dropped
-        max_tokens = 16 if body.max_tokens is None else max(body.max_tokens, 1)
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
         asked = body
         if body.best_of is not None and body.best_of > body.n:     # best_of candidates, scored by their logprobs
-            body = body.model_copy(update={"n": body.best_of, "logprobs": body.logprobs or 0})
+            if len(prompts) * body.best_of > MAX_CHOICES:
+                raise _APIError(400, f"{len(prompts)} prompts x best_of={body.best_of} is more than {MAX_CHOICES} "
+                                     "completions in one request", param="best_of")
+            body = body.model_copy(update={"n": body.best_of, "logprobs": body.logprobs or 0,
+                                           "echo": body.echo and body.logprobs is not None})
         handles = await _submit_in_thread(engine, request, body, prompts, max_tokens, "prompt")
-        echo = _echoes(engine, body, handles) if body.echo else None
+        echo = _echoes(engine, handles) if asked.echo else None
         kind = "text_completion"
         if body.stream:
-            return _streaming(request, engine, body, handles, "cmpl", kind, chat=False, echo=echo,
-                              score_only=score_only)
+            return _streaming(request, engine, body, handles, "cmpl", kind, chat=False, echo=echo)
         results = await _results(request, engine, handles)
-        if score_only:
-            results = [("", "length", 0, None if lp is None else []) for _, _, _, lp in results]
         kept = _best(results, body.n, asked.n) if body is not asked else range(len(results))
         choices = []
         for index, i in enumerate(kept):
             text, finish, _, lp = results[i]
+            if asked.logprobs is None:
+                lp = None
             if echo is not None:
                 text = echo[i] + text
                 lp = None if lp is None else _prompt_entries(handles[i]) + lp
-            if asked.logprobs is None:
-                lp = None
             choices.append({"index": index, "text": text, "finish_reason": finish,
                             "logprobs": None if lp is None else _completion_logprobs(engine.tokenizer, lp,
                                                                                       end=len(text))})
@@ -642,7 +652,9 @@ def _params(body: _Request, max_tokens: int, choice: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
                               top_p=1.0 if body.top_p is None else body.top_p, top_k=top_k, stop=tuple(body.stop or ()),
                               seed=None if body.seed is None else (body.seed + choice) % 2**64,
-                              logprobs=body.wanted_logprobs(), prompt_logprobs=body.wanted_prompt_logprobs(),
+                              logprobs=body.wanted_logprobs(),
+                              prompt_logprobs=0 if max_tokens == 0 and body.wanted_prompt_logprobs() is None
+                              else body.wanted_prompt_logprobs(),   # max_tokens 0: the engine scores, alone
                               presence_penalty=body.presence_penalty or 0.0,
                               frequency_penalty=body.frequency_penalty or 0.0,
                               logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
@@ -806,13 +818,10 @@ def _best(results: list, candidates: int, n: int) -> list[int]:
     return kept
 
 
-def _echoes(engine: Engine, body: CompletionRequest, handles: list) -> list[str]:
-    """The prompt text each choice starts with under ``echo``: the prompt as sent (a string), or
-    its ids decoded."""
-    sent = [body.prompt] if isinstance(body.prompt, str) or (
-        body.prompt and all(isinstance(t, int) for t in body.prompt)) else list(body.prompt)
-    texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in sent]
-    return [texts[i // body.n] for i in range(len(handles))]
+def _echoes(engine: Engine, handles: list) -> list[str]:
+    """The prompt text each choice starts with under ``echo``: its tokens decoded (the text the
+    tokens of its log-probabilities spell; an empty prompt is ``<|endoftext|>``, as it was read)."""
+    return [engine.tokenizer.decode(list(h.prompt_ids)) for h in handles]
 
 
 def _prompt_entries(handle) -> list[TokenLogprob]:
@@ -842,12 +851,11 @@ def _reply(request: Request, prefix: str, kind: str, model: str, choices: list, 
 
 
 def _streaming(request: Request, engine: Engine, body: _Request, handles: list, prefix: str, kind: str,
-               chat: bool, echo: list[str] | None = None, score_only: bool = False) -> StreamingResponse:
+               chat: bool, echo: list[str] | None = None) -> StreamingResponse:
     """Server-sent events: one chunk per piece of text, a last one per choice with its finish_reason,
     a usage chunk (``stream_options.include_usage``), then ``data: [DONE]``. A client that goes away
     cancels the requests still running (their rows are freed at the next token). With ``echo``
-    (completions), each choice's first chunk is its prompt (and the prompt's log-probabilities);
-    with ``score_only`` (``max_tokens`` 0) nothing generated is sent."""
+    (completions), each choice's first chunk is its prompt (and the prompt's log-probabilities)."""
     ident, created, state = f"{prefix}-{uuid.uuid4().hex}", int(time.time()), request.state
     usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -904,12 +912,9 @@ def _streaming(request: Request, engine: Engine, body: _Request, handles: list, 
                             entries = None if item.logprobs is None else _prompt_entries(handles[i])
                             yield chunk([choice(i, echo[i], None, entries=entries)])
                             echo[i] = None
-                        if score_only:
-                            item = Delta("", [], item.finish_reason and "length", None)
                         if item.finish_reason:
                             running.discard(i)
-                            if not score_only:
-                                state.completion_tokens += handles[i].result(timeout=0).completion_tokens
+                            state.completion_tokens += handles[i].result(timeout=0).completion_tokens
                         if not chat and (item.text or item.finish_reason or item.logprobs):
                             yield chunk([choice(i, item.text, item.finish_reason, entries=item.logprobs)])
                         if chat and (item.text or item.logprobs):

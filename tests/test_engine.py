@@ -235,7 +235,7 @@ def test_seed_reproducible_alone_and_in_a_batch(model, enc):
     ("logprobs", -1), ("logprobs", 21), ("logprobs", True), ("logprobs", 2.0), ("prompt_logprobs", 21),
     ("prompt_logprobs", False), ("presence_penalty", 2.5), ("frequency_penalty", float("nan")),
     ("frequency_penalty", "1"), ("logit_bias", {-1: 1.0}), ("logit_bias", {5: 101}), ("logit_bias", {"5": 1}),
-    ("logit_bias", [5])])
+    ("logit_bias", [5]), ("logit_bias", ((5, 1.0), (5, 2.0))), ("max_tokens", 0)])
 def test_sampling_params_validated(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
@@ -368,6 +368,26 @@ def test_penalties_and_logit_bias_equal_a_hand_written_loop(enc):
     assert got[2][0] != plain[0]
     assert forced.token_ids == [42] * 6
     assert not set(banned.token_ids) & set(plain)
+
+
+def test_scoring_alone_decodes_nothing_and_one_pass_serves_every_choice(model, enc, monkeypatch):
+    calls = []
+    plain = engine_mod._prompt_scores
+    monkeypatch.setattr(engine_mod, "_prompt_scores", lambda *a: calls.append(1) or plain(*a))
+    full = _prompt(64, seed=9)                                   # the whole context of gpt-tiny
+    with Engine(copy.deepcopy(model), enc) as eng:
+        scored = eng.generate(full, SamplingParams(max_tokens=0, prompt_logprobs=1))
+        assert (eng.stats()["steps"], eng.stats()["prefills"], len(calls)) == (0, 0, 1)
+        with pytest.raises(PromptTooLong):
+            eng.submit(full, SamplingParams(max_tokens=1, prompt_logprobs=1))
+        with eng._model_lock:                  # the engine waits: the three are admitted together
+            hs = [eng.submit(full[:20], SamplingParams(max_tokens=2, prompt_logprobs=0, **GREEDY)) for _ in range(3)]
+        same = [h.result() for h in hs]
+    assert (scored.token_ids, scored.completion_tokens, scored.finish_reason, scored.text) == ([], 0, "length", "")
+    ref = _reference_logprobs(model, full[:1], full[1:])
+    assert [e.logprob for e in scored.prompt_logprobs[1:]] == pytest.approx(
+        [float(ref[k, t]) for k, t in enumerate(full[1:])], abs=1e-4)
+    assert len(calls) == 2 and same[0].prompt_logprobs == same[1].prompt_logprobs == same[2].prompt_logprobs
 
 
 def test_logprobs_leave_out_a_stop_token_as_token_ids_do(model, enc):

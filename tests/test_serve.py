@@ -576,6 +576,28 @@ def test_echo_with_max_tokens_0_scores_the_prompt_as_evaluation_harnesses_ask(cl
         assert lp.text_offset == [len(tok.decode(ids[:k])) for k in range(len(ids))]
 
 
+def test_a_prompt_that_fills_the_context_can_be_scored_and_an_empty_one_echoes_what_was_read(client, models, tok):
+    ids = torch.randint(0, 50257, (256,), generator=torch.Generator().manual_seed(3)).tolist()   # the whole context
+    r = client.completions.create(model="base", prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    with torch.no_grad():
+        logp = torch.log_softmax(models[0](torch.tensor([ids]))[0, :-1].float(), dim=-1)
+    want = logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    assert r.choices[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    assert r.usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError, match="no room"):            # generating needs room after it
+        client.completions.create(model="base", prompt=ids, max_tokens=1, echo=True)
+    # "" is read as <|endoftext|>: the echo is what was read, so text and tokens agree
+    for stream in (False, True):
+        got = client.completions.create(model="base", prompt="", max_tokens=3, temperature=0, echo=True, logprobs=0,
+                                        stream=stream, extra_body={"ignore_eos": True})
+        chunks = list(got) if stream else [got]
+        text = "".join(c.choices[0].text for c in chunks)
+        tokens = sum((c.choices[0].logprobs.tokens for c in chunks if c.choices[0].logprobs), [])
+        offsets = sum((c.choices[0].logprobs.text_offset for c in chunks if c.choices[0].logprobs), [])
+        assert text.startswith("<|endoftext|>") and "".join(tokens) == text
+        assert offsets == [len("".join(tokens[:k])) for k in range(len(tokens))]
+
+
 def test_echo_prepends_the_prompt_to_every_choice_and_its_logprobs(client, models, tok):
     prompt = "Once upon a time"
     ids = tok.encode(prompt)
@@ -614,6 +636,7 @@ def test_echo_prepends_the_prompt_to_every_choice_and_its_logprobs(client, model
     ("/completions", {**COMPLETION, "best_of": 2, "stream": True}, "best_of"),
     ("/completions", {**COMPLETION, "best_of": 0}, "best_of"),
     ("/completions", {**COMPLETION, "best_of": 65}, "best_of"),
+    ("/completions", {**COMPLETION, "prompt": ["a", "b"], "best_of": 40}, "best_of"),
     ("/chat/completions", {**CHAT, "max_tokens": 0}, "max_tokens"),
 ])
 def test_bad_logprobs_and_echo_requests_are_400s_naming_the_field(url, path, body, field):
@@ -658,6 +681,9 @@ def test_penalties_and_logit_bias_are_openais(client, models, tok):
     ({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"5": 200}}, "logit_bias"),
     ({"logit_bias": {"60000": 1}}, "logit_bias"), ({"logit_bias": [5]}, "logit_bias"),
     ({"logit_bias": {"5": "x"}}, "logit_bias"),
+    ({"logit_bias": {"\u00b2": 1}}, "logit_bias"), ({"logit_bias": {"\u0663": 1}}, "logit_bias"),
+    ({"logit_bias": {"9" * 5000: 1}}, "logit_bias"), ({"logit_bias": {"1": 1, "01": 1}}, "logit_bias"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
 ])
 def test_bad_penalties_and_biases_are_400s_naming_the_field(url, body, field):
     for base, path in ((COMPLETION, "/completions"), (CHAT, "/chat/completions")):
