@@ -2,7 +2,7 @@
 log-likelihoods (perplexity) and generation equal the model's own, computed here by a forward pass.
 
 lm-eval is not a dependency of the course (it is large): the test is skipped without it. To run it:
-``pip install lm-eval aiohttp tenacity``. It was run on 2026-12-07 with lm-eval 0.4.13 and passed.
+``pip install "lm-eval[api]"``. It was run on 2026-12-07 with lm-eval 0.4.13 and passed.
 """
 
 from __future__ import annotations
