@@ -278,6 +278,10 @@ def _verify_crc(path: Path) -> None:
             "beside it as *.best.pt) or copy the file again from its source")
 
 
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _read(path: Path, map_location) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}" + ("" if path.parent.is_dir() else
@@ -286,6 +290,10 @@ def _read(path: Path, map_location) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        if not zipfile.is_zipfile(path):    # torch.save writes a zip archive: this is no checkpoint at all
+            raise CheckpointError(
+                f"{path} is not a PyTorch checkpoint ({path.stat().st_size:,} bytes, not the zip archive torch.save "
+                "writes): it is damaged, or another kind of file. Load an earlier checkpoint, or train again") from err
         detail = next((line.strip() for line in str(err).splitlines() if "Unsupported" in line),
                       str(err).splitlines()[0] if str(err) else "")
         raise CheckpointError(
@@ -298,7 +306,7 @@ def _read(path: Path, map_location) -> dict[str, Any]:
         size = path.stat().st_size
         raise CheckpointError(
             f"{path} is not a readable checkpoint ({size:,} bytes): it looks truncated or corrupt "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}). "
+            f"({type(err).__name__}: {_short(str(err).splitlines()[0]) if str(err) else 'no detail'}). "
             "Delete it and load an earlier checkpoint (or train again); checkpoints written by "
             "save_checkpoint are replaced atomically, so a crash during a save cannot cause this") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -76,6 +76,7 @@ import argparse
 import json
 import math
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -123,8 +124,7 @@ def _cmd_data_fetch(args) -> int:
     from . import data
 
     if not args.all and not args.names:
-        print("name the files to fetch, or use --all (see `course data list`)", file=sys.stderr)
-        return 2
+        return _error("name the files to fetch, or use --all (see `course data list`)")
     try:
         targets = data.entries(include_optional=False) if args.all else data.entries(args.names)
     except ValueError as err:
@@ -270,6 +270,13 @@ def _cmd_run(args) -> int:
 
     try:
         profile = get_profile(args.profile).name if args.profile else get_profile().name
+        if args.device is not None:
+            from .config import get_device
+
+            try:
+                get_device(args.device)     # before a kernel starts: a wrong name is one line, not a failed cell
+            except ValueError as err:
+                raise ValueError(f"--device: {err}") from None
         notebook = find_notebook(args.step)
         print(f"executing {notebook.name} with the {profile} profile (each section's time as it finishes)...",
               flush=True)
@@ -368,8 +375,8 @@ def _cmd_adapters_merge(args) -> int:
     base, (adapter,) = source
     adapter = Path(adapter).expanduser()
     if not adapter.is_dir():
-        return _error(f"the adapter folder {adapter} does not exist; give the folder holding "
-                      f"{' and '.join(_ADAPTER_FILES)} (e.g. the adapter/ of `course finetune ... --lora`)")
+        return _error(f"the adapter folder {adapter} {'is a file' if adapter.exists() else 'does not exist'}; give the "
+                      f"folder holding {' and '.join(_ADAPTER_FILES)} (e.g. the adapter/ of `course finetune ... --lora`)")
     out = Path(args.out).expanduser()
     problem = _hf_out_problem(out, args.force)
     if problem is not None:
@@ -564,6 +571,9 @@ def _cmd_chat(args) -> int:
         if not args.base_url.startswith(("http://", "https://")):
             return _error(f"--base-url must start with http:// or https://, e.g. http://127.0.0.1:8000/v1; "
                           f"got {args.base_url!r}")
+        if _bad_url(args.base_url):
+            return _error(f"--base-url {args.base_url!r} is not a valid address: {_bad_url(args.base_url)}; "
+                          "e.g. http://127.0.0.1:8000/v1")
         import openai
 
         from .serve import client_replier
@@ -640,13 +650,19 @@ def _cmd_site_build(args) -> int:
 
 
 def _cmd_site_serve(args) -> int:
+    import errno
+
     from .site import default_out, make_server
 
+    if not args.host.strip():      # "" would be every interface: the whole network
+        return _error("--host is empty; give 127.0.0.1 (this machine only, the default) or 0.0.0.0 (the network)")
     try:
         server = make_server(args.dir or default_out(), host=args.host, port=args.port)
     except (ValueError, TypeError, FileNotFoundError) as err:
         return _error(err)
     except OSError as err:  # the port is taken, or the host is not an address of this machine
+        if err.errno == errno.EADDRNOTAVAIL or isinstance(err, socket.gaierror):
+            return _error(f"--host {args.host} is not an address of this machine; give 127.0.0.1 or 0.0.0.0")
         return _error(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}; give another --port", 1)
     host, port = server.server_address[:2]
     print(f"serving {args.dir or default_out()} at http://{host}:{port}/ (Ctrl-C stops)", flush=True)
@@ -783,6 +799,18 @@ def _save_adapter_then_merge(model, adapter_dir: Path, force: bool, profile: str
         return _error(f"{err} (nothing was written to {out})", 1)
     unload_lora(model, merge=True)
     return None
+
+
+def _bad_url(url: str) -> str | None:
+    """What is wrong with an http(s) URL's host or port (``http://[::1``, ``http://:80``), or ``None``."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port                              # raises for a port that is not a number in range
+    except ValueError as err:
+        return str(err)
+    return None if parts.hostname else "it names no host"
 
 
 def _error(message: str, status: int = 2) -> int:
@@ -1163,11 +1191,17 @@ def _cmd_generate(args) -> int:
     problem = _check_sampling_options(args)
     if problem is not None:
         return _error(problem)
+    unused = [o for o, v in (("--top-k", args.top_k), ("--seed", args.seed)) if v is not None]
+    if unused and args.temperature == 0:
+        print(f"note: {' and '.join(unused)} only change sampling; with --temperature 0 (the default) the answer "
+              "is the likeliest one. Add e.g. --temperature 0.8", file=sys.stderr)
     target = Path(args.dir).expanduser()
     if not target.exists():
         return _error(f"{target} does not exist; give the --out folder of `course finetune instruct` "
                       "(default runs/instruct-<profile>)")
     model_path = target if target.is_file() else target / "model.pt"
+    if model_path.is_dir():
+        return _error(f"{model_path} is a folder, not a checkpoint; give the folder that holds the model.pt file")
     if not model_path.is_file():
         return _error(f"no model.pt in {target}; instruction-tune one with `course finetune instruct --out {target}`")
     try:
@@ -1261,6 +1295,9 @@ def _cmd_evaluate(args) -> int:
         url = args.judge_url.strip()
         if not url.startswith(("http://", "https://")):
             return _error(f"--judge-url must start with http:// or https://, got {args.judge_url!r} "
+                          "(e.g. http://localhost:11434/v1 for Ollama)")
+        if _bad_url(url):
+            return _error(f"--judge-url {args.judge_url!r} is not a valid address: {_bad_url(url)} "
                           "(e.g. http://localhost:11434/v1 for Ollama)")
         if not args.judge_model.strip():
             return _error("--judge-model is empty; give the judge model's name on that server (e.g. llama3.1:8b)")
@@ -1401,6 +1438,8 @@ def _cmd_classify(args) -> int:
         return _error(f"{target} does not exist; give the --out folder of `course finetune classify` "
                       "(default runs/classify-<profile>)")
     model_path = target if target.is_file() else target / "model.pt"
+    if model_path.is_dir():
+        return _error(f"{model_path} is a folder, not a checkpoint; give the folder that holds the model.pt file")
     if not model_path.is_file():
         return _error(f"no model.pt in {target}; fine-tune one with `course finetune classify --out {target}`")
     try:
@@ -2030,9 +2069,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Arguments (by dest) where a blank string is a mistake, not a value: a path, a name or a choice.
+#: Commands whose own check says more (--data, --host, --api-key, --judge-model, texts) are not here.
+_NOT_BLANK = frozenset({"out", "dir", "model", "model_dir", "file", "plot", "cache", "mirror", "name", "profile",
+                        "device", "learner", "base_url", "judge_url", "adapter", "style", "targets", "pooling",
+                        "trainable", "format", "dtype", "paths", "names"})
+
+
+def _blank_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """What is wrong with the first argument of the command run that is a blank string where a
+    path, a name or a choice goes (``--out ""`` quietly meant the default folder), or ``None``."""
+    while True:                                      # down to the subcommand that was run
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or getattr(args, subs[0].dest, None) not in subs[0].choices:
+            break
+        parser = subs[0].choices[getattr(args, subs[0].dest)]
+    for action in parser._actions:
+        if action.dest not in _NOT_BLANK:
+            continue
+        value = getattr(args, action.dest, None)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and not v.strip() for v in values):
+            if action.option_strings:
+                return f"{action.option_strings[-1]} is empty; give a value, or leave the option out for its default"
+            return f"{action.metavar or action.dest.upper()}: an argument is empty; give a path or a name"
+    return None
+
+
 def _dispatch(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    blank = _blank_argument(parser, args)
+    if blank is not None:
+        return _error(blank)
+    seed = getattr(args, "seed", None)
+    if isinstance(seed, int) and not -2**63 <= seed < 2**64:        # what torch's generators take
+        return _error(f"--seed must be a whole number from -2**63 to 2**64 - 1, got {seed}; e.g. --seed 123")
     if args.func is _cmd_lab:
         return _cmd_lab(args, extra)
     if extra:

@@ -56,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import errno
 import ipaddress
 import json
 import logging
@@ -962,6 +963,9 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
+        if err.errno == errno.EADDRNOTAVAIL:
+            raise ValueError(f"host {host!r} is not an address of this machine; use 127.0.0.1 (this machine "
+                             "only) or 0.0.0.0 (the network)") from None
         raise OSError(f"cannot listen on {host}:{port}: {err.strerror} (another server there? give another "
                       "--port)") from None
     sock.listen(128)
