@@ -39,6 +39,9 @@ def find_course_root() -> Path | None:
 def course_root() -> Path:
     """Like :func:`find_course_root`, but a missing checkout is an error that says what to do."""
     root = find_course_root()
+    if root is not None and not root.is_dir():     # $COURSE_ROOT names no folder
+        raise FileNotFoundError(f"COURSE_ROOT={os.environ.get('COURSE_ROOT', '').strip()} is not a folder; set it to "
+                                "your clone of the course (the folder with notebooks/), or unset it")
     if root is None:
         raise FileNotFoundError(
             "cannot find the course folder (the one with notebooks/, exercises/ and pyproject.toml). "

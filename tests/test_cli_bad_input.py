@@ -78,3 +78,8 @@ def test_generate_says_when_top_k_and_seed_do_nothing(tmp_path, capsys):
 def test_a_host_that_is_not_this_machines_is_named_not_the_port():
     with pytest.raises(ValueError, match="'192.0.2.1' is not an address of this machine"):    # TEST-NET-1
         _bind("192.0.2.1", 0)
+
+
+def test_a_course_root_that_is_no_folder_is_named(monkeypatch, capsys):
+    monkeypatch.setenv("COURSE_ROOT", "/no/such/course")
+    assert "COURSE_ROOT=/no/such/course is not a folder" in refused(capsys, "run", "1")
