@@ -92,9 +92,14 @@ def _cmd_doctor(args) -> int:
 def _cmd_data_list(args) -> int:
     from . import data
 
-    mirror = Path(args.mirror) if args.mirror else data.default_mirror()
-    cache = Path(args.cache) if args.cache else data.default_cache_dir()
-    print(f"cache : {cache}\nmirror: {mirror or '(none; set COURSE_DATA_MIRROR)'}\n")
+    mirror = Path(args.mirror).expanduser() if args.mirror else data.default_mirror()
+    cache = Path(args.cache).expanduser() if args.cache else data.default_cache_dir()
+    if args.mirror and not mirror.is_dir():
+        return _error(f"--mirror {mirror} is not a folder; give the classroom's data folder (e.g. ../shared/data)")
+    if cache.exists() and not cache.is_dir():
+        return _error(f"--cache {cache} is a file; give the data folder (default {data.default_cache_dir()})")
+    print(f"cache : {cache}\nmirror: {mirror or '(none; set COURSE_DATA_MIRROR)'}"
+          f"{'' if mirror is None or mirror.is_dir() else ' (not a folder: unused)'}\n")
     rows = []
     for e in data.entries():
         big = e.size is None or e.size > 100 * 2**20
@@ -240,6 +245,8 @@ def _cmd_cohort_report(args) -> int:
     plot = Path(args.plot).expanduser() if args.plot else None
     if plot is not None and plot.suffix.lower() != ".png":
         return _error(f"--plot writes a PNG image: give a file name ending in .png, got {args.plot!r}")
+    if plot is not None and plot.is_dir():
+        return _error(f"--plot {plot} is a folder; give a file name, e.g. {plot / 'cohort.png'}")
     if plot is not None and plot.exists() and not args.force:
         return _error(f"--plot {plot} already exists; pass --force to replace it, or give another file name")
     try:

@@ -83,3 +83,13 @@ def test_a_host_that_is_not_this_machines_is_named_not_the_port():
 def test_a_course_root_that_is_no_folder_is_named(monkeypatch, capsys):
     monkeypatch.setenv("COURSE_ROOT", "/no/such/course")
     assert "COURSE_ROOT=/no/such/course is not a folder" in refused(capsys, "run", "1")
+
+
+def test_data_list_and_cohort_plot_name_a_wrong_kind_of_path(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert "--mirror" in refused(capsys, "data", "list", "--mirror", str(tmp_path / "nope"))
+    assert "--cache" in refused(capsys, "data", "list", "--cache", str(tmp_path / "afile"))
+    (tmp_path / "dir.png").mkdir()
+    for extra in ([], ["--force"]):
+        line = refused(capsys, "cohort", "report", str(tmp_path), "--plot", str(tmp_path / "dir.png"), *extra)
+        assert "is a folder; give a file name" in line
