@@ -1027,6 +1027,7 @@ def train(cfg: TrainerConfig, *, resume: bool = False, progress: bool = True, ve
     started = time.perf_counter()
     d, device = _distributed(cfg)
     out_dir = Path(cfg.out_dir).expanduser()
+    made_out_dir = d.master and not out_dir.exists()      # a run that fails in its setup leaves no empty folder
     paths = {"checkpoint": out_dir / CHECKPOINT, "log": out_dir / LOG, "config": out_dir / CONFIG}
     run, meter, bar, raw_model, interrupted = _Run(paths["checkpoint"]), None, None, None, False
     try:
@@ -1090,6 +1091,9 @@ def train(cfg: TrainerConfig, *, resume: bool = False, progress: bool = True, ve
     finally:
         if bar is not None:
             bar.close()
+        if made_out_dir:
+            with contextlib.suppress(OSError):          # removes the folder only if nothing was written in it
+                out_dir.rmdir()
     tokens_per_s, mfu = meter.mean() if meter is not None else (float("nan"), float("nan"))
     if raw_model is not None:
         raw_model.eval()

@@ -409,3 +409,15 @@ def test_a_damaged_val_shard_is_an_error_not_a_silent_nan(shards, tmp_path):
     val.write_bytes(val.read_bytes()[:-7])          # truncated: the header's count no longer fits
     with pytest.raises(ShardError, match=val.name):
         _train(_cfg(data, tmp_path / "run"))
+
+
+def test_a_run_that_fails_in_its_setup_leaves_no_empty_folder(shards, tmp_path):
+    out = tmp_path / "new" / "run"
+    with pytest.raises(ValueError, match="context_length"):                  # no window fits the shards
+        _train(_cfg(shards, out, context_length=8192, model={**MODEL, "context_length": 8192}))
+    assert not out.exists()
+    keep = tmp_path / "mine"                                                  # a folder that was there stays
+    keep.mkdir()
+    with pytest.raises(ValueError, match="context_length"):
+        _train(_cfg(shards, keep, context_length=8192, model={**MODEL, "context_length": 8192}))
+    assert keep.is_dir()
