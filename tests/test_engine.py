@@ -172,7 +172,12 @@ def test_stop_token_ends_and_is_left_out(model, enc):
     k = want.index(stop)
     with Engine(copy.deepcopy(model), enc) as eng:
         c = eng.generate(ids, SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[stop]))
+        h = eng.submit(ids, SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[stop], logprobs=1))
+        deltas = list(h)
     assert c.token_ids == want[:k] and c.text == enc.decode(want[:k])
+    # log-probabilities leave the stop token out, as token_ids do
+    assert [e.token_id for e in h.result().logprobs] == h.result().token_ids == want[:k]
+    assert deltas[-1].finish_reason == "stop" and deltas[-1].logprobs == [] == deltas[-1].token_ids
     assert (c.finish_reason, c.completion_tokens) == ("stop", k + 1)
     assert SamplingParams().stop_token_ids == (enc.eot_token,) == (50256,)
 
@@ -388,19 +393,6 @@ def test_scoring_alone_decodes_nothing_and_one_pass_serves_every_choice(model, e
     assert [e.logprob for e in scored.prompt_logprobs[1:]] == pytest.approx(
         [float(ref[k, t]) for k, t in enumerate(full[1:])], abs=1e-4)
     assert len(calls) == 2 and same[0].prompt_logprobs == same[1].prompt_logprobs == same[2].prompt_logprobs
-
-
-def test_logprobs_leave_out_a_stop_token_as_token_ids_do(model, enc):
-    ids = _prompt(6, seed=6)
-    want = _ref(model, ids, 30)
-    stop = want[7]
-    k = want.index(stop)
-    with Engine(copy.deepcopy(model), enc) as eng:
-        h = eng.submit(ids, SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[stop], logprobs=1))
-        deltas = list(h)
-        c = h.result()
-    assert [e.token_id for e in c.logprobs] == c.token_ids == want[:k]
-    assert deltas[-1].finish_reason == "stop" and deltas[-1].logprobs == [] == deltas[-1].token_ids
 
 
 # --------------------------------------------------------------------------- #
