@@ -2077,9 +2077,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Arguments (by dest) where a blank string is a mistake, not a value: a path, a name or a choice.
-#: Commands whose own check says more (--data, --host, --api-key, --judge-model, texts) are not here.
+#: Commands whose own check says more (--data, --host, --api-key, --judge-model, --learner, texts) are not here.
 _NOT_BLANK = frozenset({"out", "dir", "model", "model_dir", "file", "plot", "cache", "mirror", "name", "profile",
-                        "device", "learner", "base_url", "judge_url", "adapter", "style", "targets", "pooling",
+                        "device", "base_url", "judge_url", "adapter", "style", "targets", "pooling",
                         "trainable", "format", "dtype", "paths", "names"})
 
 
