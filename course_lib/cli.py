@@ -382,8 +382,9 @@ def _cmd_adapters_merge(args) -> int:
     base, (adapter,) = source
     adapter = Path(adapter).expanduser()
     if not adapter.is_dir():
-        return _error(f"the adapter folder {adapter} {'is a file' if adapter.exists() else 'does not exist'}; give the "
-                      f"folder holding {' and '.join(_ADAPTER_FILES)} (e.g. the adapter/ of `course finetune ... --lora`)")
+        what = "is a file" if adapter.exists() else "does not exist"
+        return _error(f"the adapter folder {adapter} {what}; give the folder holding {' and '.join(_ADAPTER_FILES)} "
+                      "(e.g. the adapter/ of `course finetune ... --lora`)")
     out = Path(args.out).expanduser()
     problem = _hf_out_problem(out, args.force)
     if problem is not None:

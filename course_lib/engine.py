@@ -44,8 +44,8 @@ from .lora import adapter_chat_template as _adapter_chat_template, load_adapter 
 from .model import GPTModel
 from .text_data import encode_text
 
-__all__ = ["SamplingParams", "Delta", "Completion", "TokenLogprob", "RequestHandle", "Engine", "EngineError", "UnknownModel",
-           "PromptTooLong", "RequestFailed", "EngineClosed", "ENDOFTEXT_ID"]
+__all__ = ["SamplingParams", "Delta", "Completion", "TokenLogprob", "RequestHandle", "Engine", "EngineError",
+           "UnknownModel", "PromptTooLong", "RequestFailed", "EngineClosed", "ENDOFTEXT_ID"]
 
 ENDOFTEXT_ID = 50256    #: GPT-2's ``<|endoftext|>``
 MAX_STOP = 4            #: stop strings per request, as OpenAI's API
@@ -109,7 +109,8 @@ class SamplingParams:
         def bad(name, want, got):
             raise ValueError(f"{name} must be {want}, got {got!r}")
 
-        if not _is_int(self.max_tokens) or self.max_tokens < 0 or (self.max_tokens == 0 and self.prompt_logprobs is None):
+        scoring_only = self.max_tokens == 0 and self.prompt_logprobs is not None
+        if not _is_int(self.max_tokens) or (self.max_tokens < 1 and not scoring_only):
             bad("max_tokens", "an integer >= 1 (0 only with prompt_logprobs: the prompt scored alone)", self.max_tokens)
         t = self.temperature
         if not _is_real(t) or not 0 <= t <= 2:

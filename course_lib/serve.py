@@ -24,8 +24,9 @@ Choices where OpenAI's API says nothing about a small local model:
 * ``top_k`` and ``ignore_eos`` are extra fields, as in vLLM (``top_k`` ``null``, ``0`` or ``-1``: no
   limit; ``ignore_eos: true`` decodes past ``<|endoftext|>``, for benchmarks). Fields this server
   does not do are a 400 naming the field when a request asks for them: for completions ``suffix``;
-  for chat ``tools``, ``functions``, ``tool_choice``, ``response_format`` (other than text). Their default values (``null``, ``false``, ``""``, ``[]``) pass, as clients
-  send them. Other unknown fields (``user``, ``metadata``, ...) are ignored.
+  for chat ``tools``, ``functions``, ``tool_choice``, ``response_format`` (other than text). Their
+  default values (``null``, ``false``, ``""``, ``[]``) pass, as clients send them. Other unknown
+  fields (``user``, ``metadata``, ...) are ignored.
 * Completions' ``best_of`` (>= ``n``, not streamed): ``best_of`` completions are decoded (choice
   ``j`` with ``seed + j``) and the ``n`` with the highest mean log-probability per token are
   returned, best first; ``usage`` counts every token decoded, as OpenAI bills them.
@@ -264,7 +265,8 @@ class _Request(BaseModel):
         seen = set()
         for key, bias in (value or {}).items():
             if not re.fullmatch(r"[0-9]{1,9}", key):
-                raise ValueError(f"logit_bias' keys are token ids written as strings (e.g. \"50256\"), got {key[:20]!r}")
+                raise ValueError(f"logit_bias' keys are token ids written as strings (e.g. \"50256\"), "
+                                 f"got {key[:20]!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias' values are in [-100, 100], got {bias!r} for token {key}")
             if int(key) in seen:
