@@ -709,8 +709,6 @@ _TRAINABLE = ("head", "last-block", "all")
 _POOLING = ("last", "mean")
 
 
-
-
 class _LoRARefused(Exception):
     """``add_lora`` refused ``--targets`` (raised inside the fine-tuning, before any training step)."""
 

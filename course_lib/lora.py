@@ -719,6 +719,38 @@ _PREFIX = "base_model.model."
 _HF_TOP = {"out_head": "lm_head", "tok_emb": "transformer.wte", "pos_emb": "transformer.wpe"}
 
 
+#: safetensors metadata key of the base model's fingerprint (:func:`_base_fingerprint`).
+_FINGERPRINT = "course_lib.base_fingerprint"
+
+
+def _base_fingerprint(gpt: GPTModel) -> str | None:
+    """A short hash of the base weights an adapter is trained on (not of the adapters): 64 evenly
+    spaced values of every base tensor, rounded to bfloat16 (so a copy cast to bfloat16 or moved to
+    another device reads the same), with the tensors' names and shapes. Another base (retrained, or
+    another seed) differs in every sample. ``None`` while an adapter is merged without its original
+    weight kept (the base cannot be read back exactly).
+    """
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=12)
+    originals: dict[str, torch.Tensor | None] = {}
+    for n, layer in lora_layers(gpt).items():
+        if layer.merged is not None:
+            originals[n + ".base.weight"] = layer._tied if layer._tied is not None else layer._original
+    for n, p in sorted(gpt.named_parameters(remove_duplicate=False), key=lambda item: item[0]):
+        if ".lora_" in f".{n}":
+            continue
+        if n in originals:
+            p = originals[n]
+            if p is None:
+                return None
+        flat = p.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, min(flat.numel(), 64), device=flat.device).long()
+        h.update(f"{n.replace('.base.', '.')}{list(p.shape)};".encode())
+        h.update(flat[idx].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _folder(label: str, path: Any) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{label} must be a folder path (str or Path), got {type(path).__name__}")
@@ -887,7 +919,11 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
         "rank_pattern": _patterns(ranks, r0), "alpha_pattern": _patterns(alphas, a0),
     }
     folder.mkdir(parents=True, exist_ok=True)
-    blob = safetensors_bytes(tensors, metadata={"format": "pt", "course_lib.qkv_split": json.dumps(splits)})
+    metadata = {"format": "pt", "course_lib.qkv_split": json.dumps(splits)}
+    fingerprint = _base_fingerprint(gpt)
+    if fingerprint is not None:
+        metadata[_FINGERPRINT] = fingerprint
+    blob = safetensors_bytes(tensors, metadata=metadata)
     atomic_write(folder / WEIGHTS_FILE, lambda fh: fh.write(blob), overwrite=True)
     text = json.dumps(config, indent=2) + "\n"
     atomic_write(folder / CONFIG_FILE, lambda fh: fh.write(text.encode("utf-8")), overwrite=True)
@@ -993,7 +1029,7 @@ def _read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *,
-                 trainable: bool = False, activate: bool = True) -> list[str]:
+                 trainable: bool = False, activate: bool = True, check_base: bool = True) -> list[str]:
     """Read a LoRA adapter folder (ours, or one PEFT trained on GPT-2) into ``model`` as adapter ``name``.
 
     Plain linear layers the adapter targets are wrapped in :class:`LoRALinear` (their weights
@@ -1008,6 +1044,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         name: the name to give it. Default ``"default"``.
         trainable: let its ``A``/``B`` train. Default ``False``.
         activate: make it the active adapter. Default ``True``.
+        check_base: refuse an adapter that :func:`save_adapter` wrote from another base model
+            (its file records a fingerprint of the base weights: a sample of each tensor, so
+            a retrained or differently seeded base of the same shape is caught, which the
+            shapes alone cannot). ``False`` loads it anyway. Adapters from PEFT carry no
+            fingerprint and are not checked. Default ``True``.
 
     Returns:
         the names of the layers that received it.
@@ -1019,11 +1060,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         ValueError: not a LoRA adapter (``peft_type``, ``bias``, DoRA); a bad ``r``,
             ``lora_alpha``, ``lora_dropout`` or pattern in the config; ``name`` taken; a tensor
             the model has no layer for, missing its partner, or of the wrong shape or dtype (the
-            tensor is named).
+            tensor is named); made from another base model (``check_base``).
     """
     gpt, prefix = _gpt_prefix(model)
     name = _check_name(name)
     trainable, activate = boolean("trainable", trainable), boolean("activate", activate)
+    check_base = boolean("check_base", check_base)
     if any(name in layer.lora_A for layer in lora_layers(model).values()):
         raise ValueError(f"the model already has an adapter named {name!r}; delete_adapter it or pick another name")
     folder = _folder("path", path)
@@ -1058,6 +1100,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if not isinstance(splits, dict):
         raise ValueError(f"{folder / WEIGHTS_FILE}: its course_lib.qkv_split metadata is damaged; "
                          "save the adapter again")
+    if check_base and metadata.get(_FINGERPRINT):
+        ours = _base_fingerprint(gpt)
+        if ours is not None and ours != metadata[_FINGERPRINT]:
+            raise ValueError(f"{folder} was trained on another base model (recorded: "
+                             f"{config.get('base_model_name_or_path') or 'unnamed'}; its weights differ from "
+                             "this model's, though the shapes fit), so it would compute something else here. "
+                             "Load it onto the base it was made for (a base pretrained again, by a new recipe "
+                             "or --retrain, is another base); in Python, load_adapter(..., check_base=False) loads it anyway")
 
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():

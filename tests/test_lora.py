@@ -423,6 +423,35 @@ def test_load_adapter_bad_paths_and_flags(tmp_path):
         load_adapter(_model(), tmp_path / "half")
 
 
+def test_adapter_from_another_base_of_the_same_shape_is_refused(tmp_path):
+    """The shapes fit any base of the config; the recorded fingerprint of the base weights does not."""
+    model = _model(seed=0)
+    add_lora(model, rank=2, alpha=4, targets=("attention", "embedding"))
+    _randomize(model, "default")
+    folder = save_adapter(model, tmp_path / "ad", base_model_name_or_path="base 0")
+    with pytest.raises(ValueError, match=r"trained on another base model \(recorded: base 0.*check_base=False"):
+        load_adapter(_model(seed=1), folder)
+    other = _model(seed=1)
+    assert load_adapter(other, folder, check_base=False)                   # on request: loaded anyway
+    with pytest.raises(TypeError, match="check_base must be True or False"):
+        load_adapter(_model(), folder, check_base="no")
+    same = _model(seed=0)                                                 # the same base: loads, and computes the same
+    load_adapter(same, folder)
+    with torch.no_grad():
+        torch.testing.assert_close(same(_idx()), model(_idx()))
+    load_adapter(_model(seed=0).to(torch.bfloat16), folder)              # the base cast to bfloat16 is the same base
+    merged = _model(seed=0)                                               # another adapter merged in: the base is read
+    add_lora(merged, rank=2, alpha=4, name="m")                            # from the kept original weights
+    _randomize(merged, "m")
+    merge_lora(merged)
+    load_adapter(merged, folder, "x", activate=False)
+    retrained = _model(seed=0)                                            # one weight moved: another base
+    with torch.no_grad():
+        retrained.trf_blocks[1].norm2.weight.add_(0.5)
+    with pytest.raises(ValueError, match="another base model"):
+        load_adapter(retrained, folder)
+
+
 # --------------------------------------------------------------------------- #
 # Adapters with the KV cache and fast decoding (course_lib.inference)
 # --------------------------------------------------------------------------- #
