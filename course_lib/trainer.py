@@ -367,8 +367,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    weight_decay = finite_number("weight_decay", weight_decay, minimum=0, hint=" (typical: 0.1)")
     linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     embedding = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
@@ -388,7 +387,11 @@ def configure_optimizer(model: nn.Module, cfg: TrainerConfig, device: torch.devi
         cfg: gives ``max_lr`` (the starting lr; :func:`train` sets each step's), ``betas``, ``eps``,
             ``weight_decay`` and ``fsdp``.
         device: where the parameters live (``"cuda"`` turns on the fused kernel).
+
+    Raises:
+        ValueError, TypeError: a bad ``cfg`` (see :func:`check_config`: an infinite ``max_lr``, ...).
     """
+    cfg = check_config(cfg)
     fused = torch.device(device).type == "cuda" and not cfg.fsdp
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.max_lr, betas=tuple(cfg.betas),
                              eps=cfg.eps, **({"fused": True} if fused else {}))
@@ -689,6 +692,16 @@ def _save(run: "_Run", d: _Dist, cfg: TrainerConfig, raw_model: nn.Module, optim
     run.saved_step = run.step
 
 
+def _changed_settings(saved: dict[str, Any] | None, cfg: TrainerConfig) -> str:
+    """``"max_lr 0.0006 -> 0.001, ..."``: the settings ``cfg`` changes from the checkpoint's (``saved``,
+    as :meth:`TrainerConfig.to_dict`), leaving out where the run goes and how long it runs."""
+    if not isinstance(saved, dict):
+        return ""
+    now = cfg.to_dict()
+    keys = [k for k in now if k in saved and k not in ("out_dir", "max_steps") and saved[k] != now[k]]
+    return ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in keys)
+
+
 def _restore(run: "_Run", d: _Dist, cfg: TrainerConfig, raw_model, optimizer, scaler, loader) -> None:
     """Load the checkpoint ``run.checkpoint`` (written by :func:`train`) into this rank's model,
     optimizer, scaler, generators and data loader, and its counters into ``run``."""
@@ -728,6 +741,7 @@ def _restore(run: "_Run", d: _Dist, cfg: TrainerConfig, raw_model, optimizer, sc
     if scaler is not None and extra.get("scaler"):
         scaler.load_state_dict(extra["scaler"])
     run.step, run.tokens, run.saved_step = extra["step"], extra["tokens"], extra["step"]
+    run.saved_config = extra.get("trainer")
     run.train_loss, run.val_loss = extra["train_loss"], extra["val_loss"]
 
 
@@ -777,6 +791,7 @@ class _Run:
     train_loss: float = math.nan    # the last step's, mean over the global batch
     val_loss: float = math.nan      # the last evaluation's
     saved_step: int | None = None   # the step of the checkpoint on disk (None: none yet)
+    saved_config: dict | None = None  # the trainer settings a resumed checkpoint was written with
 
 
 @dataclass
@@ -837,8 +852,8 @@ def _precision(cfg: TrainerConfig, device: torch.device) -> tuple[Callable, Any]
 def _prepare_run_dir(paths: dict[str, Path], resume: bool) -> bool:
     """Rank 0: refuse to start a new run over an existing one; check the checkpoint can be
     written. Returns whether a checkpoint is there (to resume)."""
-    existing = [p for p in (paths["checkpoint"], paths["log"]) if p.exists()]
-    if existing and not resume:
+    existing = [p for p in (paths["checkpoint"], paths["log"], paths["config"]) if p.exists()]
+    if existing and not resume:      # config.json alone: a run that stopped before its first step, or not ours
         raise FileExistsError(
             f"{paths['checkpoint'].parent} already holds a run ({', '.join(p.name for p in existing)}); pass "
             "resume=True (course pretrain --resume) to continue it, or choose another out_dir (--out) for a new run")
@@ -1008,7 +1023,8 @@ def train(cfg: TrainerConfig, *, resume: bool = False, progress: bool = True, ve
         ValueError, TypeError: a bad config (see :func:`check_config`), ``resume``, ``progress`` or
             ``verbose`` not ``True``/``False``; a device this machine lacks; ``dtype="fp16"`` without
             CUDA; data that is neither shards nor a registered corpus, or too short for one window.
-        FileExistsError: ``out_dir`` holds a run (checkpoint or log) and ``resume`` is ``False``.
+        FileExistsError: ``out_dir`` holds a run (checkpoint, log or ``config.json``) and ``resume`` is
+            ``False``.
         NotADirectoryError, PermissionError: ``out_dir`` is a file, or cannot be written (checked
             before the model is built).
         course_lib.checkpoint.NonFiniteError: a ``nan``/``inf`` loss or gradient, naming the step;
@@ -1052,6 +1068,13 @@ def train(cfg: TrainerConfig, *, resume: bool = False, progress: bool = True, ve
                    disable=not (progress and d.master), dynamic_ncols=True)
         if run.step > 0:
             say(f"resumed {paths['checkpoint']} at step {run.step:,} ({run.tokens:,} tokens seen)")
+            changed = _changed_settings(run.saved_config, cfg)
+            if changed:
+                say(f"note: resumed with other settings than the run was saved with ({changed}); from here on it "
+                    "is not the run it would have been unstopped")
+            if run.step >= cfg.max_steps:
+                say(f"note: the checkpoint is at step {run.step:,} and max_steps is {cfg.max_steps:,}: nothing to "
+                    "train; raise max_steps (course pretrain --max-steps) to train on")
         model.train()
 
         # ---- the loop -------------------------------------------------------------------------

@@ -274,6 +274,43 @@ def test_a_new_run_refuses_an_out_dir_holding_a_run(shards, tmp_path):
         _train(cfg.replace(out_dir=str(other.parent)), resume=True)
 
 
+def test_a_new_run_leaves_a_config_json_it_did_not_write_alone(shards, tmp_path):
+    out = tmp_path / "project"
+    out.mkdir()
+    mine = out / "config.json"
+    mine.write_text('{"my": "settings"}\n')
+    with pytest.raises(FileExistsError, match=r"already holds a run \(config\.json\).*resume"):
+        _train(_cfg(shards, out, max_steps=2))
+    assert mine.read_text() == '{"my": "settings"}\n'
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
+def test_a_resume_says_what_changed_and_when_there_is_nothing_to_train(shards, tmp_path, capsys):
+    cfg = _cfg(shards, tmp_path / "run", max_steps=2)
+    _train(cfg)
+    train(cfg.replace(max_lr=2e-3), resume=True, progress=False, verbose=True)
+    out = capsys.readouterr().out
+    assert "max_lr 0.003 -> 0.002" in out and "nothing to train" in out and "max_steps" in out
+    train(cfg.replace(max_steps=3), resume=True, progress=False, verbose=True)
+    out = capsys.readouterr().out
+    assert "other settings" not in out and "nothing to train" not in out and "3/3 steps" in out
+
+
+@pytest.mark.parametrize("changes", [{"max_lr": math.inf}, {"eps": math.inf}, {"weight_decay": math.nan}])
+def test_configure_optimizer_checks_the_config(changes):
+    model = nn.Linear(3, 3)
+    cfg = TrainerConfig(model=MODEL).replace(**changes)
+    with pytest.raises(ValueError, match=next(iter(changes))):
+        configure_optimizer(model, cfg, "cpu")
+
+
+@pytest.mark.parametrize("decay", [math.inf, math.nan, -0.1, "0.1", True])
+def test_param_groups_refuses_a_decay_that_is_not_a_finite_number(decay):
+    with pytest.raises(ValueError, match="weight_decay must be a finite number"):
+        param_groups(nn.Linear(3, 3), decay)
+    assert param_groups(nn.Linear(3, 3), np.float32(0.1))[0]["weight_decay"] == pytest.approx(0.1)
+
+
 def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(shards, tmp_path):
     cfg = _cfg(shards, tmp_path / "nan", max_steps=6, checkpoint_every=2)
 
