@@ -26,16 +26,18 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, replace
 import math
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .checks import boolean, positive_float, positive_int
+from .checks import boolean, integer, positive_float, positive_int
 from .config import GPTConfig
 from .model import GPTModel, count_parameters
 from .training import History, train
@@ -92,7 +94,8 @@ def load_sms_spam(path: str | os.PathLike | None = None):
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: a line that is not ``ham``/``spam``, a tab and a text.
+        ValueError: a line that is not ``ham``/``spam``, a tab and a text (named); a file that is
+            not UTF-8 text.
     """
     import pandas as pd
 
@@ -101,13 +104,37 @@ def load_sms_spam(path: str | os.PathLike | None = None):
     path = fetch("sms-spam") if path is None else os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path {path} is not a file; pass the SMSSpamCollection file, or None to fetch it")
-    df = pd.read_csv(path, sep="\t", header=None, names=["label", "text"], quoting=csv.QUOTE_NONE,
-                     dtype=str, keep_default_na=False, encoding="utf-8")
-    bad = df.index[~df["label"].isin(LABELS)]
-    if len(bad):
+    def extra_tab() -> ValueError:
+        with open(path, encoding="utf-8") as fh:
+            line = next((i for i, text in enumerate(fh, 1) if text.rstrip("\r\n").count("\t") > 1), "?")
+        return ValueError(f"{path}, line {line}: expected 'ham' or 'spam', one tab and the text, got more than "
+                          "one tab; is this the SMSSpamCollection file?")
+
+    try:
+        df = pd.read_csv(path, sep="\t", header=None, names=["label", "text"], quoting=csv.QUOTE_NONE,
+                         dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); is this the "
+                         "SMSSpamCollection file?") from None
+    except pd.errors.ParserError:                   # a later line with more fields than the first
+        raise extra_tab() from None
+    if not isinstance(df.index, pd.RangeIndex):     # the first line had more: pandas made an index of a column
+        raise extra_tab()
+    bad = [i for i, label in enumerate(df["label"]) if label not in LABELS]
+    if bad:
         raise ValueError(f"{path}, line {bad[0] + 1}: expected 'ham' or 'spam', a tab and the text, "
                          f"got label {df['label'].iloc[bad[0]]!r}; is this the SMSSpamCollection file?")
     return df
+
+
+def _labels(labels: Any) -> tuple[str, ...]:
+    """``labels`` as a tuple of distinct class names (a string would be read letter by letter)."""
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
+        raise TypeError(f"labels must be a list of class names such as ('ham', 'spam'), got {labels!r}")
+    names = tuple(labels)
+    if len(set(names)) != len(names):
+        raise ValueError(f"labels must name each class once (a name's position is its class id), got {names}")
+    return names
 
 
 def _check_frame(df, name: str = "df") -> None:
@@ -143,13 +170,20 @@ def split_dataset(df, *, fractions: Sequence[float] = (0.7, 0.1, 0.2), balance: 
         ``(train, validation, test)`` DataFrames.
 
     Raises:
-        TypeError, ValueError: not a DataFrame with the columns; bad fractions; a split
+        TypeError, ValueError: not a DataFrame with the columns; no rows; ``balance`` with
+            fewer than two classes; a seed outside ``[0, 2**32 - 1]``; bad fractions; a split
             that would be empty.
     """
     _check_frame(df)
     balance, dedupe = boolean("balance", balance), boolean("dedupe", dedupe)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+    seed = integer("seed", seed, minimum=0)
+    if seed > 2**32 - 1:
+        raise ValueError(f"seed must be at most 2**32 - 1 (pandas' sampling takes 32 bits), got {seed}")
+    if len(df) == 0:
+        raise ValueError("df has no rows; give the messages to split (load_sms_spam() reads them)")
+    if balance and df["label"].nunique() < 2:
+        raise ValueError(f"balance=True undersamples every class to the smallest, but df has only the label "
+                         f"{df['label'].iloc[0]!r}; a classifier needs rows of at least two classes")
     try:
         fr = [float(f) for f in fractions]
     except (TypeError, ValueError):
@@ -220,7 +254,7 @@ class SpamDataset(Dataset):
         if context_length is not None and max_length is not None and max_length > context_length:
             raise ValueError(f"max_length {max_length} is longer than the model's context ({context_length} tokens); "
                              f"pass max_length <= {context_length}, or None to use the longest text up to the context")
-        self.labels = tuple(labels)
+        self.labels = _labels(labels)
         index = {name: i for i, name in enumerate(self.labels)}
         unknown = sorted(set(df["label"]) - set(index))
         if unknown:
@@ -278,8 +312,14 @@ class GPTClassifier(nn.Module):
         if pooling not in POOLING:
             raise ValueError(f"pooling must be one of {POOLING} ('last': the last real token, 'mean': the average "
                              f"over real tokens), got {pooling!r}")
-        labels = tuple(labels) if labels is not None else (LABELS if num_classes == 2 else
-                                                           tuple(str(i) for i in range(num_classes)))
+        labels = _labels(labels) if labels is not None else (LABELS if num_classes == 2 else
+                                                             tuple(str(i) for i in range(num_classes)))
+        vocab = gpt.cfg.vocab_size
+        pad_token_id = integer("pad_token_id", pad_token_id, minimum=0,
+                               hint=" (the id rows are padded with: 50256, <|endoftext|>)")
+        if pad_token_id >= vocab:
+            raise ValueError(f"pad_token_id {pad_token_id} is outside the model's vocabulary of {vocab} ids; "
+                             "use the id rows are padded with (50256, <|endoftext|>, for GPT-2's)")
         if len(labels) != num_classes:
             raise ValueError(f"labels has {len(labels)} names for num_classes={num_classes}")
         self.gpt, self.cfg = gpt, gpt.cfg
@@ -367,6 +407,7 @@ def add_classifier_head(model: nn.Module, num_classes: int = 2, *, trainable: st
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {TRAINABLE} ('head': only the new layer; 'last-block': the last "
                          f"transformer block, final norm and head; 'all': every weight), got {trainable!r}")
+    verbose = boolean("verbose", verbose)
     clf = _set_trainable(GPTClassifier(model, num_classes, pooling, pad_token_id, labels), trainable)
     if verbose:
         n, total = count_parameters(clf, trainable_only=True), count_parameters(clf)
@@ -386,6 +427,10 @@ def _check_batch(input_batch, target_batch) -> None:
             or target_batch.shape[0] != input_batch.shape[0]:
         raise ValueError(f"target_batch must be one class id per row, shape [{input_batch.shape[0]}], got "
                          f"{getattr(target_batch, 'shape', type(target_batch).__name__)}")
+    if input_batch.shape[0] == 0:
+        raise ValueError("the batch has no rows; a loss or an accuracy needs at least one message")
+    if target_batch.dtype.is_floating_point or target_batch.dtype == torch.bool:
+        raise TypeError(f"target_batch must hold integer class ids (torch.long), got {target_batch.dtype}")
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -406,6 +451,13 @@ def classification_loss(input_batch: torch.Tensor, target_batch: torch.Tensor, m
     _check_batch(input_batch, target_batch)
     device = device if device is not None else _device_of(model)
     logits = model(input_batch.to(device))                            # [B, C]
+    if logits.dim() != 2:
+        raise TypeError(f"model must give one row of class scores per message, [batch, classes], got shape "
+                        f"{list(logits.shape)}: wrap the GPT with add_classifier_head(model) first")
+    low, high = int(target_batch.min()), int(target_batch.max())
+    if low < 0 or high >= logits.shape[1]:
+        raise ValueError(f"target_batch holds class id {low if low < 0 else high}, outside the model's "
+                         f"{logits.shape[1]} classes (0 to {logits.shape[1] - 1})")
     return F.cross_entropy(logits, target_batch.to(device))
 
 
@@ -501,6 +553,9 @@ def classify(texts: str | Sequence[str], model: GPTClassifier, tokenizer, *, lab
         TypeError, ValueError: an empty or non-string text (naming it), ``max_length`` above
             the context, labels of the wrong number.
     """
+    if not isinstance(model, GPTClassifier):
+        raise TypeError(f"model must be a GPTClassifier (add_classifier_head(gpt) makes one), got "
+                        f"{type(model).__name__}")
     single = isinstance(texts, str)
     if not single and not (isinstance(texts, Sequence) and not isinstance(texts, bytes)):
         raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
@@ -543,6 +598,10 @@ def binary_metrics(targets, predictions, positive: int = 1) -> dict[str, float]:
         targets, predictions: class ids (tensors, arrays or lists) of equal length.
 
     Returns: ``{"accuracy", "precision", "recall", "f1"}`` as floats (0 where undefined).
+
+    Raises:
+        TypeError: values that are not class ids (probabilities: take ``argmax`` first; a string).
+        ValueError: empty or of unequal length.
     """
     from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
@@ -556,12 +615,24 @@ def binary_metrics(targets, predictions, positive: int = 1) -> dict[str, float]:
 
 
 def _as_list(values, name: str) -> list[int]:
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be class ids (a tensor or a list of integers), got a string")
     if isinstance(values, torch.Tensor):
         values = values.tolist()
     try:
-        return [int(v) for v in values]
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be class ids (a tensor or a list of integers)") from None
+        values = list(values)
+    except TypeError:
+        raise TypeError(f"{name} must be class ids (a tensor or a list of integers), got "
+                        f"{type(values).__name__}") from None
+    out = []
+    for v in values:
+        if isinstance(v, np.bool_):
+            v = bool(v)
+        if not isinstance(v, numbers.Real) or not math.isfinite(v) or v != int(v):
+            raise TypeError(f"{name} must be class ids (integers), got {v!r}; from probabilities or logits, take "
+                            "the class with probs.argmax(-1)")
+        out.append(int(v))
+    return out
 
 
 #: The settings :func:`tfidf_baseline` chooses between on the validation split: word unigrams and
@@ -717,7 +788,8 @@ def finetune_classifier(profile: str | None = None, *, trainable: str | None = N
         the base model, profile and recipe.
 
     Raises:
-        TypeError: ``prepare_model`` is not callable.
+        TypeError: ``prepare_model`` is not callable; ``base_model`` not a GPTModel; ``trim``,
+            ``progress`` or ``verbose`` not ``True``/``False``.
     """
     import time
     from dataclasses import asdict
@@ -735,6 +807,10 @@ def finetune_classifier(profile: str | None = None, *, trainable: str | None = N
     recipe = replace(recipe, **changes)
     positive_int("num_epochs", recipe.num_epochs)
     positive_float("lr", recipe.lr)
+    trim, progress, verbose = boolean("trim", trim), boolean("progress", progress), boolean("verbose", verbose)
+    if base_model is not None and not isinstance(base_model, GPTModel):
+        raise TypeError(f"base_model must be a GPTModel (e.g. course_lib.base_model.load_base_model()) or None for "
+                        f"the profile's, got {type(base_model).__name__}")
     if prepare_model is not None and not callable(prepare_model):
         raise TypeError(f"prepare_model must be a function of the model or None, got {type(prepare_model).__name__}")
     device = get_device(device)

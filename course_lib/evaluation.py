@@ -17,7 +17,7 @@ import math
 import re
 import string
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,7 +183,14 @@ def lcs_length(a: Sequence, b: Sequence) -> int:
 
     >>> lcs_length("the cat sat".split(), "the black cat".split())
     2
+
+    Raises:
+        TypeError: ``a`` or ``b`` is not a sequence (``None``, a number).
     """
+    for name, value in (("a", a), ("b", b)):
+        if not isinstance(value, Sized) or not isinstance(value, Iterable):
+            raise TypeError(f"{name} must be a sequence (e.g. a list of words from rouge_tokens), got "
+                            f"{describe(value)}")
     prev = [0] * (len(b) + 1)
     for x in a:
         row = [0]
@@ -268,26 +275,35 @@ as the reference. Reply with a single integer from 0 to 100 and nothing else.
 
 _FIELDS = ("instruction", "reference", "response")
 _THINK = re.compile(r"<think>.*?(?:</think>|\Z)", re.S | re.I)       # reasoning models' scratchpad
-_SCALE = re.compile(r"\b0\s*(?:-|–|—|to)\s*100\b", re.I)              # "0-100", "0 to 100": the scale, not a score
-_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?")
+_SCALE = re.compile(r"\b0\s*(?:-|–|—|to)\s*100\b|\bbetween\s+0\s+and\s+100\b",   # "0-100", "0 to 100",
+                    re.I)                                                           # "between 0 and 100": the scale
+# a number, not glued to a word: the 4 of "GPT-4" (a sign right after a letter) is no score
+_NUMBER = re.compile(r"(?<![\w.])(?<![\w.][-+])[-+]?\d+(?:\.\d+)?")
+_AFTER_SCORE = re.compile(r"\bscores?\b(?:\s+(?:is|of|was)\b)?[\s:=*_\"'`]*(?=[-+]?\d)", re.I)  # "Score: ", "score of "
 
 
 def parse_score(reply: str | None) -> int | None:
-    """The score in a judge's reply: its first number, if it lies in ``[0, 100]``; else ``None``.
+    """The score in a judge's reply: the number right after the word "score" if there is one,
+    else its first number, if it lies in ``[0, 100]``; else ``None``.
 
-    A ``<think>…</think>`` block and mentions of the scale (``"0-100"``, ``"0 to 100"``) are
-    skipped first. A decimal is rounded half up. ``None`` when there is no number or the
-    first one is out of range (a judge that says ``150`` or ``-5`` has not given a score).
+    A ``<think>…</think>`` block and mentions of the scale (``"0-100"``, ``"0 to 100"``,
+    ``"between 0 and 100"``) are skipped first; a number glued to a word (the 4 of ``"GPT-4"``)
+    is not one. A decimal is rounded half up. ``None`` when there is no number or the one
+    chosen is out of range (a judge that says ``150`` or ``-5`` has not given a score).
 
     >>> parse_score("Score: 85/100"), parse_score("85."), parse_score("**92.5**")
     (85, 85, 93)
     >>> parse_score("I cannot grade this."), parse_score("150") is None
     (None, True)
+    >>> parse_score("Step 1: compare with GPT-4's answer. Score: 85")
+    85
     """
     if not isinstance(reply, str):
         return None
     text = _SCALE.sub(" ", _THINK.sub(" ", reply))
-    found = _NUMBER.search(text)
+    after = _AFTER_SCORE.search(text)
+    found = _NUMBER.match(text, after.end()) if after is not None else None
+    found = found or _NUMBER.search(text)
     if found is None:
         return None
     value = float(found.group())

@@ -15,9 +15,10 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from .checks import boolean, positive_float, positive_int
+from .checks import boolean, describe, integer, positive_float, positive_int
 from .training import History, train
 
 __all__ = [
@@ -73,9 +74,11 @@ def _check_entry(entry: Any, where: str = "entry", need_output: bool = False) ->
         if key not in entry:
             raise ValueError(f"{where} has no {key!r}; every entry needs 'instruction' (and 'output' to train "
                              f"on), got the keys {sorted(entry)}")
-    for key in ("instruction", "input", "output"):
-        if entry.get(key) is not None and not isinstance(entry[key], str):
-            raise TypeError(f"{where}[{key!r}] must be a string, got {type(entry[key]).__name__}")
+    # 'instruction' (and 'output' when needed) must be text; 'input' may be None or missing (no input)
+    for key in keys + ("input",):
+        if (entry.get(key) is not None or key in keys) and not isinstance(entry[key], str):
+            hint = " (null in the JSON file?)" if entry[key] is None else ""
+            raise TypeError(f"{where}[{key!r}] must be a string, got {describe(entry[key])}{hint}")
     if not entry["instruction"].strip():
         raise ValueError(f"{where}['instruction'] is empty")
 
@@ -139,7 +142,10 @@ def load_instruction_data(path: str | os.PathLike | None = None) -> list[dict[st
             ``("instruction-data")``: the book's 1,100 examples (checked by sha256).
 
     Raises:
-        FileNotFoundError, ValueError: no such file; not a JSON list of entries (naming the first bad one).
+        FileNotFoundError, ValueError: no such file; not UTF-8 text; not a JSON list of entries
+            (naming the first bad one).
+        TypeError: an entry's ``instruction``, ``input`` or ``output`` is not a string (``null``
+            included), naming the entry.
     """
     import json
 
@@ -153,6 +159,9 @@ def load_instruction_data(path: str | os.PathLike | None = None) -> list[dict[st
             data = json.load(fh)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err})") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save the file as "
+                             "UTF-8 JSON") from None
     if not isinstance(data, list):
         raise ValueError(f"{path} must hold a JSON list of entries, got a {type(data).__name__}")
     for i, entry in enumerate(data):
@@ -241,6 +250,26 @@ class InstructionDataset(Dataset):
         return self.items[i]
 
 
+def _check_ids(ids: Any, where: str) -> list[int]:
+    """``ids`` (a list, tuple or 1-D tensor of token ids) as a list of ``int``; refuses floats and bools."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1:
+            raise TypeError(f"{where} must be a 1-D tensor (or list) of token ids, got shape {tuple(ids.shape)}")
+        ids = ids.tolist()
+    elif isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Sequence):
+        raise TypeError(f"{where} must be a list of token ids (or an (ids, prompt_length) pair), got {describe(ids)}")
+    ids = list(ids)
+    if all(type(x) is int and x >= 0 for x in ids):   # the usual case, fast
+        return ids
+    for j, x in enumerate(ids):
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise TypeError(f"{where}[{j}] must be an integer token id, got {describe(x)}; token ids are never "
+                            "rounded: encode the text with the tokenizer")
+        if x < 0:
+            raise ValueError(f"{where}[{j}] must be a token id >= 0, got {x}")
+    return [int(x) for x in ids]
+
+
 def collate(batch: Sequence, *, pad_token_id: int = PAD_TOKEN_ID, ignore_index: int = IGNORE_INDEX,
             allowed_max_length: int | None = None, mask_prompt: bool = False,
             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,26 +297,36 @@ def collate(batch: Sequence, *, pad_token_id: int = PAD_TOKEN_ID, ignore_index: 
         device: where the tensors go. Default CPU.
 
     Raises:
-        TypeError, ValueError: an empty batch or row, ``allowed_max_length`` not positive,
-            ``mask_prompt`` without prompt lengths.
+        TypeError, ValueError: an empty batch or row, a token id that is not an integer >= 0
+            (``1.7``), ``pad_token_id`` not an integer >= 0, ``allowed_max_length`` not positive,
+            ``mask_prompt`` without prompt lengths, a prompt length that is not an integer
+            (``True``) or is longer than its row.
     """
     allowed_max_length = positive_int("allowed_max_length", allowed_max_length, allow_none=True)
     mask_prompt = boolean("mask_prompt", mask_prompt)
+    pad_token_id = integer("pad_token_id", pad_token_id, minimum=0, hint=" (a token id; GPT-2's end-of-text is 50256)")
+    ignore_index = integer("ignore_index", ignore_index, hint=" (cross_entropy's default is -100)")
     if isinstance(batch, (str, bytes)) or not isinstance(batch, Sequence) or len(batch) == 0:
         raise ValueError("batch must be a non-empty list of token-id lists (or (ids, prompt_length) pairs)")
     rows, prompt_lengths = [], []
     for i, item in enumerate(batch):
-        if (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], int)
+        if (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], numbers.Integral)
                 and isinstance(item[0], (list, tuple, torch.Tensor))):   # (ids, prompt_length), not two ids
             ids, prompt_length = item
+            prompt_length = integer(f"batch[{i}]'s prompt_length", prompt_length, minimum=0,
+                                    hint=" (the number of prompt tokens, as InstructionDataset gives)")
         else:
             ids, prompt_length = item, None
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        ids = _check_ids(ids, f"batch[{i}]")
         if not ids:
             raise ValueError(f"batch[{i}] has no tokens")
         if mask_prompt and prompt_length is None:
             raise ValueError("mask_prompt=True needs (ids, prompt_length) pairs, as InstructionDataset yields; "
                              f"batch[{i}] is a plain list")
+        if prompt_length is not None and prompt_length > len(ids):
+            raise ValueError(f"batch[{i}]'s prompt_length {prompt_length} is longer than its row ({len(ids)} "
+                             "tokens): the prompt length must be at most the row's length, or every target is "
+                             "masked and the loss is nan")
         rows.append(ids)
         prompt_lengths.append(prompt_length)
     width = max(len(r) for r in rows) + 1
@@ -320,6 +359,7 @@ def generate_response(model: nn.Module, tokenizer, entry: dict[str, str], *, sty
     Returns:
         the response text, stripped of surrounding whitespace.
     """
+    _check_entry(entry)
     return generate_responses(model, tokenizer, [entry], style=style, max_new_tokens=max_new_tokens,
                               eos_id=eos_id, progress=False, **generate_kwargs)[0]
 
@@ -331,11 +371,23 @@ def generate_responses(model: nn.Module, tokenizer, entries: Sequence[dict[str, 
 
     ``stats``, if a dict, receives ``"stopped"``: how many responses ended with ``eos_id``
     before ``max_new_tokens``.
+
+    Raises:
+        TypeError, ValueError: ``entries`` not a list of entries (a single dict: use
+            :func:`generate_response`), an entry without ``instruction`` (naming it), ``stats``
+            not a dict or ``None``, ``max_new_tokens`` not positive or leaving no room for the prompt.
     """
     from tqdm.auto import tqdm
 
     from .inference import generate
 
+    if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Sequence):
+        single = " (for a single entry use generate_response, or pass [entry])" if isinstance(entries, Mapping) else ""
+        raise TypeError(f"entries must be a list of instruction dicts, got {describe(entries)}{single}")
+    for i, entry in enumerate(entries):
+        _check_entry(entry, f"entries[{i}]")
+    if stats is not None and not isinstance(stats, dict):
+        raise TypeError(f"stats must be a dict (it receives 'stopped') or None, got {describe(stats)}")
     positive_int("max_new_tokens", max_new_tokens)
     context = model.cfg.context_length
     if max_new_tokens >= context:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .checkpoint import NonFiniteError
-from .checks import boolean, integer, positive_int
+from .checks import boolean, describe, integer, positive_int
 from .config import DEFAULT_SEED
 from .instruction import (IGNORE_INDEX, PAD_TOKEN_ID, _check_entry, _check_style, _encode, collate,
                           format_prompt, generate_responses)
@@ -71,8 +71,11 @@ def sequence_logprobs(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
         ``[B]`` float tensor (differentiable through ``model``).
 
     Raises:
-        TypeError, ValueError: ``inputs``/``targets`` not 2-D integer tensors of one shape.
+        TypeError, ValueError: ``inputs``/``targets`` not 2-D integer tensors of one shape;
+            ``ignore_index`` not an integer; a target (other than ``ignore_index``) outside the
+            model's vocabulary.
     """
+    ignore_index = integer("ignore_index", ignore_index, hint=" (the target id to skip; collate uses -100)")
     for name, t in (("inputs", inputs), ("targets", targets)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.is_floating_point():
             raise TypeError(f"{name} must be a [batch, tokens] tensor of token ids, got "
@@ -82,6 +85,12 @@ def sequence_logprobs(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
                          f"{tuple(targets.shape)}")
     logp = F.log_softmax(model(inputs).float(), dim=-1)                       # [B, T, V]
     mask = targets != ignore_index                                            # [B, T]
+    vocab = logp.shape[-1]
+    if (mask & ((targets < 0) | (targets >= vocab))).any():
+        scored = targets[mask]
+        raise ValueError(f"targets must be token ids in [0, {vocab}) or ignore_index={ignore_index}: the largest "
+                         f"target id is {scored.max().item()} (the smallest {scored.min().item()}) but the model's "
+                         f"vocabulary size is {vocab}; were they made with another tokenizer or ignore_index?")
     picked = logp.gather(-1, targets.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)   # [B, T]
     return (picked * mask).sum(dim=-1)                                        # [B]
 
@@ -114,7 +123,7 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 
     Raises:
         TypeError: an argument is not a tensor.
-        ValueError: the four are not 1-D of one shape; ``beta`` not a positive number.
+        ValueError: the four are not 1-D of one shape, or are empty; ``beta`` not a positive number.
     """
     names = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
     values = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -127,6 +136,9 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     shapes = {name: tuple(t.shape) for name, t in zip(names, values)}
     if len(set(shapes.values())) != 1:
         raise ValueError(f"the four log-probability tensors must have one shape, got {shapes}")
+    if policy_chosen_logps.numel() == 0:
+        raise ValueError("the log-probability tensors are empty (a batch of 0 pairs): the mean loss would be nan; "
+                         "pass at least one pair")
     beta = _check_beta(beta)
     chosen_logratio = policy_chosen_logps - ref_chosen_logps
     rejected_logratio = policy_rejected_logps - ref_rejected_logps
@@ -267,13 +279,41 @@ def collate_preference(batch: Sequence[dict[str, list[int]]], *, pad_token_id: i
 # --------------------------------------------------------------------------- #
 # Training
 # --------------------------------------------------------------------------- #
+_BATCH_KEYS = ("chosen_inputs", "chosen_targets", "rejected_inputs", "rejected_targets")
+
+
+def _check_batch(batch: Any) -> None:
+    needs = ", ".join(repr(k) for k in _BATCH_KEYS)
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch must be a dict with {needs} (as collate_preference makes), got {describe(batch)}")
+    for key in _BATCH_KEYS:
+        if key not in batch:
+            raise ValueError(f"batch has no {key!r}; a batch needs {needs} (as collate_preference makes), got the "
+                             f"keys {sorted(map(str, batch))}")
+        if not isinstance(batch[key], torch.Tensor):
+            raise TypeError(f"batch[{key!r}] must be a tensor (as collate_preference makes), got "
+                            f"{describe(batch[key])}")
+
+
+def _check_module(name: str, m: Any) -> None:
+    if not isinstance(m, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module (e.g. GPTModel), got {type(m).__name__}")
+
+
 def dpo_batch_loss(batch: dict[str, torch.Tensor], policy: nn.Module, reference: nn.Module, beta: float = 0.1,
                    device: torch.device | str | None = None, ignore_index: int = IGNORE_INDEX
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`dpo_loss` of one :func:`collate_preference` batch: the policy with gradients, the reference without.
 
     Returns ``(loss, chosen_rewards, rejected_rewards)`` (a scalar and two ``[B]``).
+
+    Raises:
+        TypeError, ValueError: ``batch`` not a dict of the four tensors :func:`collate_preference`
+            makes (naming the missing one), ``policy``/``reference`` not a model.
     """
+    _check_batch(batch)
+    _check_module("policy", policy)
+    _check_module("reference", reference)
     device = device if device is not None else next(policy.parameters()).device
     b = {k: v.to(device) for k, v in batch.items()}
     policy_chosen = sequence_logprobs(policy, b["chosen_inputs"], b["chosen_targets"], ignore_index)
@@ -294,7 +334,13 @@ def evaluate_dpo(policy: nn.Module, reference: nn.Module, loader, beta: float = 
 
     Returns:
         ``{"loss", "margin", "accuracy"}``.
+
+    Raises:
+        TypeError, ValueError: ``policy``/``reference`` not a model, a bad batch (see
+            :func:`dpo_batch_loss`), ``eval_iter`` not positive.
     """
+    _check_module("policy", policy)
+    _check_module("reference", reference)
     eval_iter = positive_int("eval_iter", eval_iter, allow_none=True)
     was_training = policy.training
     policy.eval()
@@ -343,8 +389,7 @@ class DPOHistory:
 
 def _check_models(policy, reference) -> None:
     for name, m in (("policy", policy), ("reference", reference)):
-        if not isinstance(m, nn.Module):
-            raise TypeError(f"{name} must be a torch.nn.Module (e.g. GPTModel), got {type(m).__name__}")
+        _check_module(name, m)
     if policy is reference:
         raise ValueError("policy and reference are the same model; pass a frozen copy as the reference, "
                          "e.g. reference = copy.deepcopy(policy)")
@@ -352,6 +397,26 @@ def _check_models(policy, reference) -> None:
     if any(id(p) in ref_params for p in policy.parameters()):
         raise ValueError("policy and reference share weights; pass an independent copy as the reference, "
                          "e.g. reference = copy.deepcopy(policy)")
+
+
+def _check_optimizer(optimizer: Any, policy: nn.Module) -> None:
+    example = "e.g. torch.optim.AdamW(policy.parameters(), lr=5e-6)"
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer over the policy's parameters ({example}), "
+                        f"got {describe(optimizer)}")
+    trainable = {id(p) for p in policy.parameters() if p.requires_grad}
+    if not trainable:
+        raise ValueError("policy has no parameter that requires grad (it is frozen), so DPO cannot train it; "
+                         "unfreeze it with policy.requires_grad_(True) (or add an adapter) before train_dpo")
+    if not any(id(p) in trainable for group in optimizer.param_groups for p in group["params"]):
+        raise ValueError(f"optimizer holds none of policy's parameters that require grad, so training would "
+                         f"change nothing (was it built on the reference?); build it on the policy, {example}")
+
+
+def _check_loader(name: str, loader: Any) -> None:
+    if isinstance(loader, Iterator) or not hasattr(loader, "__len__") or not hasattr(loader, "__iter__"):
+        raise TypeError(f"{name} must be a DataLoader or a list of collate_preference batches (it is read once "
+                        f"per epoch and per evaluation, and needs a length), got {describe(loader)}")
 
 
 def train_dpo(policy: nn.Module, reference: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer,
@@ -384,13 +449,18 @@ def train_dpo(policy: nn.Module, reference: nn.Module, train_loader, val_loader,
 
     Raises:
         TypeError, ValueError: ``policy`` is ``reference`` (or shares its weights), a model on
-            another device, an empty ``train_loader``, a non-positive count or ``beta``.
+            another device, an empty ``train_loader``, a loader that is not a DataLoader or list
+            (a generator), a non-positive count or ``beta``, ``optimizer`` not an optimizer or
+            holding none of the policy's parameters, a frozen policy.
         course_lib.checkpoint.NonFiniteError: the loss became ``nan``/``inf`` (before that
             update; the history so far is ``err.history``).
     """
     from tqdm.auto import tqdm
 
     _check_models(policy, reference)
+    _check_optimizer(optimizer, policy)
+    _check_loader("train_loader", train_loader)
+    _check_loader("val_loader", val_loader)
     beta = _check_beta(beta)
     num_epochs, eval_freq = positive_int("num_epochs", num_epochs), positive_int("eval_freq", eval_freq)
     eval_iter = positive_int("eval_iter", eval_iter, allow_none=True)

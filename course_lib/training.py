@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import NonFiniteError
-from .checks import positive_int
+from .checks import boolean, positive_int
 from .config import DEFAULT_SEED
 
 __all__ = [
@@ -523,6 +523,7 @@ def train(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Opt
     Raises:
         ValueError: neither ``num_epochs`` nor ``max_steps``; a non-positive count; an empty
             ``train_loader``; an unknown ``on_nonfinite``.
+        TypeError: ``resume``, ``keep_best``, ``progress`` or ``verbose`` not ``True``/``False``.
         FileExistsError: ``checkpoint_path`` exists and ``resume`` is ``False``.
         IsADirectoryError, NotADirectoryError, PermissionError: ``checkpoint_path`` cannot
             be written (checked before training starts).
@@ -538,6 +539,8 @@ def train(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Opt
 
     _check_train_args(model, train_loader, optimizer, num_epochs, max_steps, eval_freq, eval_iter, sample_freq,
                       checkpoint_freq, on_nonfinite, seed)
+    for name, flag in (("resume", resume), ("keep_best", keep_best), ("progress", progress), ("verbose", verbose)):
+        boolean(name, flag)          # "no" is truthy: resume="no" would resume
     for name, fn in (("loss_fn", loss_fn), ("metrics", metrics)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be a function (or None for the default), got {type(fn).__name__}")

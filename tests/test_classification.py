@@ -496,3 +496,93 @@ def test_finetune_classifier_tiny_end_to_end():
     acc = calc_accuracy_loader(DataLoader(test_ds, batch_size=16), result.model)
     assert m["test_accuracy"] == pytest.approx(acc)
     assert math.isfinite(m["seconds"])
+
+
+# --------------------------------------------------------------------------- #
+# Bad input that gave a wrong result or a deep traceback (a review's findings)
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("predictions", [[0.2, 0.9, 0.6], torch.tensor([0.2, 0.9, 0.6]), "011", [0, 1, float("nan")]])
+def test_binary_metrics_refuses_what_is_not_class_ids(predictions):
+    with pytest.raises(TypeError, match="must be class ids"):
+        binary_metrics([0, 1, 1], predictions)
+
+
+def test_binary_metrics_takes_integral_floats_and_booleans():
+    import numpy as np
+
+    want = binary_metrics([0, 1, 1], [0, 1, 0])
+    assert binary_metrics([0.0, 1.0, 1.0], torch.tensor([0.0, 1.0, 0.0])) == want
+    assert binary_metrics([0, 1, 1], np.array([0.1, 0.9, 0.4]) > 0.5) == want
+
+
+def test_load_sms_spam_names_the_line_with_an_extra_tab_and_a_file_not_utf8(tmp_path):
+    path = tmp_path / "sms"
+    path.write_text("ham\tfine\nspam\tWIN\tnow\nham\tok\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"line 2: .*more than one tab"):
+        load_sms_spam(path)
+    path.write_text("spam\tWIN\tnow\nham\tok\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"line 1: .*more than one tab"):
+        load_sms_spam(path)
+    path.write_bytes(b"ham\tcaf\xe9\n")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        load_sms_spam(path)
+
+
+def test_split_dataset_refuses_one_class_no_rows_and_seeds_pandas_cannot_take():
+    import numpy as np
+
+    with pytest.raises(ValueError, match="only the label 'ham'"):
+        split_dataset(_frame([f"m{i}" for i in range(20)], ["ham"] * 20))
+    with pytest.raises(ValueError, match="no rows"):
+        split_dataset(_frame([], []))
+    for seed in (-1, 2**40):
+        with pytest.raises(ValueError, match="seed must be"):
+            split_dataset(_frame([f"m{i}" for i in range(20)]), seed=seed)
+    frame = _frame([f"m{i}" for i in range(20)])
+    assert [len(p) for p in split_dataset(frame, seed=np.int64(3))] == [len(p) for p in split_dataset(frame, seed=3)]
+
+
+def test_labels_are_distinct_class_names(tok):
+    with pytest.raises(ValueError, match="each class once"):
+        SpamDataset(_frame(["a", "b"]), tok, labels=("ham", "spam", "ham"))
+    with pytest.raises(TypeError, match="list of class names"):
+        add_classifier_head(_gpt(), labels="ab", verbose=False)
+    for pad in (-1, 10**6, 1.5):
+        with pytest.raises((TypeError, ValueError), match="pad_token_id"):
+            add_classifier_head(_gpt(), pad_token_id=pad, verbose=False)
+    with pytest.raises(TypeError, match="verbose must be True or False"):
+        add_classifier_head(_gpt(), verbose="no")
+
+
+def test_classification_loss_refuses_targets_that_are_no_class_ids():
+    clf = add_classifier_head(_gpt(), verbose=False)
+    x = torch.randint(0, 100, (2, 5))
+    for targets, error, match in ((torch.tensor([-100, -100]), ValueError, "class id -100"),
+                                  (torch.tensor([0, 5]), ValueError, "class id 5, outside the model's 2 classes"),
+                                  (torch.tensor([0.0, 1.0]), TypeError, "integer class ids")):
+        with pytest.raises(error, match=match):
+            classification_loss(x, targets, clf)
+    with pytest.raises(ValueError, match="no rows"):
+        classification_loss(torch.zeros(0, 5, dtype=torch.long), torch.zeros(0, dtype=torch.long), clf)
+    with pytest.raises(TypeError, match="add_classifier_head"):
+        classification_loss(x, torch.tensor([0, 1]), _gpt())          # the GPT itself, not a classifier
+
+
+def test_a_string_flag_is_not_taken_for_true(tmp_path):
+    clf = add_classifier_head(_gpt(), verbose=False)
+    rows = DataLoader([(torch.randint(0, 100, (5,)), torch.tensor(i % 2)) for i in range(4)], batch_size=2)
+    optimizer = torch.optim.AdamW([p for p in clf.parameters() if p.requires_grad], lr=1e-3)
+    path = tmp_path / "run.pt"
+    train_classifier(clf, rows, rows, optimizer, "cpu", num_epochs=1, checkpoint_path=path, progress=False,
+                     verbose=False)
+    before = path.read_bytes()
+    with pytest.raises(TypeError, match="resume must be True or False"):    # "no" resumed and overwrote the file
+        train_classifier(clf, rows, rows, optimizer, "cpu", num_epochs=2, checkpoint_path=path, resume="no",
+                         progress=False, verbose=False)
+    assert path.read_bytes() == before
+    with pytest.raises(TypeError, match="trim must be True or False"):
+        finetune_classifier("tiny", trim="no", base_model=_gpt())
+    with pytest.raises(TypeError, match="base_model must be a GPTModel"):
+        finetune_classifier("tiny", base_model=torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="GPTClassifier"):
+        classify("hello", _gpt(), tiktoken_gpt2())
