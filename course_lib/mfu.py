@@ -78,7 +78,9 @@ _warned: set[str] = set()
 
 def device_name(device: Any = None) -> str:
     """A name to look up: the CUDA device's name (``torch.cuda.get_device_name``), ``"Apple M"``
-    for MPS, ``"cpu"``. ``device`` ``None`` means CUDA if available, else CPU."""
+    for MPS, ``"cpu"``; another kind of device, its type (``"xpu"``: not in the table, so
+    :func:`peak_flops` warns rather than taking a CPU's figure). ``device`` ``None`` means CUDA
+    if available, else CPU."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -86,7 +88,7 @@ def device_name(device: Any = None) -> str:
         return torch.cuda.get_device_name(dev)
     if dev.type == "mps":
         return "Apple M"
-    return "cpu"
+    return "cpu" if dev.type == "cpu" else dev.type
 
 
 def lookup(name: str) -> str | None:
@@ -100,6 +102,9 @@ def lookup(name: str) -> str | None:
     if name in PEAK_FLOPS:
         return name
     upper = name.upper()
+    same = [key for key in PEAK_FLOPS if key.upper() == upper.strip()]     # "CPU", "a100"
+    if same:
+        return same[0]
     for alias, key in _ALIASES:
         if re.search(rf"(?<![A-Z0-9]){re.escape(alias)}(?![0-9])", upper):
             return key

@@ -423,7 +423,8 @@ def source_files(source: str | os.PathLike, progress: bool = False) -> list[tupl
     when ``progress``).
 
     Raises:
-        ValueError: none of these, a registered file that is not text, or a folder without ``.txt`` files.
+        ValueError: none of these (an empty string included), a registered file that is not text, or a
+            folder without ``.txt`` files.
     """
     if isinstance(source, str) and (source == "gutenberg" or source in data.REGISTRY):
         names = ([e.name for e in data.entries() if e.name.startswith("gutenberg-")]
@@ -437,6 +438,9 @@ def source_files(source: str | os.PathLike, progress: bool = False) -> list[tupl
         return out
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be a registered data name or a path, got {type(source).__name__}")
+    if not str(source).strip():                     # Path("") is the working folder: every .txt in it
+        raise ValueError("source is empty; give a registered text name (`course data list`), a .txt file or a "
+                         "folder of them")
     path = Path(source).expanduser()
     if path.is_file():
         return [(path.name, path, None)]
@@ -478,7 +482,8 @@ def iter_documents(paths: Iterable[str | os.PathLike], chars: int = _READ_CHARS)
         chars: characters read at a time. Default 4 Mi.
 
     Raises:
-        TypeError: ``paths`` is one path rather than a list of them.
+        TypeError: ``paths`` is one path rather than a list of them; an item that is not a path (an
+            integer would be opened as a file descriptor), raised when it is reached.
         ValueError: ``chars`` is not a positive integer; a file that is not UTF-8.
         FileNotFoundError, IsADirectoryError: as ``open``.
     """
@@ -488,7 +493,9 @@ def iter_documents(paths: Iterable[str | os.PathLike], chars: int = _READ_CHARS)
 
 
 def _documents(paths: Iterable[str | os.PathLike], chars: int) -> Iterator[str]:
-    for path in paths:
+    for i, path in enumerate(paths):
+        if not isinstance(path, (str, os.PathLike)) or not str(path).strip():   # open(3) reads file descriptor 3
+            raise TypeError(f"paths[{i}] must be the path of a text file, got {path!r}")
         try:
             with open(path, encoding="utf-8", newline="") as fh:
                 for doc in _split_stream(fh, chars):

@@ -114,6 +114,17 @@ def test_lookup_maps_names_to_keys_and_unknown_to_none():
     assert M.lookup("NVIDIA L40") == "L40"
     assert M.lookup("NVIDIA GH200 480GB") == "H200"
     assert M.lookup("NVIDIA GeForce GTX 1080") is None
+    assert M.lookup("CPU") == "cpu" and M.lookup("a100") == "A100"      # "CPU" was taken for an A100
+
+
+def test_a_device_type_not_in_the_table_is_not_taken_for_a_cpu():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert M.peak_flops("CPU", "fp32") == M.peak_flops("cpu", "fp32")
+    assert M.device_name("xpu") == "xpu"
+    M._warned.discard("xpu")
+    with pytest.warns(UserWarning, match="'xpu' is not in course_lib.mfu.PEAK_FLOPS"):
+        assert M.peak_flops("xpu", "bf16") == M.PEAK_FLOPS[M.FALLBACK_GPU]["bf16"]
 
 
 # --------------------------------------------------------------------------- #

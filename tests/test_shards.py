@@ -14,7 +14,7 @@ import torch
 from _corpora import corpus, gpt2_tiktoken
 from course_lib import data
 from course_lib.shards import (HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, ShardError, ShardLoader, iter_documents,
-                               prepare_shards, read_shard, shard_files, write_shard, write_shards)
+                               prepare_shards, read_shard, shard_files, source_files, write_shard, write_shards)
 
 tiktoken = pytest.importorskip("tiktoken")
 EOT, EOT_ID = "<|endoftext|>", 50256
@@ -488,6 +488,27 @@ def test_iter_documents_bad_arguments(tmp_path):
     for single in (path, str(path)):
         with pytest.raises(TypeError, match=r"wrap it as \[path\]"):  # not its characters as file names
             iter_documents(single)
+
+
+def test_iter_documents_never_opens_an_integer_as_a_file_descriptor(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("mine", encoding="utf-8")
+    with open(path, encoding="utf-8") as fh:
+        for bad in (fh.fileno(), None, ""):
+            with pytest.raises(TypeError, match=r"paths\[1\] must be the path of a text file"):
+                list(iter_documents([path, bad]))
+        assert fh.read() == "mine"                 # the descriptor was not read and closed under it
+
+
+def test_an_empty_source_is_not_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("private", encoding="utf-8")
+    for source in ("", "  "):
+        with pytest.raises(ValueError, match="source is empty"):
+            source_files(source)
+        with pytest.raises(ValueError, match="source is empty"):
+            prepare_shards(source, tmp_path / "out", progress=False, workers=1)
+    assert not (tmp_path / "out").exists()
 
 
 def test_write_shards_bad_arguments(tmp_path):
