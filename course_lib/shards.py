@@ -27,6 +27,7 @@ without one is one document (a book). Documents are stripped; empty ones are dro
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -349,7 +350,9 @@ def write_shards(documents: Iterable[str], out_dir: str | os.PathLike, *, split:
             ``tiktoken.Encoding``; at most 65,536 ids.
         eot: put the end-of-text id before every document. Default ``True``.
         progress: show a tqdm progress bar (documents, with the token count).
-        overwrite: replace this split's shards in ``out_dir`` (and delete its extra old ones).
+        overwrite: replace this split's shards in ``out_dir`` (and delete its extra old ones). A
+            ``meta.json`` there (:func:`prepare_shards`'), which describes the shards replaced, is
+            removed when they are.
         total: the number of documents, for the progress bar only.
 
     The shards are written into a hidden folder inside ``out_dir`` and moved into place only once
@@ -388,8 +391,10 @@ def write_shards(documents: Iterable[str], out_dir: str | os.PathLike, *, split:
         raise FileExistsError(f"{out_dir} already holds {len(old)} {split!r} shard(s) ({old[0].name}...); pass "
                               "overwrite=True to replace them, or choose another folder")
     enc, eot_id = _tokenizer_setup(tokenizer, eot)
+    made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{split}-writing-", dir=out_dir))   # same disk: moves are renames
+    done = False
     try:
         writer = _ShardWriter(staging, split, shard_tokens)
         stream = _encoded(documents, enc, eot_id, workers)  # starts the pool before tqdm starts its thread
@@ -400,15 +405,21 @@ def write_shards(documents: Iterable[str], out_dir: str | os.PathLike, *, split:
                 bar.set_postfix_str(f"{writer.tokens:,} tokens", refresh=False)
         if writer.tokens == 0:
             raise ValueError("documents gave no tokens: pass at least one non-empty text (or eot=True)")
+        if old:                                # prepare_shards' description of the shards replaced
+            (out_dir / "meta.json").unlink(missing_ok=True)
         paths = []
         for written in writer.close():
             os.replace(written, out_dir / written.name)
             paths.append(out_dir / written.name)
         for path in set(old) - set(paths):     # an earlier, longer run's last shards
             path.unlink(missing_ok=True)
+        done = True
         return paths
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if made and not done:                  # a failed first write leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
 
 
 # --------------------------------------------------------------------------- #

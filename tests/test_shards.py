@@ -187,7 +187,7 @@ def test_a_failed_overwrite_leaves_the_earlier_shards_as_they_were(tmp_path, par
     with pytest.raises(TypeError):
         write_shards(documents() if fail == "bad document" else [b"bytes"], tmp_path / "fresh", workers=1,
                      progress=False, shard_tokens=1000)
-    assert not any((tmp_path / "fresh").iterdir())     # a first run that fails leaves no partial shards
+    assert not (tmp_path / "fresh").exists()           # a first run that fails leaves no partial shards, no folder
 
 
 @pytest.mark.parametrize("chars", [1, 5, 12, 13, 14, 40, 1 << 20])
@@ -509,6 +509,19 @@ def test_an_empty_source_is_not_the_working_folder(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="source is empty"):
             prepare_shards(source, tmp_path / "out", progress=False, workers=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_write_shards_leaves_no_empty_folder_and_no_stale_meta_json(tmp_path):
+    with pytest.raises(ValueError, match="gave no tokens"):
+        write_shards([""], tmp_path / "new", eot=False, workers=1, progress=False)
+    assert not (tmp_path / "new").exists()
+    out = tmp_path / "prepared"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(EOT.join(f"story number {i}." for i in range(40)), encoding="utf-8")
+    prepare_shards(corpus, out, progress=False, workers=1)
+    assert (out / "meta.json").is_file()
+    write_shards(["other text"], out, split="train", overwrite=True, workers=1, progress=False)
+    assert not (out / "meta.json").exists()        # it counted the tokens of the shards just replaced
 
 
 def test_write_shards_bad_arguments(tmp_path):
