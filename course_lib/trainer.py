@@ -1046,6 +1046,7 @@ def train(cfg: TrainerConfig, *, resume: bool = False, progress: bool = True, ve
     made_out_dir = d.master and not out_dir.exists()      # a run that fails in its setup leaves no empty folder
     paths = {"checkpoint": out_dir / CHECKPOINT, "log": out_dir / LOG, "config": out_dir / CONFIG}
     run, meter, bar, raw_model, interrupted = _Run(paths["checkpoint"]), None, None, None, False
+    had_config, finished = paths["config"].exists(), False
     try:
         # ---- set up: precision, the run folder, model, optimizer, data, and a resume's state ----
         autocast, scaler = _precision(cfg, device)
@@ -1107,6 +1108,7 @@ def train(cfg: TrainerConfig, *, resume: bool = False, progress: bool = True, ve
                     interrupted = True
                     say(f"interrupted: stopped after step {run.step:,} and saved {paths['checkpoint']}")
                     break
+        finished = True
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, keep the last complete checkpoint
         interrupted = True
         if d.master and verbose:
@@ -1114,6 +1116,10 @@ def train(cfg: TrainerConfig, *, resume: bool = False, progress: bool = True, ve
     finally:
         if bar is not None:
             bar.close()
+        if d.master and not finished and not interrupted and not had_config \
+                and not paths["log"].exists() and not paths["checkpoint"].exists():
+            with contextlib.suppress(OSError):          # failed before its first step: no run to resume here
+                paths["config"].unlink(missing_ok=True)
         if made_out_dir:
             with contextlib.suppress(OSError):          # removes the folder only if nothing was written in it
                 out_dir.rmdir()

@@ -285,6 +285,16 @@ def test_a_new_run_leaves_a_config_json_it_did_not_write_alone(shards, tmp_path)
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 
+def test_a_run_that_fails_before_its_first_step_leaves_no_config_json(shards, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    small = _cfg(shards, out, model={**MODEL, "vocab_size": 100})     # the shards hold GPT-2 ids
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        _train(small)
+    assert list(out.iterdir()) == []               # so the same command, fixed, is not refused as a run
+    _train(_cfg(shards, out, max_steps=2))
+
+
 def test_a_resume_says_what_changed_and_when_there_is_nothing_to_train(shards, tmp_path, capsys):
     cfg = _cfg(shards, tmp_path / "run", max_steps=2)
     _train(cfg)
