@@ -662,6 +662,12 @@ def tfidf_baseline(train_df, test_dfs: dict[str, Any] | None = None, *, labels: 
     Returns:
         ``{"model": the fitted Pipeline, "params": the chosen setting, "seconds": the time to
         fit every setting, "train": binary_metrics(...), "<name>": ... for each of test_dfs}``.
+
+    Raises:
+        TypeError, ValueError: a frame without ``label``/``text``; ``test_dfs`` not a mapping of
+            names to frames, or with a ``"train"`` entry (the training split is ``train_df``); a
+            label not in ``labels``; fewer than two classes in ``train_df``; an empty ``grid`` or a
+            setting without ``analyzer``, ``ngram_range`` or ``C``.
     """
     import time
 
@@ -669,11 +675,31 @@ def tfidf_baseline(train_df, test_dfs: dict[str, Any] | None = None, *, labels: 
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
+    from collections.abc import Mapping
+
     _check_frame(train_df, "train_df")
+    if test_dfs is not None and not isinstance(test_dfs, Mapping):
+        raise TypeError(f"test_dfs must map names to DataFrames, e.g. {{'val': val_df, 'test': test_df}}, got "
+                        f"{type(test_dfs).__name__}")
+    if test_dfs and "train" in test_dfs:
+        raise ValueError("test_dfs has a 'train' entry; the training split is train_df (its scores come as "
+                         "result['train']): name the others 'val', 'test', ...")
     frames = {"train": train_df, **(test_dfs or {})}
     for name, frame in frames.items():
         _check_frame(frame, f"test_dfs[{name!r}]")
+    labels = _labels(labels)
     index = {name: i for i, name in enumerate(labels)}
+    for name, frame in frames.items():
+        unknown = sorted(set(frame["label"]) - set(index), key=str)
+        if unknown:
+            raise ValueError(f"{'train_df' if name == 'train' else f'test_dfs[{name!r}]'} has label(s) {unknown} "
+                             f"not in labels={labels}; pass the class names as labels")
+    if train_df["label"].nunique() < 2:
+        raise ValueError("train_df holds one class only; logistic regression needs rows of at least two")
+    grid = list(grid) if isinstance(grid, Sequence) and not isinstance(grid, (str, bytes)) else None
+    if not grid or any(not isinstance(g, Mapping) or {"analyzer", "ngram_range", "C"} - set(g) for g in grid):
+        raise ValueError("grid must be a non-empty list of settings {'analyzer', 'ngram_range', 'C'} (e.g. "
+                         "TFIDF_GRID)")
     ids = {name: [index[x] for x in frame["label"]] for name, frame in frames.items()}
     started = time.perf_counter()
     best, best_acc, best_params = None, -1.0, None
@@ -701,7 +727,16 @@ def trim_padding(batch, pad_token_id: int = PAD_TOKEN_ID) -> tuple[torch.Tensor,
     A speed switch beside the taught loader: the rows keep their real tokens, and under
     causal attention the logits of a row do not depend on the pads after it, so training
     and predictions are those of the full-width batch, on fewer columns.
+
+    Raises:
+        ValueError: an empty batch; rows of different lengths (a :class:`SpamDataset` pads them to one).
     """
+    if len(batch) == 0:
+        raise ValueError("batch is empty; a collate_fn gets at least one (ids, label) row")
+    widths = {len(row[0]) for row in batch}
+    if len(widths) > 1:
+        raise ValueError(f"the rows have different lengths {sorted(widths)}; trim_padding stacks rows padded to "
+                         "one length, as SpamDataset gives them")
     ids = torch.stack([row[0] for row in batch])                     # [B, max_length]
     labels = torch.stack([torch.as_tensor(row[1]) for row in batch])  # [B]
     real = (ids != pad_token_id).any(dim=0).nonzero()

@@ -191,7 +191,14 @@ class TrainerConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainerConfig":
         """The config :meth:`to_dict` wrote (e.g. ``config.json``); keys that are not fields
-        (``config.json``'s ``model_config``, ``world_size``, ...) are left out."""
+        (``config.json``'s ``model_config``, ``world_size``, ...) are left out.
+
+        Raises:
+            TypeError: ``data`` is not a mapping (a dict).
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"data must be a dict of TrainerConfig fields (e.g. json.load of a config.json), got "
+                            f"{type(data).__name__}")
         d = {k: v for k, v in dict(data).items() if k in {f.name for f in dataclasses.fields(cls)}}
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
@@ -610,24 +617,36 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     A last line cut short (a run killed while writing it) is left out.
 
     Raises:
-        FileNotFoundError: no log there. ValueError: a damaged line before the last.
+        FileNotFoundError: no log there. ValueError: a damaged line before the last, or a line
+            that is not a record (a JSON object with ``step``); a file that is not UTF-8.
+        TypeError: ``path`` is not a path.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a run folder or its log.jsonl (a str or Path), got {type(path).__name__}")
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / LOG
     if not path.is_file():
         raise FileNotFoundError(f"no training log at {path}; train() writes one into its out_dir")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); is it a log.jsonl that "
+                         "train() wrote?") from None
     records = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 break
             raise ValueError(f"{path}, line {i + 1}: not a JSON record ({line[:60]!r}); the log is damaged") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise ValueError(f"{path}, line {i + 1}: not a record of a training step (a JSON object with 'step'), "
+                             f"got {line[:60]!r}; is it a log.jsonl that train() wrote?")
+        records.append(record)
     return records
 
 

@@ -586,3 +586,23 @@ def test_a_string_flag_is_not_taken_for_true(tmp_path):
         finetune_classifier("tiny", base_model=torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="GPTClassifier"):
         classify("hello", _gpt(), tiktoken_gpt2())
+
+
+def test_tfidf_baseline_and_trim_padding_name_bad_input():
+    train = _frame(["win cash now", "see you soon", "free prize", "lunch today"])
+    with pytest.raises(ValueError, match=r"label\(s\) \['a'\] not in labels"):
+        tfidf_baseline(_frame(["x", "y"], ["a", "ham"]))
+    with pytest.raises(ValueError, match="grid must be a non-empty list"):
+        tfidf_baseline(train, grid=())
+    with pytest.raises(ValueError, match="grid must be a non-empty list"):
+        tfidf_baseline(train, grid=[{"analyzer": "word", "C": 1.0}])
+    with pytest.raises(TypeError, match="test_dfs must map names"):
+        tfidf_baseline(train, [train])
+    with pytest.raises(ValueError, match="'train' entry"):
+        tfidf_baseline(train, {"train": train})
+    with pytest.raises(ValueError, match="one class only"):
+        tfidf_baseline(_frame(["a", "b"], ["ham", "ham"]))
+    with pytest.raises(ValueError, match="batch is empty"):
+        trim_padding([])
+    with pytest.raises(ValueError, match="different lengths"):
+        trim_padding([(torch.tensor([1, 2]), 0), (torch.tensor([1, 2, 3]), 1)])

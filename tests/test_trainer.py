@@ -216,6 +216,17 @@ def test_read_log_leaves_out_a_last_line_cut_short(tmp_path):
         read_log(path)
     with pytest.raises(FileNotFoundError):
         read_log(tmp_path / "nothing")
+    for line in ("7", '["step", 1]', '{"loss": 2.0}'):           # JSON, but no step record (plot_log failed on it)
+        path.write_text(f'{{"step": 1}}\n{line}\n{{"step": 3}}\n')
+        with pytest.raises(ValueError, match="line 2: not a record of a training step"):
+            read_log(path)
+    path.write_bytes(b'{"step": 1, "note": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match="not UTF-8"):
+        read_log(path)
+    with pytest.raises(TypeError, match="path must be a run folder"):
+        read_log(None)
+    with pytest.raises(TypeError, match="data must be a dict of TrainerConfig fields"):
+        TrainerConfig.from_dict(None)
 
 
 # --------------------------------------------------------------------------- #
