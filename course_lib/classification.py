@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .checks import boolean, integer, positive_float, positive_int
-from .config import GPTConfig
+from .config import GPTConfig, get_device
 from .model import GPTModel, count_parameters
 from .training import History, train
 
@@ -449,7 +449,7 @@ def classification_loss(input_batch: torch.Tensor, target_batch: torch.Tensor, m
     Returns: a scalar tensor.
     """
     _check_batch(input_batch, target_batch)
-    device = device if device is not None else _device_of(model)
+    device = get_device(device) if device is not None else _device_of(model)
     logits = model(input_batch.to(device))                            # [B, C]
     if logits.dim() != 2:
         raise TypeError(f"model must give one row of class scores per message, [batch, classes], got shape "
@@ -471,7 +471,7 @@ def predict_loader(loader, model: nn.Module, device: torch.device | str | None =
         ``(targets [N], predictions [N], probabilities [N, num_classes])`` on the CPU.
     """
     positive_int("num_batches", num_batches, allow_none=True)
-    device = device if device is not None else _device_of(model)
+    device = get_device(device) if device is not None else _device_of(model)
     targets, preds, probs = [], [], []
     with torch.no_grad():
         for i, (x, y) in enumerate(loader):

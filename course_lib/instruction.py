@@ -341,6 +341,9 @@ def collate(batch: Sequence, *, pad_token_id: int = PAD_TOKEN_ID, ignore_index: 
             targets[b, :max(prompt_length - 1, 0)] = ignore_index   # positions that predict prompt tokens
     if allowed_max_length is not None:
         inputs, targets = inputs[:, :allowed_max_length], targets[:, :allowed_max_length]
+    from .config import get_device
+
+    device = get_device(device) if device is not None else torch.device("cpu")
     return inputs.to(device), targets.to(device)
 
 

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from .checkpoint import NonFiniteError
 from .checks import boolean, describe, integer, positive_int
-from .config import DEFAULT_SEED
+from .config import DEFAULT_SEED, get_device
 from .instruction import (IGNORE_INDEX, PAD_TOKEN_ID, _check_entry, _check_style, _encode, collate,
                           format_prompt, generate_responses)
 from .training import _rng_untouched, _seed_epoch
@@ -314,7 +314,7 @@ def dpo_batch_loss(batch: dict[str, torch.Tensor], policy: nn.Module, reference:
     _check_batch(batch)
     _check_module("policy", policy)
     _check_module("reference", reference)
-    device = device if device is not None else next(policy.parameters()).device
+    device = get_device(device) if device is not None else next(policy.parameters()).device
     b = {k: v.to(device) for k, v in batch.items()}
     policy_chosen = sequence_logprobs(policy, b["chosen_inputs"], b["chosen_targets"], ignore_index)
     policy_rejected = sequence_logprobs(policy, b["rejected_inputs"], b["rejected_targets"], ignore_index)
@@ -466,7 +466,7 @@ def train_dpo(policy: nn.Module, reference: nn.Module, train_loader, val_loader,
     eval_iter = positive_int("eval_iter", eval_iter, allow_none=True)
     seed = integer("seed", seed)
     progress, verbose = boolean("progress", progress), boolean("verbose", verbose)
-    device = torch.device(device) if device is not None else next(policy.parameters()).device
+    device = get_device(device) if device is not None else next(policy.parameters()).device
     ref_device = next(reference.parameters()).device
     if ref_device != next(policy.parameters()).device:
         raise ValueError(f"reference is on {ref_device} but policy on {next(policy.parameters()).device}; "

@@ -399,7 +399,7 @@ def configure_optimizer(model: nn.Module, cfg: TrainerConfig, device: torch.devi
         ValueError, TypeError: a bad ``cfg`` (see :func:`check_config`: an infinite ``max_lr``, ...).
     """
     cfg = check_config(cfg)
-    fused = torch.device(device).type == "cuda" and not cfg.fsdp
+    fused = get_device(device).type == "cuda" and not cfg.fsdp
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.max_lr, betas=tuple(cfg.betas),
                              eps=cfg.eps, **({"fused": True} if fused else {}))
 
@@ -576,7 +576,7 @@ def evaluate(model: nn.Module, loader, num_batches: int, autocast: Callable = co
     was_training = model.training
     model.eval()
     try:
-        device = torch.device(device) if device is not None else next(model.parameters()).device
+        device = get_device(device) if device is not None else next(model.parameters()).device
         total = torch.zeros(2, dtype=torch.float64, device=device)         # [loss sum, batches]
         for i, (x, y) in enumerate(loader if loader is not None and num_batches > 0 else ()):
             if i >= num_batches:

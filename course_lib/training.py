@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .checkpoint import NonFiniteError
 from .checks import boolean, positive_int
-from .config import DEFAULT_SEED
+from .config import DEFAULT_SEED, get_device
 
 __all__ = [
     "calc_loss_batch",
@@ -84,8 +84,7 @@ def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model
     if input_batch.shape != target_batch.shape:
         raise ValueError(f"input_batch {tuple(input_batch.shape)} and target_batch {tuple(target_batch.shape)} "
                          "must have the same shape [batch, tokens]")
-    if device is None:
-        device = next(model.parameters()).device
+    device = get_device(device) if device is not None else next(model.parameters()).device
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
     logits = model(input_batch)                                   # [B, T, V]
     return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())  # mean over B*T tokens
@@ -544,7 +543,7 @@ def train(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Opt
     for name, fn in (("loss_fn", loss_fn), ("metrics", metrics)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be a function (or None for the default), got {type(fn).__name__}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = get_device(device) if device is not None else next(model.parameters()).device   # "gpu": named
     sample_freq, checkpoint_freq = sample_freq or eval_freq, checkpoint_freq or eval_freq
     checkpoint_path, best_path = _checkpoint_paths(checkpoint_path, keep_best, resume)
     history, epoch, batch_in_epoch, seed = _start(checkpoint_path, resume, model, optimizer, device, seed, verbose)
