@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .checks import boolean, non_negative_int
 from .files import atomic_write, check_writable
 
 __all__ = [
@@ -103,6 +104,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     CUDA states are restored when both the file and this machine have CUDA (and for as many
     devices as both have); a checkpoint written on a GPU loads on a CPU-only machine.
     """
+    if not isinstance(state, dict) or not {"python", "numpy", "torch"} <= set(state):
+        raise ValueError(f"state must be what rng_state() returns (a dict with 'python', 'numpy' and 'torch'), got "
+                         f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
     npst = state["numpy"]
@@ -193,8 +197,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         the path written.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, ``optimizer`` is not an optimizer, or
-            ``extra`` holds something ``torch.load(weights_only=True)`` could not read back.
+        TypeError: ``model`` is not an ``nn.Module``, ``optimizer`` is not an optimizer, a flag
+            that is not ``True``/``False``, ``path`` not a path, or ``extra`` holds something
+            ``torch.load(weights_only=True)`` could not read back.
         ValueError: ``step`` is not a non-negative integer.
         NonFiniteError: a weight holds ``nan``/``inf`` (the file at ``path`` is untouched).
         FileExistsError: the file exists and ``overwrite`` is ``False``.
@@ -205,8 +210,11 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    step = non_negative_int("step", step)
+    # "no" is truthy: overwrite="no" replaced a checkpoint, allow_nonfinite="no" saved nan weights
+    overwrite, include_rng = boolean("overwrite", overwrite), boolean("include_rng", include_rng)
+    allow_nonfinite = boolean("allow_nonfinite", allow_nonfinite)
+    path = _path("path", path)
     if extra is not None:
         if not isinstance(extra, dict):
             raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
@@ -282,7 +290,26 @@ def _short(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _path(label: str, path: Any) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{label} must be the checkpoint's file path (a str or Path), got {type(path).__name__}")
+    if not str(path).strip():
+        raise ValueError(f"{label} is empty; give the checkpoint's file path (e.g. runs/model.pt)")
+    return Path(path).expanduser()
+
+
+def _map_location(map_location: Any) -> Any:
+    """A device given as ``map_location`` that this machine lacks is named here (torch's error from
+    inside the file's loading would read as a damaged file). Functions and dicts pass through."""
+    if isinstance(map_location, (str, torch.device)):
+        from .config import get_device
+
+        get_device(map_location)
+    return map_location
+
+
 def _read(path: Path, map_location) -> dict[str, Any]:
+    map_location = _map_location(map_location)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}" + ("" if path.parent.is_dir() else
                                 f" (the folder {path.parent} does not exist either)"))
@@ -313,6 +340,12 @@ def _read(path: Path, map_location) -> dict[str, Any]:
         got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path} is not a course_lib checkpoint (format {got!r}, expected {FORMAT!r}); "
                               "for a bare state_dict use model.load_state_dict(torch.load(path, weights_only=True))")
+    kinds = {"model": dict, "config": (dict, type(None)), "extra": (dict, type(None)), "rng": (dict, type(None)),
+             "optimizer": (dict, type(None))}
+    bad = [key for key, kind in kinds.items() if not isinstance(payload.get(key), kind)]
+    if bad:
+        raise CheckpointError(f"{path} is damaged: its {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} missing "
+                              "or of the wrong kind. Load an earlier checkpoint (or train again)")
     return payload
 
 
@@ -350,11 +383,14 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
     Raises:
         FileNotFoundError: no file at ``path``.
         CheckpointError: the file is truncated, corrupt, or not a course checkpoint.
+        ValueError: ``map_location`` is a device this machine lacks (``"cuda"`` without CUDA).
+        TypeError: ``restore_rng`` or ``strict`` not ``True``/``False``; ``path`` not a path.
         CheckpointMismatchError: the stored config differs from ``model.cfg`` (each differing
             field is named), the tensors do not fit the model, or an optimizer state was asked
             for but not saved or does not fit the optimizer.
     """
-    path = Path(path).expanduser()
+    path = _path("path", path)
+    restore_rng, strict = boolean("restore_rng", restore_rng), boolean("strict", strict)
     payload = _read(path, map_location)
     _apply(path, payload, model, optimizer, restore_rng=restore_rng, strict=strict)
     return payload
@@ -443,7 +479,8 @@ def model_from_checkpoint(path: str | os.PathLike, device: Any = None, *, return
     from .config import GPTConfig
     from .model import GPTModel
 
-    path = Path(path).expanduser()
+    path = _path("path", path)
+    return_extra = boolean("return_extra", return_extra)
     payload = _read(path, "cpu")
     if not payload.get("config"):
         raise CheckpointError(f"{path} stores no model configuration; build the model yourself and call "
@@ -463,7 +500,9 @@ def model_from_checkpoint(path: str | os.PathLike, device: Any = None, *, return
     except RuntimeError as err:
         raise CheckpointMismatchError(f"the weights in {path} do not fit its own config: {err}") from err
     if device is not None:
-        model.to(device)
+        from .config import get_device
+
+        model.to(get_device(device))
     if return_extra:
         extra = payload.get("extra")
         return model.eval(), (extra if isinstance(extra, dict) else {})

@@ -365,3 +365,53 @@ def test_a_config_missing_a_field_does_not_silently_take_a_default(tmp_path):
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match="missing field"):
         model_from_checkpoint(path)
+
+
+# --------------------------------------------------------------------------- #
+# Bad input that overwrote a checkpoint or blamed a good file (a review's findings)
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("flag", ["overwrite", "include_rng", "allow_nonfinite"])
+def test_save_checkpoint_takes_no_string_for_a_flag(tmp_path, flag):
+    first, _ = _trained(seed=0)
+    path = save_checkpoint(tmp_path / "model.pt", first)
+    before = path.read_bytes()
+    other, _ = _trained(seed=1)
+    with pytest.raises(TypeError, match=f"{flag} must be True or False"):      # "no" is truthy: it replaced the file
+        save_checkpoint(path, other, **{flag: "no"}, **({} if flag == "overwrite" else {"overwrite": True}))
+    assert path.read_bytes() == before
+
+
+def test_load_checkpoint_names_a_device_this_machine_lacks_not_a_damaged_file(tmp_path):
+    model, _ = _trained()
+    path = save_checkpoint(tmp_path / "model.pt", model)
+    bad = ["gpu"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        with pytest.raises(ValueError, match=f"'{device}'") as err:
+            load_checkpoint(path, map_location=device)
+        assert "corrupt" not in str(err.value) and "Delete" not in str(err.value)
+        with pytest.raises(ValueError, match=f"'{device}'"):
+            model_from_checkpoint(path, device=device)
+    for flag in ("restore_rng", "strict"):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False"):
+            load_checkpoint(path, model, **{flag: "no"})
+    with pytest.raises(TypeError, match="return_extra must be True or False"):
+        model_from_checkpoint(path, return_extra="no")
+    with pytest.raises(TypeError, match="file path"):
+        load_checkpoint(None)
+    with pytest.raises(ValueError, match="path is empty"):
+        save_checkpoint("", model)
+
+
+@pytest.mark.parametrize("change", [{"model": None}, {"config": "gpt-tiny"}, {"extra": [1]}])
+def test_a_checkpoint_with_a_damaged_payload_is_named(tmp_path, change):
+    model, _ = _trained()
+    path = save_checkpoint(tmp_path / "model.pt", model)
+    payload = torch.load(path, weights_only=True)
+    payload.update(change)
+    if payload["model"] is None:
+        del payload["model"]
+    torch.save(payload, tmp_path / "damaged.pt")
+    with pytest.raises(CheckpointError, match=f"is damaged: its {next(iter(change))}"):
+        load_checkpoint(tmp_path / "damaged.pt", GPTModel(CFG))
+    with pytest.raises(ValueError, match="what rng_state"):
+        ckpt_mod.set_rng_state({})
