@@ -314,12 +314,8 @@ class GPTClassifier(nn.Module):
                              f"over real tokens), got {pooling!r}")
         labels = _labels(labels) if labels is not None else (LABELS if num_classes == 2 else
                                                              tuple(str(i) for i in range(num_classes)))
-        vocab = gpt.cfg.vocab_size
         pad_token_id = integer("pad_token_id", pad_token_id, minimum=0,
                                hint=" (the id rows are padded with: 50256, <|endoftext|>)")
-        if pad_token_id >= vocab:
-            raise ValueError(f"pad_token_id {pad_token_id} is outside the model's vocabulary of {vocab} ids; "
-                             "use the id rows are padded with (50256, <|endoftext|>, for GPT-2's)")
         if len(labels) != num_classes:
             raise ValueError(f"labels has {len(labels)} names for num_classes={num_classes}")
         self.gpt, self.cfg = gpt, gpt.cfg

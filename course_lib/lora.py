@@ -466,12 +466,17 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: Sequen
         ValueError: a bad ``rank``/``alpha``/``dropout``/``name``; a target matching no linear
             layer (the message lists the model's linear layers); ``name`` exists already on any layer
             (one adapter is made by one call).
-        TypeError: ``model`` is not an ``nn.Module``; ``targets`` not a list of names.
+        TypeError: ``model`` is not an ``nn.Module``; ``targets`` not a list of names; ``rslora``
+            or ``train_head`` not ``True``/``False``. Every argument is checked before the model
+            is changed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     rank = positive_int("rank", rank, hint=" (typical: 4, 8 or 16)")
     alpha, name = _check_alpha(alpha), _check_name(name)
+    dropout, rslora = probability("dropout", dropout), boolean("rslora", rslora)   # all checked before any change
+    if train_head is not None:
+        train_head = boolean("train_head", train_head)
     names = _find_targets(model, targets)
     ranks, alphas = dict.fromkeys(names, rank), dict.fromkeys(names, alpha)
     for label, pattern, values, check in (("rank_pattern", rank_pattern, ranks, positive_int),
@@ -507,7 +512,7 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets: Sequen
             p.requires_grad_(True)
     if train_head is None:
         train_head = isinstance(model, GPTClassifier)
-    if boolean("train_head", train_head):
+    if train_head:
         for head in _head_modules(model):
             for p in head.parameters():
                 p.requires_grad_(True)
@@ -631,6 +636,7 @@ def merge_lora(model: nn.Module, *, keep_original: bool = True) -> None:
         ValueError: no LoRA layers; per-row adapters are active (one adapter per merge).
     """
     layers = _layers_or_error(model)
+    keep_original = boolean("keep_original", keep_original)
     for n, layer in layers.items():
         if isinstance(layer.active, tuple):
             raise ValueError(f"layer {n} has per-row adapters active; set_adapter(model, name) to one adapter to merge")
@@ -702,7 +708,7 @@ def unload_lora(model: nn.Module, *, merge: bool = True) -> nn.Module:
     Raises:
         ValueError: no LoRA layers; per-row adapters active (with ``merge``).
     """
-    if merge:
+    if boolean("merge", merge):
         merge_lora(model, keep_original=False)
     for n, layer in lora_layers(model).items():
         parent, _, child = n.rpartition(".")
@@ -1088,26 +1094,32 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         dropout = probability("lora_dropout", config.get("lora_dropout", 0.0) or 0.0)
     except ValueError as err:
         raise ValueError(where + str(err)) from None
-    rslora = bool(config.get("use_rslora", False))
+    rslora = config.get("use_rslora", False)
+    if not isinstance(rslora, bool):          # "false" (a string) would read as true: another scale
+        raise ValueError(f"{where}use_rslora must be true or false, got {rslora!r}")
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(key) or {}, dict):
             raise ValueError(f"{where}{key} must be a mapping of module patterns to values, got "
                              f"{type(config[key]).__name__}")
+        for module, value in (config.get(key) or {}).items():
+            try:
+                if key == "rank_pattern":
+                    positive_int(f"{key}[{module!r}]", value)
+                else:
+                    _check_alpha(value)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{where}{key}[{module!r}]: {err}") from None
     try:
         splits = json.loads(metadata.get("course_lib.qkv_split", "{}"))
     except json.JSONDecodeError:
         splits = None
-    if not isinstance(splits, dict):
+    if not isinstance(splits, dict) or not all(
+            isinstance(parts, list) and parts and all(
+                isinstance(pr, list) and len(pr) == 2 and pr[0] in _QKV and _is_rank(pr[1]) for pr in parts)
+            for parts in splits.values()):
         raise ValueError(f"{folder / WEIGHTS_FILE}: its course_lib.qkv_split metadata is damaged; "
                          "save the adapter again")
-    if check_base and metadata.get(_FINGERPRINT):
-        ours = _base_fingerprint(gpt)
-        if ours is not None and ours != metadata[_FINGERPRINT]:
-            raise ValueError(f"{folder} was trained on another base model (recorded: "
-                             f"{config.get('base_model_name_or_path') or 'unnamed'}; its weights differ from "
-                             "this model's, though the shapes fit), so it would compute something else here. "
-                             "Load it onto the base it was made for (a base pretrained again, by a new recipe "
-                             "or --retrain, is another base); in Python, load_adapter(..., check_base=False) loads it anyway")
+
 
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -1152,6 +1164,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                              f"{list(B.shape)}, but this model needs [{want_r}, {ins}] and [{outs}, {want_r}]; "
                              "was the adapter made for another base model?")
         if hf in splits:                                                 # ours: the block diagonal, split back
+            if sum(pr for _, pr in splits[hf]) != r:
+                raise ValueError(f"{folder / WEIGHTS_FILE}: its course_lib.qkv_split metadata for {hf} covers "
+                                 f"{sum(pr for _, pr in splits[hf])} of the adapter's rank {r}; it is damaged: "
+                                 "save the adapter again")
             col = 0
             for part, pr in splits[hf]:
                 j = _QKV.index(part)
@@ -1161,6 +1177,21 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         else:
             for ours, _, lo, hi in targets:
                 plan.append((ours, A, B[lo:hi] if hi is not None else B, r, alpha))
+    if check_base and metadata.get(_FINGERPRINT):          # the shapes fit (checked above): is it the same base?
+        base_now = _base_fingerprint(gpt)
+        if base_now is not None and base_now != metadata[_FINGERPRINT]:
+            raise ValueError(f"{folder} was trained on another base model (recorded: "
+                             f"{config.get('base_model_name_or_path') or 'unnamed'}; its weights differ from "
+                             "this model's, though the shapes fit), so it would compute something else here. "
+                             "Load it onto the base it was made for (a base pretrained again, by a new recipe "
+                             "or --retrain, is another base); in Python, load_adapter(..., check_base=False) "
+                             "loads it anyway")
+    merged = sorted({prefix + ours for ours, *_ in plan
+                     if isinstance(model.get_submodule(prefix + ours), LoRALinear)
+                     and model.get_submodule(prefix + ours).merged is not None})
+    if merged and activate:              # set_adapter would refuse it after the layers were changed
+        raise ValueError(f"layer {merged[0]} has an adapter merged into its weight, so the new one cannot be made "
+                         "active; unmerge_lora(model) first, or load it with activate=False")
     wrapped = []
     for ours, A, B, r, alpha in plan:
         full = prefix + ours
@@ -1183,6 +1214,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if activate:
         set_adapter(model, name)
     return wrapped
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _rank_ratio(part_rank: int, fused_rank: int, rslora: bool) -> float:

@@ -393,6 +393,10 @@ KEY = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
     (lambda c: c | {"lora_alpha": "x"}, None, ValueError, "alpha must be a positive number"),
     (lambda c: c | {"lora_dropout": "x"}, None, ValueError, "lora_dropout must be a probability"),
     (lambda c: c | {"rank_pattern": [1]}, None, ValueError, "rank_pattern must be a mapping"),
+    (lambda c: c | {"use_rslora": "false"}, None, ValueError, "use_rslora must be true or false"),
+    (lambda c: c | {"rank_pattern": {"h.1.attn.c_proj": 8.9}}, None, ValueError, "rank_pattern.*positive integer"),
+    (lambda c: c | {"rank_pattern": {"h.1.attn.c_proj": "x"}}, None, ValueError, "rank_pattern.*positive integer"),
+    (lambda c: c | {"alpha_pattern": {"h.1.attn.c_proj": -4}}, None, ValueError, "alpha_pattern.*positive number"),
     (None, lambda ts: ts.pop(KEY), ValueError, r"c_attn lacks its lora_A"),
     (None, lambda ts: ts.update({"foo.weight": torch.zeros(2)}), ValueError, "'foo.weight' is not a LoRA"),
     (None, lambda ts: ts.update({KEY: torch.zeros(6, 33)}), ValueError, r"c_attn\.lora_A\.weight.*shapes"),
@@ -407,6 +411,48 @@ def test_load_adapter_refuses_damaged_files(tmp_path, config, tensors, error, ma
     with pytest.raises(error, match=match):
         load_adapter(fresh, bad)
     assert not lora_layers(fresh)                                          # nothing half-loaded
+
+
+@pytest.mark.parametrize("split", ['{"transformer.h.0.attn.c_attn": [["W_query", 2]]}',
+                                   '{"transformer.h.0.attn.c_attn": [["W_x", 2], ["W_key", 2], ["W_value", 2]]}',
+                                   '{"transformer.h.0.attn.c_attn": [["W_query", 20], ["W_key", 2], ["W_value", 2]]}',
+                                   '{"transformer.h.0.attn.c_attn": [["W_query", 2.0]]}'])
+def test_load_adapter_refuses_a_damaged_qkv_split(tmp_path, split):
+    from safetensors.torch import load_file, save_file
+
+    model = _model()
+    add_lora(model, rank=2, alpha=4)
+    folder = save_adapter(model, tmp_path / "ad")
+    weights = folder / "adapter_model.safetensors"
+    save_file(load_file(weights), weights, metadata={"format": "pt", "course_lib.qkv_split": split})
+    fresh = _model()
+    with pytest.raises(ValueError, match="qkv_split metadata.*damaged"):   # it dropped key and value silently
+        load_adapter(fresh, folder)
+    assert not lora_layers(fresh)
+
+
+def test_lora_functions_check_every_argument_before_changing_the_model(tmp_path):
+    for kwargs, error, match in (({"dropout": 1.5}, ValueError, "dropout"),
+                                 ({"rslora": "yes"}, TypeError, "rslora must be True or False"),
+                                 ({"train_head": "no"}, TypeError, "train_head must be True or False")):
+        model = _model()
+        with pytest.raises(error, match=match):
+            add_lora(model, **kwargs)
+        assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())   # nothing frozen
+    model = _model()
+    add_lora(model, rank=2, alpha=4)
+    _randomize(model, "default")
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(TypeError, match="merge must be True or False"):       # "no" merged the adapter anyway
+        unload_lora(model, merge="no")
+    with pytest.raises(TypeError, match="keep_original must be True or False"):
+        merge_lora(model, keep_original="no")
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+    folder = save_adapter(model, tmp_path / "ad")
+    merge_lora(model)
+    with pytest.raises(ValueError, match="merged into its weight.*activate=False"):
+        load_adapter(model, folder, "again")
+    assert all("again" not in layer.lora_A for layer in lora_layers(model).values())
 
 
 def test_load_adapter_bad_paths_and_flags(tmp_path):
