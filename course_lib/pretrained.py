@@ -58,6 +58,7 @@ from typing import Any
 import torch
 
 from . import data
+from .checks import boolean
 from .config import GPT_CONFIGS, GPTConfig
 from .files import atomic_write
 from .model import LAYER_NORM_EPS, GPTModel
@@ -278,6 +279,11 @@ def course_to_hf_state(model: GPTModel) -> dict[str, torch.Tensor]:
     and on the CPU, ready for ``safetensors``. The tied head is stored once (as ``wte``)."""
     if not isinstance(model, GPTModel):
         raise TypeError(f"model must be a course_lib GPTModel, got {type(model).__name__}")
+    adapted = next((k for k in model.state_dict() if ".lora_" in k or k.endswith(".base.weight")), None)
+    if adapted is not None:
+        raise ValueError(f"the model has LoRA adapters ({adapted}), which GPT-2's layout has no place for: fold "
+                         "the active one in first (course_lib.lora.unload_lora(model)), or write the adapter "
+                         "beside the base with course_lib.lora.save_adapter")
     cfg, sd = model.cfg, {k: v.detach().cpu() for k, v in model.state_dict().items()}
     d = cfg.emb_dim
     t = "transformer."
@@ -371,9 +377,10 @@ def load_gpt2(name_or_path: str | os.PathLike, *, device: Any = None, dtype: tor
             ``model.safetensors.index.json``), as ``save_pretrained`` or :func:`export_hf` write.
             A name wins over a folder of the same name: write ``./gpt2`` for the folder.
         device: move the model there. Default CPU.
-        dtype: convert the weights (e.g. ``torch.bfloat16``). Default float32.
+        dtype: convert the weights (e.g. ``torch.bfloat16``, or its name ``"bfloat16"``). Default float32.
 
     Raises:
+        TypeError: ``dtype`` is not a floating-point dtype.
         ValueError: an unknown name; a folder whose ``config.json`` is not GPT-2's, not JSON,
             or lacks or mistypes a setting (the file is named); a tensor missing, misshapen
             or unexpected (named in the message).
@@ -383,6 +390,15 @@ def load_gpt2(name_or_path: str | os.PathLike, *, device: Any = None, dtype: tor
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a GPT-2 name or a folder path, got {type(name_or_path).__name__}")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch dtype such as torch.bfloat16 (or 'bfloat16'), got "
+                        f"{dtype!r}")
+    if device is not None:
+        from .config import get_device
+
+        device = get_device(device)              # before minutes of download and loading
     hf_state, cfg, tied, source = _resolve(name_or_path)
     state = hf_to_course_state(hf_state, cfg, tied, source)
     model = GPTModel(cfg, tie_weights=tied)
@@ -419,14 +435,27 @@ def export_hf(model: GPTModel, folder: str | os.PathLike, *, overwrite: bool = F
         the folder.
 
     Raises:
-        TypeError: ``model`` is not a ``GPTModel``; ``chat_template`` not a string.
-        ValueError: ``chat_template`` without the tokenizer.
+        TypeError: ``model`` is not a ``GPTModel``; ``chat_template`` not a string; ``overwrite``
+            or ``include_tokenizer`` not ``True``/``False``; ``folder`` not a path.
+        ValueError: ``chat_template`` without the tokenizer; a weight that is ``nan``/``inf`` (a
+            diverged model); LoRA adapters still in the model (merge them first).
         FileExistsError: ``folder`` already holds an export and ``overwrite`` is ``False``.
     """
     from safetensors.torch import save as safetensors_bytes
 
+    from .checkpoint import nonfinite_parameters
+
     if not isinstance(model, GPTModel):
         raise TypeError(f"model must be a course_lib GPTModel, got {type(model).__name__}")
+    overwrite = boolean("overwrite", overwrite)      # "no" is truthy: it replaced an export
+    if include_tokenizer is not None:
+        include_tokenizer = boolean("include_tokenizer", include_tokenizer)
+    if not isinstance(folder, (str, os.PathLike)) or not str(folder).strip():
+        raise TypeError(f"folder must be the export's folder path (a str or Path), got {folder!r}")
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise ValueError(f"not exporting: {len(bad)} weight tensor(s) hold nan or inf ({', '.join(bad[:3])}), so "
+                         "the model has diverged; export a checkpoint from before it did")
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} is a file; export_hf writes a folder")
@@ -440,8 +469,8 @@ def export_hf(model: GPTModel, folder: str | os.PathLike, *, overwrite: bool = F
         raise TypeError(f"chat_template must be a Jinja template string or None, got {type(chat_template).__name__}")
     if chat_template is not None and not include_tokenizer:
         raise ValueError("chat_template goes into tokenizer_config.json: pass include_tokenizer=True as well")
+    tensors = course_to_hf_state(model)           # refuses a model with adapters before a folder is made
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = course_to_hf_state(model)
     blob = safetensors_bytes(tensors, metadata={"format": "pt"})
     atomic_write(folder / _WEIGHTS_FILE, lambda fh: fh.write(blob), overwrite=True)
     del blob

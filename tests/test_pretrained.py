@@ -250,6 +250,37 @@ def test_export_never_overwrites_silently(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_export_refuses_string_flags_nan_weights_and_adapters_it_cannot_write(tmp_path):
+    model = GPTModel(GPTConfig(301, 32, 48, 4, 1, 0.0, True))
+    export_hf(model, tmp_path)
+    before = (tmp_path / "model.safetensors").read_bytes()
+    other = GPTModel(GPTConfig(301, 32, 48, 4, 1, 0.0, True))
+    with pytest.raises(TypeError, match="overwrite must be True or False"):     # "no" replaced the export
+        export_hf(other, tmp_path, overwrite="no")
+    with pytest.raises(TypeError, match="include_tokenizer must be True or False"):
+        export_hf(other, tmp_path / "b", include_tokenizer="no")
+    with torch.no_grad():
+        other.final_norm.weight[0] = float("nan")
+    with pytest.raises(ValueError, match="nan or inf.*final_norm.weight"):
+        export_hf(other, tmp_path, overwrite=True)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    from course_lib.lora import add_lora
+
+    add_lora(model, rank=2, alpha=4)
+    with pytest.raises(ValueError, match="LoRA adapters.*unload_lora"):        # a KeyError before
+        export_hf(model, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+def test_load_gpt2_takes_a_dtype_name_and_names_a_bad_dtype_or_device(tmp_path):
+    export_hf(GPTModel(GPTConfig(301, 32, 48, 4, 1, 0.0, True)), tmp_path)
+    assert next(load_gpt2(tmp_path, dtype="bfloat16").parameters()).dtype == torch.bfloat16   # an "Invalid device
+    with pytest.raises(TypeError, match="floating-point torch dtype"):                       # string" error before
+        load_gpt2(tmp_path, dtype="int8")
+    with pytest.raises(ValueError, match="'gpu'"):
+        load_gpt2(tmp_path, device="gpu")
+
+
 def test_export_with_gpt2_vocabulary_includes_a_tokenizer_transformers_reads(tmp_path):
     tiktoken_gpt2 = pytest.importorskip("course_lib.tokenizers").tiktoken_gpt2
     model = GPTModel(GPTConfig(50257, 16, 8, 2, 1, 0.0, True), tie_weights=True)
