@@ -170,7 +170,15 @@ class KVCache:
 
     def advance(self, num_tokens: int) -> None:
         """Mark ``num_tokens`` more positions as filled in every row (the model calls this
-        after its last layer)."""
+        after its last layer).
+
+        Raises:
+            ValueError: ``num_tokens`` not an integer >= 0, or more than the cache has room for.
+        """
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0 \
+                or self._longest + num_tokens > self.max_len:
+            raise ValueError(f"num_tokens must be an integer in [0, {self.max_len - self._longest}] (the positions "
+                             f"left in the cache), got {num_tokens!r}")
         self.lengths += num_tokens
         self._longest += num_tokens
         if self._pos is not None:
@@ -357,7 +365,8 @@ def decode_step(model: nn.Module, cache: KVCache, next_ids: torch.Tensor) -> tor
 
     Raises:
         TypeError: ``cache`` is not a :class:`KVCache`, ids of the wrong type.
-        ValueError: the model in training mode, ids not one per row, a full row.
+        ValueError: the model in training mode, ids not one per row, a full row, a cache made for
+            a model with another number of layers.
     """
     _check_eval(model, "decode_step")
     if not isinstance(cache, KVCache):
@@ -366,6 +375,10 @@ def decode_step(model: nn.Module, cache: KVCache, next_ids: torch.Tensor) -> tor
         got = tuple(next_ids.shape) if isinstance(next_ids, torch.Tensor) else type(next_ids).__name__
         raise ValueError(f"next_ids must be one token id per row, [{cache.batch_size}] or [{cache.batch_size}, 1], "
                          f"got {got}")
+    layers = getattr(getattr(model, "cfg", None), "n_layers", None)
+    if layers is not None and cache.keys.shape[0] != layers:
+        raise ValueError(f"the cache was made for a model of {cache.keys.shape[0]} layers and this one has {layers}; "
+                         "decode with the model that prefilled it (or KVCache.for_model(model, ...))")
     return _last_logits(model(next_ids.reshape(-1, 1), kv_cache=cache))   # [B, V]
 
 

@@ -440,3 +440,15 @@ def test_models_without_a_cache_and_the_training_mode(model):
     generate(model, idx, 2)
     assert model.training
     model.eval()
+
+
+def test_a_cache_of_another_model_and_a_bad_advance_are_named():
+    cfg = GPTConfig(vocab_size=61, context_length=16, emb_dim=32, n_heads=4, n_layers=3, drop_rate=0.0, qkv_bias=False)
+    deep, shallow = GPTModel(cfg).eval(), GPTModel(cfg.replace(n_layers=1)).eval()
+    cache, _ = prefill(shallow, [[1, 2, 3]])
+    with pytest.raises(ValueError, match="made for a model of 1 layers and this one has 3"):   # an IndexError before
+        decode_step(deep, cache, torch.tensor([4]))
+    for bad in (-5, 100, 1.5, True):
+        with pytest.raises(ValueError, match="num_tokens must be an integer in"):
+            cache.advance(bad)
+    assert cache.lengths.tolist() == [3]
