@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import boolean, non_negative_int, positive_int
+from .checks import boolean, finite_number, non_negative_int, positive_int
 from .generation import _check_ids, _check_logits, _model_device
 
 __all__ = [
@@ -386,15 +388,16 @@ def decode_step(model: nn.Module, cache: KVCache, next_ids: torch.Tensor) -> tor
 # Sampling
 # --------------------------------------------------------------------------- #
 def _check_sampling(temperature, top_k, top_p) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0 \
-            or temperature == float("inf"):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy, 1 = the model's own "
-                         f"distribution), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None (no limit) or an integer >= 1, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                              or not 0 < top_p <= 1):
+    """NumPy numbers are numbers here too (``np.float32(0.7)``); ``bool`` is not."""
+    finite_number("temperature", temperature, minimum=0,
+                  hint=" (0 = greedy, 1 = the model's own distribution)")
+    positive_int("top_k", top_k, allow_none=True, hint=" (None: no limit)")
+    if top_p is not None and (not _real(top_p) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or a probability in (0, 1] (e.g. 0.9), got {top_p!r}")
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _check_logits_tensor(logits, name: str = "logits", two_d: bool = False) -> None:
@@ -570,9 +573,10 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
         raise ValueError(f"context_size ({context_size}) is larger than the model's context_length "
                          f"({model_context}); leave it out or lower it")
     vocab = getattr(cfg, "vocab_size", None)
-    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int) or eos_id < 0
+    if eos_id is not None and (not _real(eos_id) or not isinstance(eos_id, numbers.Integral) or eos_id < 0
                                or (vocab is not None and eos_id >= vocab)):
         raise ValueError(f"eos_id must be None or a token id in [0, {vocab or 'vocab_size'}), got {eos_id!r}")
+    eos_id = None if eos_id is None else int(eos_id)
 
     device = _model_device(model)
     if device is not None:

@@ -452,3 +452,20 @@ def test_a_cache_of_another_model_and_a_bad_advance_are_named():
         with pytest.raises(ValueError, match="num_tokens must be an integer in"):
             cache.advance(bad)
     assert cache.lengths.tolist() == [3]
+
+
+def test_numpy_numbers_are_numbers_for_sampling():
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=61, context_length=16, emb_dim=32, n_heads=4, n_layers=1,
+                               drop_rate=0.0, qkv_bias=False)).eval()
+    idx = torch.tensor([[1, 2, 3]])
+    want = generate(model, idx, 4, temperature=0.7, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    got = generate(model, idx, 4, temperature=np.float32(0.7), top_k=np.int64(5), top_p=np.float64(0.9),
+                   eos_id=np.int64(60), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got, want)
+    for kwargs, match in (({"temperature": True}, "temperature"), ({"top_k": 2.0}, "top_k"),
+                          ({"temperature": float("nan")}, "temperature must be a finite number >= 0")):
+        with pytest.raises(ValueError, match=match):
+            generate(model, idx, 2, **kwargs)
