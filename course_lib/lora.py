@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import boolean, positive_int, probability
+from .checks import boolean, finite_number, positive_int, probability
 from .classification import GPTClassifier
 from .files import atomic_write
 from .model import GPTModel
@@ -140,9 +140,8 @@ def _scale(rank: int, alpha: float, rslora: bool) -> float:
 
 
 def _check_alpha(alpha: Any) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a positive number (e.g. 2 * rank), got {alpha!r}")
-    return float(alpha)
+    """``alpha`` as a float if it is a finite number above 0 (NumPy's too, never a ``bool``)."""
+    return finite_number("alpha", alpha, positive=True, hint=" (e.g. 2 * rank)")
 
 
 # --------------------------------------------------------------------------- #

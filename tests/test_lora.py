@@ -270,8 +270,8 @@ def test_adapter_files_atomic_and_not_overwritten(tmp_path):
 @pytest.mark.parametrize("kwargs, match", [
     ({"rank": 0}, "rank must be a positive integer"),
     ({"rank": 2.5}, "rank must be a positive integer"),
-    ({"alpha": 0}, "alpha must be a positive number"),
-    ({"alpha": -1.0}, "alpha must be a positive number"),
+    ({"alpha": 0}, "alpha must be a finite number > 0"),
+    ({"alpha": -1.0}, "alpha must be a finite number > 0"),
     ({"dropout": 1.0}, "dropout"),
     ({"name": "a.b"}, "adapter name"),
 ])
@@ -390,13 +390,13 @@ KEY = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
     (lambda c: [1, 2], None, ValueError, "must hold a JSON object"),
     (lambda c: c | {"peft_type": "IA3"}, None, ValueError, "peft_type is 'IA3'"),
     (lambda c: c | {"r": "8"}, None, ValueError, "r must be a positive integer"),
-    (lambda c: c | {"lora_alpha": "x"}, None, ValueError, "alpha must be a positive number"),
+    (lambda c: c | {"lora_alpha": "x"}, None, ValueError, "alpha must be a finite number > 0"),
     (lambda c: c | {"lora_dropout": "x"}, None, ValueError, "lora_dropout must be a probability"),
     (lambda c: c | {"rank_pattern": [1]}, None, ValueError, "rank_pattern must be a mapping"),
     (lambda c: c | {"use_rslora": "false"}, None, ValueError, "use_rslora must be true or false"),
     (lambda c: c | {"rank_pattern": {"h.1.attn.c_proj": 8.9}}, None, ValueError, "rank_pattern.*positive integer"),
     (lambda c: c | {"rank_pattern": {"h.1.attn.c_proj": "x"}}, None, ValueError, "rank_pattern.*positive integer"),
-    (lambda c: c | {"alpha_pattern": {"h.1.attn.c_proj": -4}}, None, ValueError, "alpha_pattern.*positive number"),
+    (lambda c: c | {"alpha_pattern": {"h.1.attn.c_proj": -4}}, None, ValueError, "alpha_pattern.*finite number > 0"),
     (None, lambda ts: ts.pop(KEY), ValueError, r"c_attn lacks its lora_A"),
     (None, lambda ts: ts.update({"foo.weight": torch.zeros(2)}), ValueError, "'foo.weight' is not a LoRA"),
     (None, lambda ts: ts.update({KEY: torch.zeros(6, 33)}), ValueError, r"c_attn\.lora_A\.weight.*shapes"),
@@ -610,3 +610,11 @@ def test_embedding_targets_take_their_own_rank_and_merge_exactly():
         add_lora(_model(), targets=["attention"], rank_pattern={"ff": 2})
     with pytest.raises(ValueError, match=r"rank_pattern\['embedding'\] must be a positive integer"):
         add_lora(_model(), targets=["embedding"], rank_pattern={"embedding": 0})
+
+
+def test_numpy_numbers_are_numbers_for_add_lora():
+    import numpy as np
+
+    model = _model()
+    add_lora(model, rank=np.int64(2), alpha=np.float32(4.0))          # "alpha must be a positive number" before
+    assert {layer.scale["default"] for layer in lora_layers(model).values()} == {2.0}
