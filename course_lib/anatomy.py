@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .checks import boolean, finite_number, integer
 from .config import GPTConfig
 
 __all__ = [
@@ -65,8 +66,12 @@ def parameter_counts(cfg: GPTConfig, tied: bool = True) -> dict[str, int]:
         ``feed_forward``, ``layer_norms``, ``output_head`` (0 when tied), ``total``,
         ``non_embedding`` (total minus both embeddings and an untied head) and
         ``per_block``.
+
+    Raises:
+        TypeError: ``cfg`` is not a ``GPTConfig``, or ``tied`` not ``True``/``False``.
     """
     _check_cfg(cfg)
+    tied = boolean("tied", tied)  # "no" would read as True
     d, V, T, L = cfg.emb_dim, cfg.vocab_size, cfg.context_length, cfg.n_layers
     token = V * d
     position = T * d
@@ -127,20 +132,29 @@ def flops_per_token(cfg: GPTConfig, training: bool = True, n_ctx: int | None = N
     """FLOPs to process one token: ``2·N + 4·L·n_ctx·d`` forward, three times that to train.
 
     ``N`` is :func:`matmul_parameters`; ``n_ctx`` defaults to the full context length.
+
+    Raises:
+        TypeError: ``cfg`` is not a ``GPTConfig``, ``training`` not ``True``/``False``, or
+            ``n_ctx`` not an integer (``2.9`` is refused, not truncated).
+        ValueError: ``n_ctx`` below 1.
     """
     _check_cfg(cfg)
-    n_ctx = cfg.context_length if n_ctx is None else int(n_ctx)
-    if n_ctx < 1:
-        raise ValueError(f"n_ctx must be at least 1, got {n_ctx}")
+    training = boolean("training", training)  # "no" would read as True
+    n_ctx = cfg.context_length if n_ctx is None else integer("n_ctx", n_ctx, minimum=1)
     forward = 2 * matmul_parameters(cfg) + 4 * cfg.n_layers * n_ctx * cfg.emb_dim
     return 3 * forward if training else forward
 
 
 def training_flops(cfg: GPTConfig, n_tokens: int) -> int:
-    """Total FLOPs to train ``cfg`` on ``n_tokens`` tokens (≈ 6·N·D plus attention)."""
-    if n_tokens < 0:
-        raise ValueError(f"n_tokens must be non-negative, got {n_tokens}")
-    return flops_per_token(cfg, training=True) * int(n_tokens)
+    """Total FLOPs to train ``cfg`` on ``n_tokens`` tokens (≈ 6·N·D plus attention).
+
+    Raises:
+        TypeError: ``cfg`` is not a ``GPTConfig``, or ``n_tokens`` not an integer (``2.5``
+            is refused, not truncated; write ``10_000_000_000`` rather than ``1e10``).
+        ValueError: ``n_tokens`` negative.
+    """
+    n_tokens = integer("n_tokens", n_tokens, minimum=0)
+    return flops_per_token(cfg, training=True) * n_tokens
 
 
 @dataclass(frozen=True)
@@ -167,11 +181,17 @@ def score_plan(cfg: GPTConfig, n_tokens: int, budget_flops: float, tied: bool = 
     Hoffmann et al. (2022, "Chinchilla") found the loss-optimal use of a budget trains about
     20 tokens per parameter. The score is 100 for a plan that spends 90-100% of the budget at
     20 tokens/parameter, falls with the log-distance from 20, and is 0 over budget.
+
+    Raises:
+        TypeError: ``cfg`` is not a ``GPTConfig``, ``n_tokens`` not an integer, or ``tied``
+            not ``True``/``False``.
+        ValueError: ``n_tokens`` negative, or ``budget_flops`` not a finite number above 0
+            (NaN and inf included).
     """
     import math
 
-    if budget_flops <= 0:
-        raise ValueError(f"budget_flops must be positive, got {budget_flops}")
+    budget_flops = finite_number("budget_flops", budget_flops, positive=True, hint=" (FLOPs, e.g. 1e18)")
+    n_tokens = integer("n_tokens", n_tokens, minimum=0)
     n = count_parameters(cfg, tied)
     flops = training_flops(cfg, n_tokens)
     used = flops / budget_flops

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import positive_int, probability
+from .checks import boolean, positive_int, probability
 
 __all__ = ["MultiHeadAttention", "causal_mask"]
 
@@ -28,6 +28,35 @@ __all__ = ["MultiHeadAttention", "causal_mask"]
 # Argument checks (clear errors instead of torch tracebacks)
 # --------------------------------------------------------------------------- #
 _DROPOUT_HINT = "; use 0.0 to turn it off"
+
+
+def _weight_dtype(layer: nn.Module) -> torch.dtype | None:
+    """The dtype of ``layer``'s weight (an ``nn.Linear``'s), or of its first parameter (a wrapper
+    such as LoRA's); ``None`` for a layer without parameters."""
+    w = getattr(layer, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        w = next(layer.parameters(), None)
+    return None if w is None else w.dtype
+
+
+def _autocast_on(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _check_dtype(x: torch.Tensor, expected: torch.dtype | None, what: str, reduced_ok: bool = False) -> None:
+    """A TypeError naming ``expected`` (the layer's parameter dtype) unless torch can compute ``x``
+    with it: the same dtype; under autocast, any float16/bfloat16/float32 mix; with ``reduced_ok``
+    (``F.layer_norm``), float16/bfloat16 input with float32 parameters. One comparison when the
+    dtypes agree, the usual case."""
+    if x.dtype == expected or expected is None:
+        return
+    if x.is_floating_point() and torch.float64 not in (x.dtype, expected) and (
+            (reduced_ok and expected == torch.float32) or _autocast_on(x.device.type)):
+        return
+    fix = (f"convert the input with x.to({expected}), or the layer with .to({x.dtype})" if x.is_floating_point()
+           else f"convert the input with x.to({expected}) (token ids go through the model's embedding first)")
+    raise TypeError(f"{what} expects an input of dtype {expected} (its parameters' dtype), but x has dtype "
+                    f"{x.dtype}; {fix}")
 
 
 def _check_input(x, d_in: int, context_length: int | None = None) -> None:
@@ -103,7 +132,10 @@ class MultiHeadAttention(nn.Module):
             divisible by ``num_heads``, or ``dropout`` outside [0, 1); at call time, ``x`` not
             3-D, its last dimension not ``d_in``, or more tokens than ``context_length``
             (cached ones included).
-        TypeError: ``x`` is not a tensor.
+        TypeError: at construction, ``qkv_bias`` or ``use_sdpa`` not ``True``/``False`` (a
+            string such as ``"False"`` would read as True); at call time, ``x`` not a tensor, or
+            of another dtype than the layer's parameters (a ``torch.long`` or ``float64`` input
+            to a float32 layer), or ``kv_cache`` without an ``update`` method.
     """
 
     def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
@@ -116,13 +148,14 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads}); try num_heads "
                              f"in {[h for h in range(1, min(d_out, 64) + 1) if d_out % h == 0]}")
         self.head_dim = d_out // num_heads
+        qkv_bias = boolean("qkv_bias", qkv_bias)
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(probability("dropout", dropout, hint=_DROPOUT_HINT))
         self.register_buffer("mask", causal_mask(context_length), persistent=False)
-        self.use_sdpa = bool(use_sdpa)
+        self.use_sdpa = boolean("use_sdpa", use_sdpa)
 
     def forward(self, x: torch.Tensor, kv_cache=None, layer: int = 0) -> torch.Tensor:
         """Attend causally over ``x`` ``[B, T, d_in]`` -> ``[B, T, d_out]``.
@@ -139,6 +172,9 @@ class MultiHeadAttention(nn.Module):
             layer: the slot of this layer in ``kv_cache``. Default: ``0``.
         """
         _check_input(x, self.d_in, self.context_length)
+        _check_dtype(x, _weight_dtype(self.W_query), "MultiHeadAttention")
+        if kv_cache is not None and not callable(getattr(kv_cache, "update", None)):
+            raise TypeError(f"kv_cache must be None or a course_lib.inference.KVCache, got {type(kv_cache).__name__}")
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         # project, then split d_out into H heads of D: [B, T, d_out] -> [B, H, T, D]

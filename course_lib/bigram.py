@@ -17,6 +17,8 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from .checks import finite_number, non_negative_int
+
 __all__ = ["BigramLM", "apply_temperature", "join_words"]
 
 
@@ -27,19 +29,23 @@ def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
 
     Args:
         probs: ``[..., V]`` probabilities (non-negative, summing to 1 on the last axis).
-        temperature: ``>= 0``.
+        temperature: ``>= 0``, finite (NumPy numbers are fine).
 
     Raises:
-        ValueError: a negative temperature.
+        ValueError: a temperature that is negative, NaN, infinite or not a number.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    temperature = _temperature(temperature)
     if temperature == 0:
         out = torch.zeros_like(probs)
         return out.scatter_(-1, probs.argmax(dim=-1, keepdim=True), 1.0)
     # Work in log space so small probabilities raised to a large power do not underflow to 0/0.
     logits = torch.log(probs.clamp_min(0)) / temperature
     return torch.softmax(logits, dim=-1)
+
+
+def _temperature(temperature) -> float:
+    return finite_number("temperature", temperature, minimum=0,
+                         hint=" (0 means greedy, 1 the model's own probabilities)")
 
 
 # Punctuation that hugs the word before it ("end." not "end ."), and brackets that hug the word after.
@@ -71,15 +77,16 @@ class BigramLM:
         smoothing: added to every count (Laplace smoothing) so unseen pairs keep a little
             probability and held-out text has a finite perplexity. Default 1.0.
 
+    Raises:
+        ValueError: ``smoothing`` negative, NaN, infinite or not a number.
+
     Example:
         >>> lm = BigramLM().fit(list("hello world"))
         >>> lm.next_token_probs("l")      # {'l': ..., 'o': ..., 'd': ..., ...}
     """
 
     def __init__(self, smoothing: float = 1.0):
-        if smoothing < 0:
-            raise ValueError(f"smoothing must be >= 0, got {smoothing}")
-        self.smoothing = float(smoothing)
+        self.smoothing = finite_number("smoothing", smoothing, minimum=0, hint=" (0 for raw counts, 1 for Laplace)")
         self.vocab: list[Hashable] = []
         self.index: dict[Hashable, int] = {}
         self.counts = torch.zeros(0, 0)
@@ -117,8 +124,14 @@ class BigramLM:
         return self.index[token]
 
     def next_token_probs(self, prev: Hashable) -> dict[Hashable, float]:
-        """``{token: P(token | prev)}`` sorted from most to least likely."""
-        row = self.probs[self._id(prev)]
+        """``{token: P(token | prev)}`` sorted from most to least likely.
+
+        Raises:
+            RuntimeError: the model has not been fitted yet.
+            ValueError: ``prev`` never appeared in the training tokens.
+        """
+        i = self._id(prev)  # before self.probs: it says when the model is not fitted yet
+        row = self.probs[i]
         order = torch.argsort(row, descending=True, stable=True)
         return {self.vocab[i]: row[i].item() for i in order.tolist()}
 
@@ -126,12 +139,18 @@ class BigramLM:
     def sample(self, start: Hashable, n: int, temperature: float = 1.0,
                generator: torch.Generator | None = None) -> list[Hashable]:
         """Generate ``n`` tokens after ``start``, one draw at a time (``temperature`` as in
-        :func:`apply_temperature`). Returns ``[start, t1, ..., tn]``."""
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
+        :func:`apply_temperature`). Returns ``[start, t1, ..., tn]``.
+
+        Raises:
+            RuntimeError: the model has not been fitted yet.
+            ValueError: ``start`` never appeared in the training tokens, ``n`` not an integer
+                >= 0, or ``temperature`` not a finite number >= 0.
+        """
+        n = non_negative_int("n", n)
+        temperature = _temperature(temperature)
+        current = self._id(start)  # before self.probs: it says when the model is not fitted yet
         probs = self.probs
         out = [start]
-        current = self._id(start)
         for _ in range(n):
             dist = apply_temperature(probs[current], temperature)
             current = int(torch.multinomial(dist, 1, generator=generator))

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import positive_int, probability
+from .checks import finite_number, positive_int, probability
 
 __all__ = ["GPTEmbedding", "sinusoidal_positions", "one_hot_embedding"]
 
@@ -101,12 +101,15 @@ def sinusoidal_positions(context_length: int, emb_dim: int, base: float = 10000.
         ``[context_length, emb_dim]`` float32, values in ``[-1, 1]``; row 0 is ``0, 1, 0, 1, ...``.
 
     Raises:
-        ValueError: sizes below 1 or ``base <= 1``.
+        ValueError: sizes below 1, or ``base`` not a finite number > 1 (NaN, inf, a string;
+            NumPy numbers are fine).
     """
     context_length = positive_int("context_length", context_length)
     emb_dim = positive_int("emb_dim", emb_dim)
-    if not isinstance(base, (int, float)) or isinstance(base, bool) or base <= 1:
-        raise ValueError(f"base must be a number > 1 (10000 in the paper), got {base!r}")
+    hint = " (10000 in the paper)"
+    base = finite_number("base", base, hint=hint)
+    if base <= 1:
+        raise ValueError(f"base must be a number > 1{hint}, got {base!r}")
     pos = torch.arange(context_length, dtype=torch.float64).unsqueeze(1)  # [T, 1]
     two_i = torch.arange(0, emb_dim, 2, dtype=torch.float64)  # [ceil(D/2)]: 0, 2, 4, ...
     angle = pos / base ** (two_i / emb_dim)  # [T, ceil(D/2)]

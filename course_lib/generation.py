@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .checks import non_negative_int, positive_int
+from .checks import integer, non_negative_int, positive_int
 from .model import _ID_DTYPES
 
 __all__ = ["generate_text_simple", "text_to_token_ids", "token_ids_to_text"]
@@ -146,8 +146,9 @@ def text_to_token_ids(text: str, tokenizer: Any = None) -> torch.Tensor:
             step 2); default GPT-2's (:func:`course_lib.tokenizers.tiktoken_gpt2`).
 
     Raises:
-        TypeError: ``text`` is not a string, or ``tokenizer`` is not a tokenizer object with
-            an ``encode`` method (a name such as ``"gpt2"`` is refused).
+        TypeError: ``text`` is not a string, ``tokenizer`` is not a tokenizer object with
+            an ``encode`` method (a name such as ``"gpt2"`` is refused), or its ``encode``
+            returned ids that are not integers (``1.7`` is refused, never truncated to 1).
     """
     from .text_data import encode_text  # step 2: handles allowed_special for every tokenizer kind
 
@@ -166,8 +167,8 @@ def token_ids_to_text(ids: torch.Tensor | list[int], tokenizer: Any = None) -> s
         tokenizer: anything with ``decode``; default GPT-2's.
 
     Raises:
-        TypeError: ``ids`` is not a tensor or list of integers, or ``tokenizer`` is not a
-            tokenizer object with a ``decode`` method.
+        TypeError: ``ids`` is not a tensor or list of integers (NumPy integers are fine; a float
+            or bool id is refused), or ``tokenizer`` is not a tokenizer object with a ``decode`` method.
         ValueError: a batch of more than one row (decode ``ids[i]`` for each row), more
             than two dimensions, or an id outside the tokenizer's vocabulary (below 0 or
             from its ``n_vocab`` up; the message names the id).
@@ -185,8 +186,8 @@ def token_ids_to_text(ids: torch.Tensor | list[int], tokenizer: Any = None) -> s
         flat = ids.tolist()
     elif isinstance(ids, (list, tuple)):
         flat = list(ids)
-        if any(isinstance(i, bool) or not isinstance(i, int) for i in flat):
-            raise TypeError("ids must be a list of int token ids")
+        if not {*map(type, flat)} <= {int}:  # NumPy integers are fine; floats and bools are not token ids
+            flat = [integer(f"ids[{k}]", i, hint="; ids must be a list of int token ids") for k, i in enumerate(flat)]
     else:
         raise TypeError(f"ids must be a tensor or a list of token ids, got {type(ids).__name__}")
     from .text_data import _tokenizer_method  # step 2, as in text_to_token_ids

@@ -61,8 +61,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import MultiHeadAttention
-from .checks import positive_int
+from .attention import MultiHeadAttention, _check_dtype, _weight_dtype
+from .checks import boolean, finite_number, integer, positive_int
 from .config import GPTConfig
 
 __all__ = [
@@ -116,22 +116,24 @@ class LayerNorm(nn.Module):
         x: ``[..., emb_dim]`` -> same shape.
 
     Raises:
-        ValueError: ``emb_dim`` not a positive integer, ``eps`` not positive, or an input
-            whose last dimension is not ``emb_dim``.
+        ValueError: ``emb_dim`` not a positive integer, ``eps`` not a finite number above 0
+            (NaN and inf included), or an input whose last dimension is not ``emb_dim``.
+        TypeError: an input of another dtype than the parameters (an integer tensor, float64
+            into a float32 layer; float16/bfloat16 into a float32 layer is fine).
     """
 
     def __init__(self, emb_dim: int, eps: float = LAYER_NORM_EPS):
         super().__init__()
         self.emb_dim = positive_int("emb_dim", emb_dim)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"eps must be a small positive number such as 1e-5, got {eps!r}")
-        self.eps = float(eps)
+        self.eps = finite_number("eps", eps, positive=True, hint="; use a small positive number such as 1e-5")
         self.weight = nn.Parameter(torch.ones(emb_dim))   # scale, γ
         self.bias = nn.Parameter(torch.zeros(emb_dim))    # shift, β
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_features(x, self.emb_dim, "LayerNorm")
-        return F.layer_norm(x, (self.emb_dim,), self.weight, self.bias, self.eps)
+        weight = self.weight
+        _check_dtype(x, weight.dtype, "LayerNorm", reduced_ok=True)
+        return F.layer_norm(x, (self.emb_dim,), weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.emb_dim}, eps={self.eps}"
@@ -151,11 +153,16 @@ class GELU(nn.Module):
 
     Shape:
         x: any shape -> same shape.
+
+    Raises:
+        TypeError: ``x`` is not a floating-point tensor.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"GELU expects a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"GELU expects a floating-point tensor, got dtype {x.dtype}; use x.float()")
         return F.gelu(x, approximate="tanh")
 
 
@@ -182,6 +189,8 @@ class FeedForward(nn.Module):
     Raises:
         ValueError: a size that is not a positive integer, or an input whose last
             dimension is not ``emb_dim``.
+        TypeError: an input of another dtype than the parameters (an integer tensor, float64
+            into a float32 layer).
     """
 
     def __init__(self, emb_dim: int, hidden_dim: int | None = None):
@@ -196,6 +205,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_features(x, self.emb_dim, "FeedForward")
+        # layers[0]'s dtype; _modules["0"] skips Sequential.__getitem__, a measurable cost per call
+        _check_dtype(x, _weight_dtype(self.layers._modules["0"]), "FeedForward")
         return self.layers(x)
 
 
@@ -375,11 +386,22 @@ class GPTModel(nn.Module):
 
         ``start_pos`` is the position of the first token: 0, or the number of tokens a KV
         cache already holds; a ``[B]`` tensor when the rows of the batch are at different
-        positions."""
+        positions.
+
+        Raises:
+            TypeError: an int ``start_pos`` that is not an integer.
+            ValueError: an int ``start_pos`` below 0, or ``start_pos + tokens`` past
+                ``context_length`` (there is no position embedding that far).
+        """
         T = idx.shape[1]
         if isinstance(start_pos, torch.Tensor):  # one start per row: positions [B, T]
             pos = start_pos.view(-1, 1) + torch.arange(T, device=idx.device)
         else:
+            start_pos = integer("start_pos", start_pos, minimum=0, hint=" (0, or the tokens a KV cache holds)")
+            if start_pos + T > self.cfg.context_length:
+                raise ValueError(f"start_pos={start_pos} plus {T} tokens runs past the model's context_length of "
+                                 f"{self.cfg.context_length}: there are positions 0 to "
+                                 f"{self.cfg.context_length - 1} only")
             pos = torch.arange(start_pos, start_pos + T, device=idx.device)  # [T]: positions of these tokens
         return self.tok_emb(idx) + self.pos_emb(pos)      # [B, T, d] + [T, d] (broadcast) or [B, T, d]
 
@@ -392,8 +414,18 @@ class GPTModel(nn.Module):
                 ``kv_cache.pos`` (an int, or a ``[batch]`` tensor of per-row positions) as
                 the position of ``idx``'s first token, hands the cache to every attention
                 layer, then calls ``kv_cache.advance(tokens)``.
+
+        Raises:
+            TypeError: ``kv_cache`` is not ``None`` nor a cache (it has no ``pos``); see the
+                class docstring for ``idx``.
         """
-        start = 0 if kv_cache is None else kv_cache.pos
+        if kv_cache is None:
+            start = 0
+        else:
+            start = getattr(kv_cache, "pos", None)
+            if start is None:
+                raise TypeError(f"kv_cache must be None or a course_lib.inference.KVCache (e.g. "
+                                f"KVCache.for_model(model, batch_size)), got {type(kv_cache).__name__}")
         self._check_idx(idx, start)
         if kv_cache is not None and idx.shape[0] != kv_cache.batch_size:
             raise ValueError(f"idx has a batch of {idx.shape[0]} but the KV cache was made for {kv_cache.batch_size}")
@@ -428,9 +460,10 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
         trainable_only: count only parameters with ``requires_grad`` (e.g. after freezing).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``, or ``trainable_only`` not ``True``/``False``.
     """
     _check_module(model)
+    trainable_only = boolean("trainable_only", trainable_only)  # "no" would read as True
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
@@ -462,10 +495,12 @@ def model_memory_bytes(model: nn.Module, dtype: torch.dtype | str | None = None,
             :func:`course_lib.anatomy.memory_bytes`, which counts weights only.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module`` or ``dtype`` is not a dtype.
+        TypeError: ``model`` is not an ``nn.Module``, ``dtype`` is not a dtype, or
+            ``include_buffers`` not ``True``/``False``.
         ValueError: an unknown dtype name.
     """
     _check_module(model)
+    include_buffers = boolean("include_buffers", include_buffers)  # "no" would read as True
     size = None if dtype is None else _dtype_size(dtype)
     total = sum(p.numel() * (p.element_size() if size is None else size) for p in model.parameters())
     if include_buffers:  # buffers keep their own dtype (a boolean mask stays one byte per entry)

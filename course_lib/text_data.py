@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .checks import boolean, integer, non_negative_int
+from .checks import boolean, describe, finite_number, integer, non_negative_int
 from .tokenizers import ENDOFTEXT, tiktoken_gpt2
 
 __all__ = ["GPTDataset", "create_dataloader", "window_starts", "split_text", "encode_text"]
@@ -92,8 +92,10 @@ def encode_text(text: str, tokenizer: Any = None) -> list[int]:
             written in the text by itself).
 
     Raises:
-        TypeError: ``text`` is not a string, or ``tokenizer`` is not a tokenizer object with
-            an ``encode`` method (a name such as ``"gpt2"`` or a tokenizer class is refused).
+        TypeError: ``text`` is not a string, ``tokenizer`` is not a tokenizer object with
+            an ``encode`` method (a name such as ``"gpt2"`` or a tokenizer class is refused), or
+            its ``encode`` returned something other than a sequence of integers (a float id such
+            as ``1.7`` is refused, never truncated).
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
@@ -104,6 +106,22 @@ def encode_text(text: str, tokenizer: Any = None) -> list[int]:
         ids = encode(text, allowed_special={ENDOFTEXT})
     else:
         ids = encode(text)
+    return _returned_ids(ids)
+
+
+def _returned_ids(ids: Any) -> list[int]:
+    """What ``tokenizer.encode`` returned, as a list of ints; a TypeError for anything that is not
+    an integer id (``int(1.7)`` would silently make it 1)."""
+    if hasattr(ids, "tolist"):  # a tensor or NumPy array
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes, bytearray)) or not hasattr(ids, "__iter__"):
+        raise TypeError(f"tokenizer.encode must return a list of int token ids, got {describe(ids)}")
+    ids = list(ids)
+    if {*map(type, ids)} <= {int}:  # the usual case, checked in one pass
+        return ids
+    for k, i in enumerate(ids):
+        # NumPy integers are fine; a float (even 2.0) or a bool is not a token id
+        integer("token id", i, hint=f" (tokenizer.encode returned it at position {k}; token ids must be integers)")
     return [int(i) for i in ids]
 
 
@@ -247,11 +265,16 @@ def create_dataloader(text: str | Sequence[int] | torch.Tensor, tokenizer: Any =
         TypeError: the errors of :class:`GPTDataset` (e.g. ``tokenizer="gpt2"``: pass a
             tokenizer object, not a name); ``shuffle`` or ``drop_last`` not a bool; ``seed``
             not an integer.
+        ValueError: ``seed`` outside what ``torch.Generator.manual_seed`` takes
+            (``-2**63`` to ``2**64 - 1``).
     """
     batch_size = integer("batch_size", batch_size, minimum=1)
     shuffle, drop_last = boolean("shuffle", shuffle), boolean("drop_last", drop_last)  # "no" would read as True
     num_workers = non_negative_int("num_workers", num_workers)
     seed = integer("seed", seed, allow_none=True)
+    if seed is not None and not -2**63 <= seed < 2**64:  # torch: "Overflow when unpacking long long"
+        raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1 (what torch.Generator.manual_seed "
+                         f"takes), got {seed}; e.g. seed=123")
     dataset = GPTDataset(text, max_length=max_length, stride=stride, tokenizer=tokenizer)
     if drop_last and len(dataset) < batch_size:
         raise ValueError(
@@ -277,12 +300,13 @@ def split_text(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
 
     Raises:
         TypeError: ``text`` is not a string.
-        ValueError: ``train_ratio`` outside ``(0, 1)``.
+        ValueError: ``train_ratio`` not a number (NumPy's are fine) or outside ``(0, 1)``.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    if isinstance(train_ratio, bool) or not isinstance(train_ratio, (int, float)) or not 0 < train_ratio < 1:
-        raise ValueError(f"train_ratio must be a fraction strictly between 0 and 1 (e.g. 0.9), "
-                         f"got {train_ratio!r}")
+    hint = " strictly between 0 and 1 (e.g. 0.9)"
+    train_ratio = finite_number("train_ratio", train_ratio, hint=f"; use a fraction{hint}")
+    if not 0 < train_ratio < 1:
+        raise ValueError(f"train_ratio must be a fraction{hint}, got {train_ratio!r}")
     cut = int(train_ratio * len(text))
     return text[:cut], text[cut:]

@@ -46,9 +46,9 @@ from typing import Any, Literal
 
 import regex
 
-from ..checks import integer
+from ..checks import boolean, integer
 from ..files import atomic_write
-from .regex_tokenizer import ENDOFTEXT
+from .regex_tokenizer import ENDOFTEXT, _token_id_list
 
 __all__ = ["GPT2_SPLIT_PATTERN", "ByteLevelBPE", "BPETokenizer", "bytes_to_unicode"]
 
@@ -128,6 +128,9 @@ def _compile_pattern(pattern: Any) -> regex.Pattern:
     if not isinstance(pattern, str):
         raise TypeError(f"pattern must be a str (a regular expression such as GPT2_SPLIT_PATTERN), "
                         f"got {type(pattern).__name__}")
+    if not pattern:  # it matches only empty strings: every text would encode to []
+        raise ValueError("pattern is empty, so no text would ever be split into pieces and every text "
+                         "would encode to []; leave pattern out for GPT-2's (GPT2_SPLIT_PATTERN)")
     try:
         return regex.compile(pattern)
     except regex.error as err:
@@ -426,33 +429,31 @@ class ByteLevelBPE:
 
         Raises:
             ValueError: an id is not in the vocabulary.
-            TypeError: ``ids`` is not a flat sequence of ints.
+            TypeError: ``ids`` is not a flat sequence of ints (a float such as ``104.0``, a bool,
+                a float tensor, ``None`` or a batch are refused).
         """
-        if hasattr(ids, "tolist"):  # torch.Tensor, numpy array
-            ids = ids.tolist()
-        if isinstance(ids, (str, bytes, bytearray)):
-            raise TypeError(f"ids must be a sequence of int token ids, got a {type(ids).__name__} "
-                            f"(to get the ids of a text, call encode)")
+        ids = _token_id_list(ids)
         vocab = self.vocab
         try:
             return b"".join([vocab[i] for i in ids])
         except KeyError as err:
             raise ValueError(f"token id {err.args[0]!r} is not in the vocabulary "
                              f"(ids run from 0 to {self.n_vocab - 1})") from None
-        except TypeError:
-            raise TypeError(f"ids must be a flat sequence of ints (one sequence, not a batch), "
-                            f"got {type(ids).__name__}") from None
 
     def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
         """The text of ``ids``. Bytes that are not valid UTF-8 (a character cut between two
         ids, e.g. half an emoji) become U+FFFD "�" with the default ``errors="replace"``,
-        as in tiktoken; pass ``errors="strict"`` to raise instead."""
+        as in tiktoken; pass ``errors="strict"`` to raise instead.
+
+        Raises:
+            ValueError: an id is not in the vocabulary.
+            TypeError: ``ids`` is not a flat sequence of ints (see :meth:`decode_bytes`).
+        """
         return self.decode_bytes(ids).decode("utf-8", errors=errors)
 
     def decode_tokens_bytes(self, ids: Iterable[int]) -> list[bytes]:
         """One ``bytes`` per id: where the token boundaries fall."""
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
+        ids = _token_id_list(ids)
         return [self.decode_bytes([i]) for i in ids]
 
 
@@ -480,6 +481,16 @@ def _descending(token: bytes) -> tuple[int, ...]:
     the longer strings it begins.
     """
     return (*(255 - b for b in token), 256)
+
+
+def _is_tokenizer_file(path: Path) -> bool:
+    """Whether ``path`` starts like a file :meth:`BPETokenizer.save` wrote (its first bytes only)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(200)
+    except OSError:
+        return False
+    return head.startswith(b"{") and f'"format": "{_FORMAT}"'.encode() in head
 
 
 def _check_special_tokens(special_tokens: Any) -> list[str]:
@@ -517,7 +528,7 @@ class BPETokenizer(ByteLevelBPE):
 
     Raises:
         ValueError: a merge uses something that is not yet a token; ``pattern`` is not a
-            valid regular expression.
+            valid regular expression, or is empty.
         TypeError: ``merges`` is not a sequence of pairs of bytes.
     """
 
@@ -580,8 +591,9 @@ class BPETokenizer(ByteLevelBPE):
 
         Raises:
             ValueError: ``vocab_size`` has no room for the 256 bytes and the special tokens,
-                or ``pattern`` is not a valid regular expression.
-            TypeError: ``text`` or ``pattern`` is not a str, ``vocab_size`` not an int.
+                or ``pattern`` is not a valid regular expression (or is empty).
+            TypeError: ``text`` or ``pattern`` is not a str, ``vocab_size`` not an int,
+                ``verbose`` or ``progress`` not ``True``/``False``, ``callback`` not callable.
 
         Example::
 
@@ -595,6 +607,10 @@ class BPETokenizer(ByteLevelBPE):
             text = _fix_surrogates(text)
         specials = _check_special_tokens(special_tokens)
         pat = _compile_pattern(pattern)
+        verbose, progress = boolean("verbose", verbose), boolean("progress", progress)  # "no" would read as True
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be None or a function called as callback(i, (left, right), new_id, "
+                            f"count), got {type(callback).__name__}")
         smallest = 256 + len(specials)
         vocab_size = integer("vocab_size", vocab_size, minimum=smallest,
                              hint=f" (256 bytes + {len(specials)} special token(s))")
@@ -688,29 +704,43 @@ class BPETokenizer(ByteLevelBPE):
         return cls(merges, specials, pattern)
 
     # ------------------------------------------------------------------ files
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the tokenizer as readable JSON, atomically (:func:`course_lib.files.atomic_write`).
 
         The file holds the pattern, the special tokens with their ids and the merges,
         one per line, written in GPT-2's printable byte alphabet (a space is ``"Ġ"``, a
         newline ``"Ċ"``; see :func:`bytes_to_unicode`), as in GPT-2's ``vocab.bpe``.
 
+        Args:
+            path: the file to write; missing parent folders are created.
+            overwrite: replace whatever file is at ``path``. Default ``False``: a tokenizer
+                file written earlier by :meth:`save` is still replaced (so a notebook cell can be
+                run again), but any other existing file is refused rather than destroyed.
+
         Returns:
             the path written.
 
         Raises:
             IsADirectoryError: ``path`` is a folder.
+            FileExistsError: ``path`` exists, is not a tokenizer file written by :meth:`save`,
+                and ``overwrite`` is ``False``.
+            TypeError: ``overwrite`` is not ``True``/``False``.
         """
         path = Path(path)
+        overwrite = boolean("overwrite", overwrite)
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a folder; give a file name, e.g. {path / 'tokenizer.json'}")
+        if not overwrite and path.exists() and not _is_tokenizer_file(path):
+            raise FileExistsError(f"{path} already exists and is not a tokenizer file written by "
+                                  f"BPETokenizer.save, so it was not overwritten; pass overwrite=True to "
+                                  f"replace it, or choose another file name")
         header = {"format": _FORMAT, "version": 1, "byte_alphabet": "gpt2-bytes-to-unicode",
                   "pattern": self.pattern, "special_tokens": self.special_tokens}
         head = json.dumps(header, ensure_ascii=False, indent=2)[:-2]  # drop the closing "\n}"
         merges = ",\n".join("    " + json.dumps([_to_printable(a), _to_printable(b)], ensure_ascii=False)
                             for a, b in self.merges)
         body = f'{head},\n  "merges": [\n{merges}\n  ]\n}}\n' if merges else f'{head},\n  "merges": []\n}}\n'
-        return atomic_write(path, lambda fh: fh.write(body.encode("utf-8")), overwrite=True)
+        return atomic_write(path, lambda fh: fh.write(body.encode("utf-8")), overwrite=True)  # checked above
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BPETokenizer:

@@ -25,7 +25,7 @@ import contextlib
 import functools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,6 +55,8 @@ class GPT2Tokenizer(ByteLevelBPE):
     Raises:
         ValueError: the two files do not belong together (a merge's token has another id in
             ``encoder.json`` than its line in ``vocab.bpe`` says), or a byte is missing.
+        TypeError: ``encoder`` is not a dict token -> int id, or ``bpe_merges`` not a sequence
+            of ``(left, right)`` pairs of strings (read the files with :meth:`from_files`).
 
     Example::
 
@@ -65,6 +67,16 @@ class GPT2Tokenizer(ByteLevelBPE):
 
     def __init__(self, encoder: dict[str, int], bpe_merges: Sequence[tuple[str, str]],
                  pattern: str = GPT2_SPLIT_PATTERN):
+        how = "; read OpenAI's files with GPT2Tokenizer.from_files(encoder_json, vocab_bpe) or from_pretrained()"
+        if not isinstance(encoder, dict):
+            raise TypeError(f"encoder must be a dict token -> id (encoder.json), got {type(encoder).__name__}{how}")
+        bad = next(((t, i) for t, i in encoder.items() if not isinstance(t, str) or isinstance(i, bool)
+                    or not isinstance(i, int)), None)
+        if bad is not None:
+            raise TypeError(f"encoder must map token strings to int ids, got {bad[0]!r}: {bad[1]!r}{how}")
+        if isinstance(bpe_merges, (str, bytes)) or not isinstance(bpe_merges, Iterable):
+            raise TypeError(f"bpe_merges must be a sequence of (left, right) pairs of strings (vocab.bpe), "
+                            f"got {type(bpe_merges).__name__}{how}")
         ranks: dict[bytes, int] = {}     # token bytes -> id (= merge rank)
         specials: dict[str, int] = {}
         for text, i in encoder.items():
@@ -76,7 +88,10 @@ class GPT2Tokenizer(ByteLevelBPE):
         if missing:
             raise ValueError(f"encoder.json has no token for byte(s) {missing[:5]}: every byte needs one")
         merges = []
-        for k, (left, right) in enumerate(bpe_merges):
+        for k, pair in enumerate(bpe_merges):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise TypeError(f"bpe_merges[{k}] must be a (left, right) pair of strings, got {pair!r}{how}")
+            left, right = pair
             a, b = _from_printable(left, "vocab.bpe"), _from_printable(right, "vocab.bpe")
             got = ranks.get(a + b)
             if got != 256 + k:

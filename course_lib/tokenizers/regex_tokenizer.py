@@ -23,8 +23,14 @@ every string exactly.
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..checks import describe
 
 __all__ = ["RegexTokenizer", "WORD_SPLIT_PATTERN", "ENDOFTEXT", "UNK"]
 
@@ -52,6 +58,62 @@ def _split(text: str, specials: Sequence[str]) -> list[str]:
         else:
             pieces += [p.strip() for p in re.split(WORD_SPLIT_PATTERN, chunk) if p.strip()]
     return pieces
+
+
+def _check_specials(special_tokens: Any) -> list[str]:
+    """``special_tokens`` as a list of non-empty strings; a clear error otherwise."""
+    if isinstance(special_tokens, str):
+        raise TypeError(f"special_tokens must be a sequence of strings, e.g. ({special_tokens!r},)")
+    try:
+        specials = list(special_tokens)
+    except TypeError:
+        raise TypeError(f"special_tokens must be a sequence of strings, e.g. ({ENDOFTEXT!r},), "
+                        f"got {type(special_tokens).__name__}") from None
+    for s in specials:
+        if not isinstance(s, str):
+            raise TypeError(f"special_tokens must contain strings only, got {describe(s)}")
+        if not s:
+            raise ValueError(f"special_tokens contains an empty string; a special token needs at least one "
+                             f"character, e.g. {ENDOFTEXT!r}")
+    return specials
+
+
+def _token_id_list(ids: Any) -> list[int]:
+    """``ids`` (a list, tuple, tensor or NumPy array of token ids) as a list of ints.
+
+    One C-level pass over the types in the usual case (every id a plain ``int``); only otherwise
+    is each id looked at: NumPy integers are taken, floats (``104.0``) and bools refused.
+
+    Raises:
+        TypeError: ``ids`` is not a flat sequence of integers (``None``, a string, a batch, a
+            float or bool id, a float tensor).
+    """
+    dtype = getattr(ids, "dtype", None)
+    if hasattr(ids, "tolist"):  # torch.Tensor, NumPy array
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes, bytearray)):
+        raise TypeError(f"ids must be a sequence of int token ids, got a {type(ids).__name__} "
+                        f"(to get the ids of a text, call encode)")
+    if not isinstance(ids, list):
+        try:
+            ids = list(ids)
+        except TypeError:
+            raise TypeError(f"ids must be a flat sequence of int token ids, got {type(ids).__name__}") from None
+    if {*map(type, ids)} - {int}:    # rare: NumPy ints (fine), floats, bools, nested lists
+        of_dtype = f" (the ids have dtype {dtype}: use ids.long() or ids.astype(int))" if dtype is not None else ""
+        clean = []
+        for k, i in enumerate(ids):
+            if isinstance(i, (list, tuple)):
+                raise TypeError(f"ids must be a flat sequence of ints (one sequence, not a batch), "
+                                f"got {describe(i)} at position {k}")
+            try:
+                if isinstance(i, (bool, np.bool_)):  # an int to Python, never a token id
+                    raise TypeError(i)
+                clean.append(operator.index(i))     # int, NumPy integer, integer 0-d tensor
+            except TypeError:
+                raise TypeError(f"token ids must be integers, got {describe(i)} at position {k}{of_dtype}") from None
+        ids = clean
+    return ids
 
 
 def _is_word(token: str) -> bool:
@@ -88,8 +150,7 @@ class RegexTokenizer:
         self.int_to_str = {i: s for s, i in vocab.items()}
         if special_tokens is None:
             special_tokens = [s for s in (ENDOFTEXT, UNK) if s in vocab]
-        if isinstance(special_tokens, str):
-            raise TypeError(f"special_tokens must be a sequence of strings, e.g. ({special_tokens!r},)")
+        special_tokens = _check_specials(special_tokens)
         missing = [s for s in special_tokens if s not in vocab]
         if missing:
             raise ValueError(f"special tokens {missing} are not in vocab; add them to it first")
@@ -106,13 +167,12 @@ class RegexTokenizer:
                 words an error instead.
 
         Raises:
-            TypeError: ``text`` is not a str.
+            TypeError: ``text`` is not a str, or ``special_tokens`` not a sequence of strings.
+            ValueError: a special token is the empty string.
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        if isinstance(special_tokens, str):
-            raise TypeError(f"special_tokens must be a sequence of strings, e.g. ({special_tokens!r},)")
-        specials = list(special_tokens)
+        specials = _check_specials(special_tokens)
         words = sorted(set(_split(text, specials)) - set(specials))
         vocab = {tok: i for i, tok in enumerate(words + specials)}
         return cls(vocab, specials)
@@ -156,9 +216,12 @@ class RegexTokenizer:
 
         Raises:
             ValueError: the vocabulary has no ``<|endoftext|>``.
+            TypeError: ``documents`` is not an iterable of strings (one string, ``None``).
         """
         if isinstance(documents, str):
             raise TypeError("documents must be a list of strings, not one string")
+        if not isinstance(documents, Iterable):
+            raise TypeError(f"documents must be a list of strings, got {type(documents).__name__}")
         if ENDOFTEXT not in self.str_to_int:
             raise ValueError(f"the vocabulary has no {ENDOFTEXT!r} to put between documents")
         eot = self.str_to_int[ENDOFTEXT]
@@ -181,9 +244,10 @@ class RegexTokenizer:
 
         Raises:
             ValueError: an id is not in the vocabulary.
+            TypeError: ``ids`` is not a flat sequence of integers (``None``, a float such as
+                ``1.0``, a bool, a float tensor).
         """
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
+        ids = _token_id_list(ids)
         try:
             tokens = [self.int_to_str[i] for i in ids]
         except KeyError as err:
