@@ -241,8 +241,9 @@ class KVCache:
         Raises:
             ValueError: ``n`` not an integer in ``[1, batch_size]``.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.batch_size:
+        if not isinstance(n, numbers.Integral) or isinstance(n, (bool, np.bool_)) or not 1 <= n <= self.batch_size:
             raise ValueError(f"n must be an integer in [1, batch_size={self.batch_size}], got {n!r}")
+        n = int(n)
         view = KVCache.__new__(KVCache)
         view.keys, view.values = self.keys[:, :n], self.values[:, :n]   # [L, n, H, max_len, D] views
         view.lengths = self.lengths[:n]                                  # a view: advance() updates ours
@@ -404,6 +405,9 @@ def _check_logits_tensor(logits, name: str = "logits", two_d: bool = False) -> N
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         got = f"dtype {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise TypeError(f"{name} must be a float tensor [..., vocab], got {got}; e.g. torch.tensor([1., 3., 2.])")
+    if logits.ndim == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"{name} must have a last dimension of one score per token [..., vocab], got shape "
+                         f"{tuple(logits.shape)}")
     if two_d and logits.ndim not in (1, 2):
         raise ValueError(f"{name} must be [batch, vocab] (the last position's logits, logits[:, -1, :]), "
                          f"got shape {tuple(logits.shape)}")
@@ -893,6 +897,7 @@ def few_rows_route(enabled: bool = True):
     It sets :data:`FEW_ROWS` to 0 in the block, and restores it afterwards.
     """
     global FEW_ROWS
+    enabled = boolean("enabled", enabled)
     saved = FEW_ROWS
     FEW_ROWS = saved if enabled else 0
     try:

@@ -469,3 +469,20 @@ def test_numpy_numbers_are_numbers_for_sampling():
                           ({"temperature": float("nan")}, "temperature must be a finite number >= 0")):
         with pytest.raises(ValueError, match=match):
             generate(model, idx, 2, **kwargs)
+
+
+def test_logits_without_a_vocabulary_axis_and_a_string_switch_are_named():
+    import numpy as np
+
+    from course_lib.inference import few_rows_route
+
+    for bad in (torch.tensor(1.0), torch.zeros(1, 0)):
+        with pytest.raises(ValueError, match="one score per token"):
+            top_k_filter(bad, 1)
+        with pytest.raises(ValueError, match="one score per token"):
+            sample_next_token(bad)
+    with pytest.raises(TypeError, match="enabled must be True or False"):     # "no" left the route on
+        with few_rows_route("no"):
+            pass
+    cache = KVCache(1, 3, 2, 4, 8)
+    assert cache.first_rows(np.int64(2)).batch_size == 2
