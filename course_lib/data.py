@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from .checks import boolean, finite_number
 from .files import atomic_write, scratch_file
 from .paths import find_course_root, writable_problem
 
@@ -118,6 +119,8 @@ REGISTRY: dict[str, DataFile] = {}
 
 def register(entry: DataFile) -> DataFile:
     """Add ``entry`` to :data:`REGISTRY` (a name may be registered once)."""
+    if not isinstance(entry, DataFile):
+        raise TypeError(f"entry must be a DataFile, got {type(entry).__name__}")
     if entry.name in REGISTRY:
         raise ValueError(f"a data file named {entry.name!r} is already registered")
     REGISTRY[entry.name] = entry
@@ -319,13 +322,23 @@ def pin_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+#: What :func:`_pinned` returns for a pin file that is there but holds no sha256.
+_DAMAGED_PIN = "damaged"
+
+
 def _pinned(path: Path) -> str | None:
-    """The sha256 pinned beside ``path`` (first word of ``<path>.sha256``), or ``None``."""
-    try:
-        words = pin_path(path).read_text(encoding="ascii").split()
-    except (OSError, UnicodeDecodeError):
+    """The sha256 pinned beside ``path`` (first word of ``<path>.sha256``), ``None`` when there is
+    no pin file, or :data:`_DAMAGED_PIN` when it is there but holds no sha256 (never replaced
+    by the hash of whatever copy is there now: that would accept a damaged copy)."""
+    pin = pin_path(path)
+    if not pin.exists():
         return None
-    return words[0].lower() if words and len(words[0]) == 64 else None
+    try:
+        words = pin.read_text(encoding="ascii").split()
+    except (OSError, UnicodeDecodeError):
+        return _DAMAGED_PIN
+    ok = words and len(words[0]) == 64 and all(c in "0123456789abcdef" for c in words[0].lower())
+    return words[0].lower() if ok else _DAMAGED_PIN
 
 
 def _pin(path: Path, entry: DataFile) -> None:
@@ -352,6 +365,9 @@ def _check(path: Path, entry: DataFile, verify: bool = True, pinned_at: Path | N
     if expected is None:
         expected = _pinned(pinned_at or path)
         note = f" (pinned in {pin_path(pinned_at or path)} at first download; delete it to accept a new version)"
+        if verify and expected == _DAMAGED_PIN:
+            return (f"its pin file {pin_path(pinned_at or path)} is damaged (it holds no sha256), so the copy "
+                    "cannot be checked; delete the pin file to accept the copy there as it is")
     if verify and expected is not None:
         got = sha256_of(path)
         if got != expected:
@@ -503,14 +519,18 @@ def fetch(name: str | DataFile, *, cache_dir: str | os.PathLike | None = None,
         written (``COURSE_DATA_DIR`` read-only, or a file).
 
     Raises:
-        ValueError: unknown name; ``mirror`` is not a folder; or the file has to be
-            downloaded and the cache folder cannot be written (the message says which folder).
+        ValueError: unknown name; ``mirror`` is not a folder; ``cache_dir`` or ``mirror`` an empty
+            string (it would be the working folder); a ``timeout`` that is not a positive number;
+            or the file has to be downloaded and the cache folder cannot be written (the message
+            says which folder).
+        TypeError: ``progress`` or ``verbose`` not ``True``/``False``.
         DataFetchError: no source gave the right bytes; the message names the file,
             every URL tried and why it failed, and how to stage the file by hand.
     """
     entry = get_entry(name, registry)
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    mirror_dir = Path(mirror).expanduser() if mirror is not None else default_mirror()
+    progress, verbose = boolean("progress", progress), boolean("verbose", verbose)
+    timeout = finite_number("timeout", timeout, positive=True, hint=" (seconds to wait on a silent connection)")
+    cache, mirror_dir = _folders(cache_dir, mirror)
     if mirror_dir is not None and not mirror_dir.is_dir():
         raise ValueError(f"mirror folder {str(mirror_dir)!r} does not exist; point COURSE_DATA_MIRROR "
                          f"(or --mirror) at the folder that holds the course's data, or unset it to download")
@@ -582,6 +602,17 @@ def fetch(name: str | DataFile, *, cache_dir: str | os.PathLike | None = None,
     raise DataFetchError("\n".join(lines), summary="; ".join(short))
 
 
+def _folders(cache_dir, mirror) -> tuple[Path, Path | None]:
+    """``(cache, mirror)`` as expanded paths (the defaults for ``None``); an empty string is refused,
+    not read as the working folder."""
+    for label, value in (("cache_dir", cache_dir), ("mirror", mirror)):
+        if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value).strip()):
+            raise ValueError(f"{label} is {value!r}; give a folder (or None for the default), not the working "
+                             "folder by accident")
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return cache, (Path(mirror).expanduser() if mirror is not None else default_mirror())
+
+
 def status(name: str | DataFile, *, cache_dir: str | os.PathLike | None = None,
            mirror: str | os.PathLike | None = None, verify: bool = True) -> str:
     """One word for where a file stands.
@@ -595,8 +626,8 @@ def status(name: str | DataFile, *, cache_dir: str | os.PathLike | None = None,
         cache_dir, mirror: as for :func:`fetch`.
     """
     entry = get_entry(name)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    mirror_dir = Path(mirror) if mirror is not None else default_mirror()
+    verify = boolean("verify", verify)
+    cache, mirror_dir = _folders(cache_dir, mirror)          # "~/cache" as fetch reads it
     target = cache / entry.path
     if target.is_file():
         return "cached" if _check(target, entry, verify) is None else "corrupt"
@@ -606,12 +637,29 @@ def status(name: str | DataFile, *, cache_dir: str | os.PathLike | None = None,
 
 
 def read_text(name: str, **fetch_kwargs) -> str:
-    """Fetch a registered text file and return its contents (UTF-8)."""
-    return fetch(name, **fetch_kwargs).read_text(encoding="utf-8")
+    """Fetch a registered text file and return its contents (UTF-8).
+
+    Raises:
+        ValueError: the file is not UTF-8 text (named); and as :func:`fetch`.
+    """
+    path = fetch(name, **fetch_kwargs)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} ({name}) is not UTF-8 text ({err.reason} at byte {err.start}); it is not the "
+                         "course's file: delete it and fetch it again") from None
 
 
 def entries(names: Iterable[str] | None = None, include_optional: bool = True) -> list[DataFile]:
-    """Registered entries (all, or the named ones), in registration order."""
+    """Registered entries (all, or the named ones), in registration order.
+
+    Raises:
+        TypeError: ``names`` is one name (a str) rather than a list of them; ``include_optional``
+            not ``True``/``False``.
+    """
+    include_optional = boolean("include_optional", include_optional)
+    if isinstance(names, (str, bytes)):
+        raise TypeError(f"names must be a list of data names, got the single name {names!r}; wrap it as [name]")
     if names is not None:
         return [get_entry(n) for n in names]
     return [e for e in REGISTRY.values() if include_optional or not e.optional]

@@ -30,6 +30,7 @@ from typing import BinaryIO
 
 from filelock import FileLock, Timeout
 
+from .checks import boolean, finite_number
 from .paths import writable_problem
 
 __all__ = ["atomic_write", "scratch_file", "check_writable", "publish", "move_aside", "locked"]
@@ -198,12 +199,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], o
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is ``False``.
+        TypeError: ``overwrite`` not ``True``/``False``; ``path`` empty or not a path.
         IsADirectoryError, NotADirectoryError, PermissionError: as :func:`check_writable`.
         OSError: writing the temporary file failed (the disk is full: ``errno.ENOSPC``); the
             message names the file, and the previous file at ``path`` is kept.
         Any error ``write`` or ``check`` raise themselves (a network error of a download) passes
         through unchanged.
     """
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise TypeError(f"path must be a file path (a str or Path), got {path!r}")
+    overwrite = boolean("overwrite", overwrite)     # "no" is truthy: it replaced the file
     path = Path(path).expanduser()
     if path.exists() and not overwrite and not path.is_dir():
         raise FileExistsError(f"{path} already exists and was not overwritten; pass overwrite=True to replace "
@@ -280,7 +285,9 @@ def locked(path: str | os.PathLike, timeout: float = 30.0) -> Iterator[Path]:
     Raises:
         TimeoutError: another holder kept the lock for ``timeout`` seconds (default 30).
         NotADirectoryError, PermissionError: the folder of ``path`` cannot be made or written (named).
+        ValueError: ``timeout`` not a finite number >= 0 (a negative one waited forever).
     """
+    timeout = finite_number("timeout", timeout, minimum=0, hint=" (seconds)")
     path = Path(path).expanduser()
     _make_folder(path, "file")
     lock_file = path.with_name(f".{path.name}.lock")

@@ -173,3 +173,16 @@ def test_locked_is_reentrant_in_one_thread_and_exclusive_across_threads(tmp_path
     t.start()
     t.join(timeout=10)
     assert got == ["inner", "timeout", "other"]
+
+
+def test_atomic_write_and_locked_refuse_arguments_that_would_lose_a_file_or_wait_forever(tmp_path):
+    from course_lib.files import atomic_write, locked
+
+    path = tmp_path / "mine.txt"
+    path.write_text("mine")
+    with pytest.raises(TypeError, match="overwrite must be True or False"):     # "no" replaced the file
+        atomic_write(path, lambda fh: fh.write(b"other"), overwrite="no")
+    assert path.read_text() == "mine"
+    with pytest.raises(ValueError, match="timeout must be a finite number >= 0"):   # -1 waited forever
+        with locked(path, timeout=-1):
+            pass
