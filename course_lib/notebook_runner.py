@@ -8,6 +8,7 @@ time spent in each section (the notebook's ``##`` headings) is printed, each as 
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 import time
@@ -16,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+from .checks import positive_int
 from .files import atomic_write
 from .paths import course_root, writable_problem
 
@@ -31,10 +33,11 @@ def find_notebook(step: int, root: Path | None = None) -> Path:
         ValueError: no such step, or its notebook does not exist yet.
     """
     root = course_root() if root is None else Path(root)
-    try:
+    if isinstance(step, str) and step.strip().isdigit():      # "3" from a command line
         step = int(step)
-    except (TypeError, ValueError):
-        raise ValueError(f"step must be a number 1-9, got {step!r}") from None
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):   # 2.7 was step 2, True step 1
+        raise ValueError(f"step must be a number 1-9, got {step!r}")
+    step = int(step)
     matches = sorted((root / "notebooks").glob(f"{step:02d}_*.ipynb"))
     if not matches:
         have = sorted(p.name for p in (root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -159,8 +162,10 @@ def run_notebook(step: int, profile: str = "cpu", out_dir: str | os.PathLike | N
     ``NN_name.FAILED.ipynb`` (the error is visible in it) and the last good copy is kept.
 
     Raises:
-        ValueError: an unknown profile or step, ``out_dir`` inside ``notebooks/``, or an
-            ``out_dir`` that cannot be written (a file, read-only); checked before running.
+        ValueError: an unknown profile or step, ``out_dir`` empty, inside ``notebooks/``, or
+            one that cannot be written (a file, read-only), ``timeout_per_cell`` not a positive
+            integer; checked before running (and before the environment is changed).
+        TypeError: ``device`` not a str, ``on_section`` not callable.
     """
     import nbformat
     from nbclient import NotebookClient
@@ -168,6 +173,15 @@ def run_notebook(step: int, profile: str = "cpu", out_dir: str | os.PathLike | N
 
     if profile not in ("tiny", "cpu", "gpu"):
         raise ValueError(f"unknown profile {profile!r}; valid profiles are: tiny, cpu, gpu")
+    if device is not None and (not isinstance(device, str) or not device.strip()):
+        raise TypeError(f"device must be a device name such as 'cpu' or 'cuda' (a str) or None, got {device!r}")
+    if timeout_per_cell is not None:
+        positive_int("timeout_per_cell", timeout_per_cell, hint=" (seconds, or None for no limit)")
+    if on_section is not None and not callable(on_section):
+        raise TypeError(f"on_section must be a function of (heading, seconds) or None, got "
+                        f"{type(on_section).__name__}")
+    if out_dir is not None and (not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir).strip()):
+        raise ValueError(f"out_dir is {out_dir!r}; give a folder for the executed copy, or None for runs/<profile>/")
     root = course_root() if root is None else Path(root)
     source = find_notebook(step, root)
     out_dir = Path(out_dir).expanduser() if out_dir is not None else root / "runs" / profile

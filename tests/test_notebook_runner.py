@@ -58,3 +58,25 @@ def test_a_cell_with_two_headings_times_the_code_under_the_second(tmp_path):
     assert not result.error
     assert [name for name, _ in seen] == ["Shu 1 — first", "Shu 3 — the long run"]
     assert [name for name, _ in result.sections] == ["Shu 1 — first", "Shu 3 — the long run"]
+
+
+def test_bad_arguments_are_refused_before_the_environment_is_changed(tmp_path, monkeypatch):
+    import os
+
+    from course_lib.notebook_runner import find_notebook
+
+    flag = tmp_path / "ran"
+    root = fake_course(tmp_path, [nbformat.v4.new_code_cell(f"open({str(flag)!r}, 'w').close()")])
+    monkeypatch.setenv("COURSE_PROFILE", "cpu")
+    for kwargs, error, match in (({"device": 1}, TypeError, "device must be a device name"),
+                                 ({"out_dir": ""}, ValueError, "out_dir is ''"),
+                                 ({"timeout_per_cell": -5}, ValueError, "timeout_per_cell"),
+                                 ({"on_section": "print"}, TypeError, "on_section must be a function")):
+        with pytest.raises(error, match=match):
+            run_notebook(7, "tiny", root=root, **{"out_dir": tmp_path / "out", **kwargs})
+        assert os.environ["COURSE_PROFILE"] == "cpu"          # device=1 left it at "tiny"
+    assert not flag.exists()
+    for step in (7.5, True, float("inf")):                    # 7.5 was step 7, True step 1
+        with pytest.raises(ValueError, match="step must be a number 1-9"):
+            find_notebook(step, root)
+    assert find_notebook("7", root).name.startswith("07_")
