@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import boolean, describe, non_negative_int, positive_int
+from .checks import boolean, describe, finite_number, non_negative_int, positive_int
 from .instruction import IGNORE_INDEX, InstructionDataset, collate
 from .training import perplexity
 
@@ -89,7 +89,15 @@ def response_loss(model: nn.Module, entries: Sequence[dict[str, str]], tokenizer
     if context is not None:
         allowed_max_length = context if allowed_max_length is None else min(allowed_max_length, context)
     dataset = InstructionDataset(entries, tokenizer, style=style)
-    device = next(model.parameters()).device if device is None else torch.device(device)
+    if device is None:
+        first = next(model.parameters(), None)
+        if first is None:
+            raise ValueError("model has no parameters to say where it lives; pass device= (e.g. 'cpu')")
+        device = first.device
+    else:
+        from .config import get_device
+
+        device = get_device(device)                # "nonsense" or 5: named, not torch's error
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -466,8 +474,7 @@ def judge(entries: Sequence[dict[str, str]], responses: Sequence[str], *, base_u
     if api_key is not None and not isinstance(api_key, str):
         raise TypeError(f"api_key must be a string or None, got {type(api_key).__name__}")
     max_retries = non_negative_int("max_retries", max_retries)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    timeout = finite_number("timeout", timeout, positive=True, hint=" (seconds to wait for one reply)")
     template = _check_template(prompt_template)
     progress = boolean("progress", progress)
 

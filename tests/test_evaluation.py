@@ -426,7 +426,7 @@ def test_judge_nothing_scored():
     (dict(base_url="localhost:11434/v1"), ValueError, "base_url must start with http"),
     (dict(model=""), ValueError, "model must be"),
     (dict(max_retries=-1), ValueError, "max_retries"),
-    (dict(timeout=0), ValueError, "timeout must be a positive number"),
+    (dict(timeout=0), ValueError, "timeout must be a finite number > 0"),
     (dict(prompt_template="Rate {response} against {reference}."), ValueError, r"must contain \{instruction\}"),
     (dict(prompt_template="{instruction} {reference} {response} {extra}"), ValueError, "only the fields"),
     (dict(progress="yes"), TypeError, "progress"),
@@ -519,3 +519,7 @@ def test_response_loss_bad_input(tiny_model, tok):
         response_loss(tiny_model, [{"output": "x"}], tok)
     with pytest.raises(ValueError, match="style"):
         response_loss(tiny_model, LOSS_ENTRIES, tok, style="chatml")
+    with pytest.raises(ValueError, match="'nonsense'.*is not a device name"):    # torch's RuntimeError before
+        response_loss(tiny_model, LOSS_ENTRIES, tok, device="nonsense")
+    with pytest.raises(ValueError, match="no parameters.*device="):               # a bare StopIteration before
+        response_loss(torch.nn.Identity(), LOSS_ENTRIES, tok)
