@@ -12,9 +12,11 @@
   + ``adapter_model.safetensors``) under GPT-2's module names; see :func:`save_adapter` for
   how our separate query/key/value adapters become GPT-2's fused ``c_attn`` exactly.
 
-``scale = alpha / r`` as in the LoRA paper and PEFT (``alpha / sqrt(r)`` with rsLoRA): with
-the scale fixed by ``alpha``, raising ``r`` does not raise the update's size, so one learning
-rate works across ranks.
+``scale = alpha / r`` as in the LoRA paper and PEFT (``alpha / sqrt(r)`` with rsLoRA). With
+``alpha`` alone (no division, as some code does) the update's size grows with ``r``; dividing by
+``r`` overcorrects (the first step shrinks roughly like ``1 / sqrt(r)``, notebook 09 measures
+it), which rsLoRA's ``sqrt(r)`` corrects: a learning rate tuned at one rank carries to another
+best with rsLoRA.
 """
 
 from __future__ import annotations
