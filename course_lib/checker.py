@@ -35,6 +35,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checks import boolean, describe, finite_number, integer
 from .paths import course_root
 
 __all__ = ["ExerciseResult", "CheckReport", "check", "run_checks", "exercise_file",
@@ -118,10 +119,25 @@ class CheckReport:
         return f"<CheckReport step {self.step}: {state}>"
 
 
-def exercise_file(step: int, solutions: bool = False, root: Path | None = None) -> Path:
-    """Path of step ``step``'s exercise file (or its solution)."""
-    root = course_root() if root is None else root
-    return root / ("solutions" if solutions else "exercises") / f"step{int(step):02d}.py"
+def _root(root: str | os.PathLike | None) -> Path:
+    """The course folder: ``root`` (a str or path, ``~`` expanded), else :func:`course_lib.paths.course_root`."""
+    if root is None:
+        return course_root()
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be the course folder (a str or Path) or None, got {describe(root)}")
+    return Path(root).expanduser()
+
+
+def exercise_file(step: int, solutions: bool = False, root: str | os.PathLike | None = None) -> Path:
+    """Path of step ``step``'s exercise file (or its solution).
+
+    Raises:
+        TypeError: ``step`` is not an integer, ``solutions`` not ``True``/``False``, ``root`` not a path.
+        ValueError: ``step`` is not 1-9.
+    """
+    step = _validate_step(step)
+    solutions = boolean("solutions", solutions)
+    return _root(root) / ("solutions" if solutions else "exercises") / f"step{step:02d}.py"
 
 
 def _test_file(step: int, root: Path) -> Path:
@@ -129,12 +145,8 @@ def _test_file(step: int, root: Path) -> Path:
 
 
 def _validate_step(step: int) -> int:
-    if isinstance(step, bool) or not isinstance(step, int):
-        try:
-            step = int(step)
-        except (TypeError, ValueError):
-            raise TypeError(f"step must be a step number 1-9, got {step!r}") from None
-    if not 1 <= step <= 9:
+    step = integer("step", step, minimum=1, hint=" (a step number 1-9)")
+    if step > 9:
         raise ValueError(f"step must be between 1 and 9, got {step}")
     return step
 
@@ -165,7 +177,7 @@ def _validate_file(file: str | os.PathLike, step: int) -> Path:
 
 
 def run_checks(step: int, *, solutions: bool = False, file: str | os.PathLike | None = None,
-               root: Path | None = None, timeout: float = 300, test_timeout: float = 30) -> CheckReport:
+               root: str | os.PathLike | None = None, timeout: float = 300, test_timeout: float = 30) -> CheckReport:
     """Run step ``step``'s exercise tests against a file and collect one result per exercise.
 
     The tests run in a fresh Python process whose working directory is a new temporary
@@ -186,11 +198,17 @@ def run_checks(step: int, *, solutions: bool = False, file: str | os.PathLike | 
             (usually a loop that never ends) and the exercise's other checks are skipped.
 
     Raises:
-        ValueError: ``file`` is a folder, is missing or is not a ``.py`` file.
-        TypeError: ``step`` is not a number.
+        ValueError: ``file`` is a folder, is missing or is not a ``.py`` file; ``step`` is not 1-9;
+            ``timeout`` or ``test_timeout`` is not a finite number of seconds above 0.
+        TypeError: ``step`` is not an integer (``True``, ``2.7``), ``solutions`` not ``True``/``False``,
+            ``timeout`` or ``test_timeout`` not a number, ``root`` not a path.
     """
     step = _validate_step(step)
-    root = course_root() if root is None else Path(root)
+    solutions = boolean("solutions", solutions)
+    timeout = finite_number("timeout", timeout, positive=True, strict=True, hint=" (seconds for the whole run)")
+    test_timeout = finite_number("test_timeout", test_timeout, positive=True, strict=True,
+                                 hint=" (seconds for one check)")
+    root = _root(root)
     target = _validate_file(file, step) if file is not None else exercise_file(step, solutions, root)
     report = CheckReport(step, target)
     tests = _test_file(step, root)
@@ -308,8 +326,12 @@ def check(step: int, *, solutions: bool = False, file: str | os.PathLike | None 
     file (:func:`course_lib.progress.record_check`; a file problem is only a warning).
 
     Raises:
-        ValueError: ``file`` is a folder, is missing or is not a ``.py`` file; ``step`` is not 1-9.
+        ValueError: ``file`` is a folder, is missing or is not a ``.py`` file; ``step`` is not 1-9;
+            ``test_timeout`` is not above 0 or not finite.
+        TypeError: ``step`` is not an integer, ``solutions`` or ``quiet`` not ``True``/``False``,
+            ``test_timeout`` not a number.
     """
+    solutions, quiet = boolean("solutions", solutions), boolean("quiet", quiet)
     report = run_checks(step, solutions=solutions, file=file, test_timeout=test_timeout)
     if not quiet:
         print(report.format())

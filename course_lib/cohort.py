@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .checks import describe, non_negative_int
 from .files import atomic_write
 from .progress import PASSED, STEPS, parse_progress_text
 
@@ -114,6 +115,17 @@ def _exercise_order(records: list[dict], step: int) -> list[str]:
     return names + sorted(recorded - set(names))
 
 
+_SUMMARY_KEYS = ("learners", "files", "steps", "slowest", "skipped")
+
+
+def _summary(summary) -> dict:
+    """``summary`` if it has the keys :func:`summarize` gives, else a clear ``TypeError``."""
+    if not isinstance(summary, dict) or not all(k in summary for k in _SUMMARY_KEYS):
+        raise TypeError(f"summary must be the dict summarize(read_cohort(folder)) returns (with "
+                        f"{', '.join(_SUMMARY_KEYS)}), got {describe(summary)}")
+    return summary
+
+
 def summarize(cohort: Cohort, slowest: int = 5) -> dict:
     """The cohort's numbers, as plain JSON-ready data (what ``--json`` prints).
 
@@ -125,7 +137,14 @@ def summarize(cohort: Cohort, slowest: int = 5) -> dict:
         at least one attempt; ``mean_attempts`` is their mean (``None`` when nobody tried). Ri scores
         are each learner's best, grouped by profile and metric. ``slowest`` lists the ``slowest``
         exercises someone attempted with the fewest passes, ties broken by the most attempts.
+
+    Raises:
+        TypeError: ``cohort`` is not the :class:`Cohort` :func:`read_cohort` returns.
+        ValueError: ``slowest`` is not an integer >= 0.
     """
+    if not isinstance(cohort, Cohort):
+        raise TypeError(f"cohort must be the Cohort read_cohort(folder) returns, got {describe(cohort)}")
+    slowest = non_negative_int("slowest", slowest, hint=" (how many exercises to list; 0 lists none)")
     records = [cohort.learners[n] for n in sorted(cohort.learners)]
     steps: dict[str, dict] = {}
     every: list[dict] = []
@@ -158,8 +177,12 @@ def _num(x: float) -> str:
 
 
 def format_cohort(summary: dict, folder: Path | None = None) -> str:
-    """The cohort table ``course cohort report`` prints."""
-    n = len(summary["learners"])
+    """The cohort table ``course cohort report`` prints.
+
+    Raises:
+        TypeError: ``summary`` is not what :func:`summarize` returns.
+    """
+    n = len(_summary(summary)["learners"])
     where = f" in {folder}" if folder is not None else ""
     lines = [f"Cohort: {n} learner{'s' if n != 1 else ''} ({', '.join(summary['learners'])}), from "
              f"{summary['files']} .json file{'s' if summary['files'] != 1 else ''}{where}; "
@@ -198,9 +221,11 @@ def plot_cohort(summary: dict, path: str | os.PathLike, overwrite: bool = False)
     score distribution per profile (points and the median), one panel per step.
 
     Raises:
+        TypeError: ``summary`` is not what :func:`summarize` returns.
         FileExistsError: ``path`` exists and ``overwrite`` is ``False``.
         OSError: as :func:`course_lib.files.atomic_write` (the old file is kept).
     """
+    summary = _summary(summary)
     from matplotlib import colormaps
     from matplotlib.figure import Figure  # no pyplot: no window, and a notebook's backend is left alone
 

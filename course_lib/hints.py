@@ -26,18 +26,29 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple
 
-from .checks import integer
+from .checks import describe, integer
 from .files import atomic_write, move_aside
 
-__all__ = ["HINTS", "LEVELS", "HintsFileWarning", "Revealed", "hints_file", "hints_for", "next_hint", "revealed",
-           "format_hints"]
+__all__ = ["HINTS", "LEVELS", "HintsFileWarning", "HintsFileError", "Revealed", "hints_file", "hints_for",
+           "next_hint", "revealed", "format_hints"]
 
 #: Hints per exercise: a nudge, the idea, the key line.
 LEVELS = 3
+#: The format version of the file of revealed hints; a file of a newer one is left alone.
+VERSION = 1
+#: The narrowest ``width`` :func:`format_hints` wraps to.
+MIN_WIDTH = 20
 
 
 class HintsFileWarning(UserWarning):
     """The file of revealed hints was damaged: it was moved aside and counting started anew."""
+
+
+class HintsFileError(OSError):
+    """The file of revealed hints was written by a newer course (a newer ``"version"``); it is left as it is.
+
+    An ``OSError``, like the file's other problems (a folder in its place), so that ``course hint`` says so
+    in one line."""
 
 
 class Revealed(NamedTuple):
@@ -101,6 +112,15 @@ def hints_for(step: int, exercise: str) -> tuple[str, str, str]:
     return HINTS[step][exercise]
 
 
+def _path(path) -> Path:
+    """``path`` (default :func:`hints_file`) as a :class:`~pathlib.Path`, ``~`` expanded as ``atomic_write`` does."""
+    if path is None:
+        return hints_file()
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be the file of revealed hints (a str or Path) or None, got {describe(path)}")
+    return Path(path).expanduser()
+
+
 def _validated(data) -> dict[str, dict[str, int]]:
     """``data["seen"]`` of a hints file, or a ``ValueError`` saying what is wrong with it."""
     if not isinstance(data, dict) or not isinstance(data.get("seen"), dict):
@@ -117,12 +137,24 @@ def _validated(data) -> dict[str, dict[str, int]]:
 def _load(path: Path) -> dict[str, dict[str, int]]:
     """The revealed counts in ``path`` (``{}`` if it does not exist; a damaged file is moved aside, with a
     :class:`HintsFileWarning`)."""
+    if path.is_dir():
+        raise IsADirectoryError(f"the file of hints you have seen, {path}, is a folder; give a file path, e.g. "
+                                f"{path / 'hints_seen.json'}")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         return {}
+    except NotADirectoryError:
+        above = next((p for p in path.parents if p.is_file()), path.parent)
+        raise NotADirectoryError(f"the file of hints you have seen, {path}, cannot be used: {above} is a file, not a "
+                                 "folder; choose a path in a folder") from None
     try:
-        return _validated(json.loads(raw.decode("utf-8")))
+        data = json.loads(raw.decode("utf-8"))
+        version = data.get("version") if isinstance(data, dict) else None
+        if type(version) is int and version > VERSION:
+            raise HintsFileError(f"the file of hints you have seen, {path}, has format version {version}, written by "
+                                 "a newer course; it is left as it is: update the course (git pull)")
+        return _validated(data)
     except ValueError as err:  # not UTF-8, not JSON, or not our shape
         aside = move_aside(path)
         warnings.warn(f"the file of hints you have seen, {path}, was damaged ({err}); it was moved to "
@@ -131,7 +163,7 @@ def _load(path: Path) -> dict[str, dict[str, int]]:
 
 
 def _save(path: Path, seen: dict[str, dict[str, int]]) -> None:
-    text = json.dumps({"version": 1, "seen": seen}, indent=1, sort_keys=True) + "\n"
+    text = json.dumps({"version": VERSION, "seen": seen}, indent=1, sort_keys=True) + "\n"
     atomic_write(path, lambda f: f.write(text.encode("utf-8")), overwrite=True)
 
 
@@ -144,10 +176,13 @@ def revealed(step: int, path: str | os.PathLike | None = None) -> dict[str, int]
         path: the file of revealed hints. Default: :func:`hints_file`.
 
     Raises:
-        ValueError: no such step. OSError: the file exists but cannot be read.
+        ValueError: no such step. TypeError: ``path`` is not a path.
+        OSError: the file exists but cannot be read: IsADirectoryError (``path`` is a folder),
+            NotADirectoryError (a folder above it is a file), :class:`HintsFileError` (written by a newer
+            course); the message says which, and the file is left as it is.
     """
     step = _valid_step(step)
-    row = _load(hints_file() if path is None else Path(path)).get(str(step), {})
+    row = _load(_path(path)).get(str(step), {})
     return {name: row.get(name, 0) for name in HINTS[step]}
 
 
@@ -161,17 +196,19 @@ def next_hint(step: int, exercise: str, path: str | os.PathLike | None = None) -
     Args:
         step: 1 to 9.
         exercise: the function's name in ``exercises/stepNN.py``.
-        path: the file of revealed hints. Default: :func:`hints_file` (``$COURSE_HINTS_FILE``, else
-            ``hints_seen.json`` in the data folder).
+        path: the file of revealed hints (``~`` is expanded). Default: :func:`hints_file`
+            (``$COURSE_HINTS_FILE``, else ``hints_seen.json`` in the data folder).
 
     Returns:
         :class:`Revealed`: the level now reached, the hints up to it, and whether it is new.
 
     Raises:
-        ValueError, TypeError: as :func:`hints_for`. OSError: the file cannot be read or written.
+        ValueError, TypeError: as :func:`hints_for`; TypeError: ``path`` is not a path.
+        OSError: the file cannot be read or written (as :func:`revealed`: a file of a newer course is a
+            :class:`HintsFileError` and is never rewritten).
     """
     texts = hints_for(step, exercise)
-    path = hints_file() if path is None else Path(path)
+    path = _path(path)
     seen = _load(path)
     before = seen.get(str(step), {}).get(exercise, 0)
     level = min(before + 1, LEVELS)
@@ -183,8 +220,15 @@ def next_hint(step: int, exercise: str, path: str | os.PathLike | None = None) -
 
 def format_hints(step: int, exercise: str, level: int, width: int | None = None) -> str:
     """Hints 1 to ``level`` of an exercise under a title line, wrapped to ``width`` columns
-    (default: the terminal's, at most 100)."""
+    (default: the terminal's, at most 100).
+
+    Raises:
+        ValueError, TypeError: as :func:`hints_for`; ``level`` is not an integer >= 1, ``width`` not an
+            integer >= 20 (or ``None``).
+    """
     texts = hints_for(step, exercise)[:integer("level", level, minimum=1)]
+    width = integer("width", width, minimum=MIN_WIDTH, allow_none=True,
+                    hint=" (columns to wrap to; None: the terminal's width)")
     width = width or min(100, shutil.get_terminal_size((100, 24)).columns)
     lines = [f"step {step}, {exercise}:"]
     for k, text in enumerate(texts, 1):

@@ -29,7 +29,8 @@ file plus ``"exercise_names"``: ``{"<N>": [names in the order of exercises/stepN
 
 A file that cannot be read as this format is never overwritten: it is moved aside to
 ``progress.json.damaged-<UTC time>`` with a warning, and a new record starts. A file of a newer
-version is left alone (:class:`ProgressFileError`).
+version is left alone (:class:`ProgressFileError`), and :func:`save_progress` never replaces a file
+that is not a version-1 record (a newer one, or the learner's notes given as the path by mistake).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import math
 import numbers
 import os
 import sys
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -58,10 +60,15 @@ __all__ = ["FORMAT", "VERSION", "ProgressFileError", "progress_path", "default_l
 FORMAT, VERSION = "course-progress", 1
 STEPS = range(1, 10)
 STATUSES = (PASSED, FAILED, NOT_STARTED, NOT_RUN)
+#: The profiles a Ri score can be recorded for (``course_lib.config.PROFILES``, written out: no torch here).
+PROFILE_NAMES = ("tiny", "cpu", "gpu")
+#: Counts above this (attempts, runs) are damage, not a record: no one checks an exercise 10**12 times.
+MAX_COUNT = 10**12
 
 
 class ProgressFileError(ValueError):
-    """The progress file cannot be used (a folder, unreadable, or written by a newer course); it is left as it is."""
+    """The progress file cannot be used (a folder, unreadable, written by a newer course, or, for
+    :func:`save_progress`, no progress record at all); it is left as it is."""
 
 
 def _now() -> str:
@@ -91,14 +98,22 @@ def default_learner() -> str:
 
 
 def _learner_name(name: Any) -> str:
-    if not isinstance(name, str) or not name.strip() or len(name.strip()) > 100 or "\n" in name:
+    if not isinstance(name, str):
+        raise TypeError(f"learner must be a name (a str of 1 to 100 characters on one line), got {describe(name)}")
+    if not name.strip() or len(name.strip()) > 100 or "\n" in name:
         raise ValueError(f"learner must be a name of 1 to 100 characters on one line, got {describe(name)}")
     return name.strip()
 
 
 def new_progress(learner: str | None = None) -> dict:
-    """An empty record (version 1) for ``learner`` (default :func:`default_learner`)."""
-    return {"format": FORMAT, "version": VERSION, "learner": _learner_name(learner or default_learner()),
+    """An empty record (version 1) for ``learner`` (``None``, the default: :func:`default_learner`).
+
+    Raises:
+        TypeError: ``learner`` is neither a str nor ``None``.
+        ValueError: ``learner`` is empty, longer than 100 characters or spans lines.
+    """
+    learner = default_learner() if learner is None else learner
+    return {"format": FORMAT, "version": VERSION, "learner": _learner_name(learner),
             "updated": _now(), "steps": {}}
 
 
@@ -116,11 +131,28 @@ def _is_time(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (10**400 in the file)
+        return False
 
 
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
+
+
+def _names_problem(names: Any) -> str | None:
+    """Why ``names`` is not ``{"<step>": [exercise names]}``, or ``None``."""
+    if not isinstance(names, dict):
+        return f"exercise_names is not an object (a {type(names).__name__})"
+    for key, row in names.items():
+        if key not in {str(n) for n in STEPS}:
+            return f"exercise_names has an unknown step {key!r}"
+        if not isinstance(row, list) or not all(isinstance(name, str) for name in row):
+            return f"exercise_names of step {key} is not a list of names: {row!r}"[:200]
+    return None
 
 
 def _exercise_problem(step: str, name: Any, entry: Any) -> str | None:
@@ -181,6 +213,8 @@ def validate_progress(data: Any) -> str | None:
         for profile, entry in step.get("ri", {}).items():
             if (why := _ri_problem(key, profile, entry)) is not None:
                 return why
+    if "exercise_names" in data:  # `course progress --json` adds it
+        return _names_problem(data["exercise_names"])
     return None
 
 
@@ -257,18 +291,49 @@ def load_progress(path: str | os.PathLike | None = None) -> dict:
         return new_progress()
 
 
+def _check_replaceable(path: Path) -> None:
+    """Refuse to replace ``path`` unless it is missing, empty, or a version-1 record (a newer course's
+    record, or a file that is no record at all, is the learner's and is kept)."""
+    if not path.exists() or path.is_dir():  # nothing to lose; atomic_write names a folder in the way
+        return
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ProgressFileError(f"cannot read {path} ({err.strerror or err}) to make sure it is a progress record; "
+                                "it was kept, not replaced: save the progress to another path") from None
+    if not raw.strip():
+        return
+    try:
+        parse_progress_text(raw.decode("utf-8"))
+    except ValueError as err:  # UnicodeDecodeError included
+        why = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else str(err)
+        raise ProgressFileError(f"{path} is not a course progress record of version {VERSION} ({why}); the file "
+                                "is kept, not replaced: save the progress to another path, or move that file "
+                                "away first") from None
+
+
 def save_progress(progress: dict, path: str | os.PathLike | None = None) -> Path:
     """Set ``progress["updated"]`` to now and write it to ``path`` (default :func:`progress_path`) atomically.
 
+    Only a missing or empty file, or a version-1 progress record, is replaced.
+
     Raises:
-        ValueError: ``progress`` is not a valid version-1 record (nothing is written).
+        TypeError: ``progress`` is not a dict.
+        ValueError: ``progress`` is not a valid version-1 record (nothing is written, ``progress`` is unchanged).
+        ProgressFileError: ``path`` holds something else than a version-1 record (a newer course's record, a
+            file of another kind, an unreadable file); it is kept as it was.
         OSError, IsADirectoryError, PermissionError: as :func:`course_lib.files.atomic_write`; the old file is kept.
     """
+    if not isinstance(progress, dict):
+        raise TypeError(f"progress must be a progress record (the dict load_progress or new_progress returns), "
+                        f"got {describe(progress)}")
     path = progress_path() if path is None else Path(path).expanduser()
-    progress["updated"] = _now()
-    why = validate_progress(progress)
+    now = _now()
+    why = validate_progress({**progress, "updated": now})
     if why is not None:
         raise ValueError(f"progress is not a valid record: {why}")
+    _check_replaceable(path)
+    progress["updated"] = now
     data = (json.dumps(progress, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
     return atomic_write(path, lambda fh: fh.write(data), overwrite=True)
 
@@ -370,25 +435,31 @@ def record_ri(step: int, score: float, *, metric: str, higher_is_better: bool, p
         score: a finite number (a Python or NumPy number, or a one-element tensor).
         metric: what the score measures, e.g. ``"held-out loss"``.
         higher_is_better: the direction of ``score``.
-        profile: the profile the score was made in. Default ``$COURSE_PROFILE``, else ``"cpu"``.
+        profile: the profile the score was made in: ``"tiny"``, ``"cpu"`` or ``"gpu"`` (any case).
+            Default ``$COURSE_PROFILE``, else ``"cpu"``.
         path: the progress file. Default :func:`progress_path`.
 
     Returns:
         ``True`` when ``score`` is the profile's first or best score so far.
 
     Raises:
-        ValueError: ``step`` is not 1-9, ``score`` is ``nan``/``inf``, ``metric`` or ``profile`` is empty.
-        TypeError: ``score`` is not a number, ``higher_is_better`` not a ``bool``.
+        ValueError: ``step`` is not 1-9, ``score`` is ``nan``/``inf``, ``metric`` is empty, ``profile`` (or
+            ``$COURSE_PROFILE``) is not tiny, cpu or gpu.
+        TypeError: ``score`` is not a number, ``higher_is_better`` not a ``bool``, ``profile`` not a str.
     """
     step, score = _step(step), _score(score)
     if not isinstance(metric, str) or not metric.strip():
         raise ValueError(f"metric must name what the score measures (e.g. 'held-out loss'), got {describe(metric)}")
     higher_is_better = boolean("higher_is_better", higher_is_better)
+    source = "profile"
     if profile is None:
-        profile = os.environ.get("COURSE_PROFILE", "").strip().lower() or "cpu"
-    if not isinstance(profile, str) or not profile.strip():
-        raise ValueError(f"profile must be the profile's name (tiny, cpu, gpu) or None, got {describe(profile)}")
-    profile, metric, now = profile.strip(), metric.strip(), _now()
+        profile, source = os.environ.get("COURSE_PROFILE", "").strip() or "cpu", "COURSE_PROFILE"
+    if not isinstance(profile, str):
+        raise TypeError(f"profile must be the profile's name (tiny, cpu, gpu) or None, got {describe(profile)}")
+    if profile.strip().lower() not in PROFILE_NAMES:
+        raise ValueError(f"{source} must be the profile's name ({', '.join(PROFILE_NAMES)}), got {describe(profile)}; "
+                         "pass profile=S.profile.name as the notebooks do")
+    profile, metric, now = profile.strip().lower(), metric.strip(), _now()
     said: list[str] = []
 
     def change(progress):
@@ -467,6 +538,42 @@ def exercise_names(step: int, root: str | os.PathLike | None = None) -> list[str
     return [n for n in mine if reference is None or n in reference]
 
 
+def _record(progress: Any) -> dict:
+    """``progress`` if it is a valid version-1 record, else a clear error."""
+    if not isinstance(progress, dict):
+        raise TypeError(f"progress must be a progress record (the dict load_progress returns), got "
+                        f"{describe(progress)}")
+    why = validate_progress(progress)
+    if why is not None:
+        raise ValueError(f"progress is not a valid record: {why}; read it with load_progress()")
+    return progress
+
+
+def _names(names: Any) -> dict[int, list[str]] | None:
+    """``names`` checked: ``None`` or a mapping of a step (1-9) to its exercise names."""
+    if names is None:
+        return None
+    if not isinstance(names, Mapping):
+        raise TypeError(f"names must map a step (1-9) to its exercise names, e.g. {{1: ['bigram_counts']}}, or be "
+                        f"None; got {describe(names)}")
+    checked = {}
+    for step, row in names.items():
+        if not isinstance(step, numbers.Integral) or isinstance(step, bool):
+            raise TypeError(f"names must map step numbers (int, 1-9) to exercise names, got the key {describe(step)}")
+        step = _step(step)
+        if isinstance(row, str) or not isinstance(row, (list, tuple)) or not all(isinstance(n, str) for n in row):
+            raise TypeError(f"names[{step}] must be a list of exercise names (str), got {describe(row)}")
+        checked[step] = list(row)
+    return checked
+
+
+def _rows(rows: Any) -> list[dict]:
+    keys = {"step", "passed", "failed", "not_started", "todo", "ri", "complete"}
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and keys <= r.keys() for r in rows):
+        raise TypeError(f"rows must be the list progress_table() returns, got {describe(rows)}")
+    return rows
+
+
 def progress_table(progress: dict, names: dict[int, list[str]] | None = None) -> list[dict]:
     """One row per step 1-9: ``{"step", "passed", "failed", "not_started", "todo", "ri", "complete"}``.
 
@@ -476,7 +583,12 @@ def progress_table(progress: dict, names: dict[int, list[str]] | None = None) ->
     (default :func:`exercise_names`; a step with no known names uses the recorded ones). ``ri`` is
     the list of best scores, one per profile: ``{"profile", "best", "metric", "higher_is_better",
     "runs"}``. A step is complete when every exercise passed and a Ri score is recorded.
+
+    Raises:
+        TypeError: ``progress`` is not a dict; ``names`` is not a mapping of a step to a list of names.
+        ValueError: ``progress`` is not a valid version-1 record; a step of ``names`` is not 1-9.
     """
+    progress, names = _record(progress), _names(names)
     rows = []
     for step in STEPS:
         entry = progress.get("steps", {}).get(str(step), {})
@@ -497,8 +609,12 @@ def progress_table(progress: dict, names: dict[int, list[str]] | None = None) ->
 
 
 def next_action(rows: list[dict]) -> str:
-    """What to do next: the first step not complete's first exercise not passed, else its Ri challenge."""
-    for row in rows:
+    """What to do next: the first step not complete's first exercise not passed, else its Ri challenge.
+
+    Raises:
+        TypeError: ``rows`` is not what :func:`progress_table` returns.
+    """
+    for row in _rows(rows):
         if row["complete"]:
             continue
         step = row["step"]
@@ -510,8 +626,19 @@ def next_action(rows: list[dict]) -> str:
     return "all done: every exercise passed and every Ri challenge scored"
 
 
-def format_progress(progress: dict, rows: list[dict], path: Path | None = None) -> str:
-    """The text ``course progress`` prints: a line per step and the next thing to do."""
+def format_progress(progress: dict, rows: list[dict], path: str | os.PathLike | None = None) -> str:
+    """The text ``course progress`` prints: a line per step and the next thing to do.
+
+    Raises:
+        TypeError: ``progress`` is not a dict, ``rows`` not what :func:`progress_table` returns, ``path``
+            neither a path nor ``None``.
+        ValueError: ``progress`` is not a valid version-1 record.
+    """
+    progress, rows = _record(progress), _rows(rows)
+    if path is not None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be the progress file's path (a str or Path) or None, got {describe(path)}")
+        path = Path(path).expanduser()
     if path is not None and not path.exists():
         head = f"Progress of {progress['learner']}: nothing recorded yet in {path}"
     else:
@@ -530,6 +657,11 @@ def format_progress(progress: dict, rows: list[dict], path: Path | None = None) 
 
 
 def progress_json(progress: dict, names: dict[int, list[str]] | None = None) -> dict:
-    """What ``course progress --json`` prints: the record plus ``"exercise_names"`` per step (``{"1": [...]}``)."""
+    """What ``course progress --json`` prints: the record plus ``"exercise_names"`` per step (``{"1": [...]}``).
+
+    Raises:
+        TypeError, ValueError: as :func:`progress_table`.
+    """
+    progress, names = _record(progress), _names(names)
     names = {step: exercise_names(step) for step in STEPS} if names is None else names
     return {**progress, "exercise_names": {str(step): list(names.get(step, [])) for step in STEPS}}
