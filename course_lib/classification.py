@@ -644,9 +644,9 @@ def tfidf_baseline(train_df, test_dfs: dict[str, Any] | None = None, *, labels: 
     """A bag-of-words baseline: TF-IDF features, then logistic regression (scikit-learn).
 
     Each setting of ``grid`` is fitted on ``train_df``; the one with the best accuracy on
-    ``test_dfs["val"]`` is kept (the first on a tie; the first setting if there is no
-    ``"val"``), so the baseline is tuned exactly as much as the GPT is: on validation, never
-    on test.
+    ``test_dfs["val"]`` (or ``test_dfs["validation"]``) is kept (the first on a tie; the first
+    setting if there is neither), so the baseline is tuned exactly as much as the GPT is: on
+    validation, never on test.
 
     Args:
         train_df: the training split (``label``, ``text``).
@@ -699,13 +699,14 @@ def tfidf_baseline(train_df, test_dfs: dict[str, Any] | None = None, *, labels: 
     ids = {name: [index[x] for x in frame["label"]] for name, frame in frames.items()}
     started = time.perf_counter()
     best, best_acc, best_params = None, -1.0, None
-    for params in (grid if "val" in frames else grid[:1]):
+    tune = "val" if "val" in frames else "validation" if "validation" in frames else None
+    for params in (grid if tune else grid[:1]):
         pipeline = make_pipeline(
             TfidfVectorizer(analyzer=params["analyzer"], ngram_range=tuple(params["ngram_range"]), sublinear_tf=True),
             LogisticRegression(C=params["C"], max_iter=2000, random_state=seed))
         pipeline.fit(list(train_df["text"]), ids["train"])
-        acc = (binary_metrics(ids["val"], pipeline.predict(list(frames["val"]["text"])))["accuracy"]
-               if "val" in frames else 0.0)
+        acc = (binary_metrics(ids[tune], pipeline.predict(list(frames[tune]["text"])))["accuracy"]
+               if tune else 0.0)
         if acc > best_acc:
             best, best_acc, best_params = pipeline, acc, dict(params)
     result: dict[str, Any] = {"model": best, "params": best_params, "seconds": time.perf_counter() - started}

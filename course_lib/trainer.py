@@ -577,11 +577,12 @@ def evaluate(model: nn.Module, loader, num_batches: int, autocast: Callable = co
     model.eval()
     try:
         device = get_device(device) if device is not None else next(model.parameters()).device
-        total = torch.zeros(2, dtype=torch.float64, device=device)         # [loss sum, batches]
+        exact = torch.float32 if torch.device(device).type == "mps" else torch.float64   # MPS has no float64
+        total = torch.zeros(2, dtype=exact, device=device)                  # [loss sum, batches]
         for i, (x, y) in enumerate(loader if loader is not None and num_batches > 0 else ()):
             if i >= num_batches:
                 break
-            total[0] += _loss(model, x, y, autocast).double()
+            total[0] += _loss(model, x, y, autocast).to(exact)
             total[1] += 1
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total, op=dist.ReduceOp.SUM)

@@ -606,3 +606,11 @@ def test_tfidf_baseline_and_trim_padding_name_bad_input():
         trim_padding([])
     with pytest.raises(ValueError, match="different lengths"):
         trim_padding([(torch.tensor([1, 2]), 0), (torch.tensor([1, 2, 3]), 1)])
+
+
+def test_tfidf_baseline_is_tuned_on_a_split_named_validation_too(sms):
+    train, val, test = split_dataset(sms, seed=123)
+    by_val = tfidf_baseline(train, {"val": val, "test": test})
+    by_validation = tfidf_baseline(train, {"validation": val, "test": test})    # notebook 06 names it so: the
+    assert by_validation["params"] == by_val["params"]                           # grid was never searched
+    assert by_validation["test"] == by_val["test"]
