@@ -44,7 +44,7 @@
                                        exact match and ROUGE-L of DIR/responses.json; with a judge (any
                                        OpenAI-compatible server), its mean 0-100 score, added to DIR/metrics.json
     course pretrain [--profile P] [--data NAME|DIR] [--out DIR] [--resume] [--compile] [--dtype bf16|fp16|fp32]
-                    [--max-steps N] [--device D] [-q]
+                    [--max-steps N] [--grad-accum-steps N] [--device D] [-q]
                                        pretrain a GPT with the production trainer (step 8): DIR/checkpoint.pt,
                                        DIR/log.jsonl (loss, lr, tokens/s, MFU) and DIR/config.json (default DIR
                                        runs/pretrain-<profile>); --resume continues a stopped run. Launched by
@@ -1586,6 +1586,9 @@ def _cmd_pretrain(args) -> int:
         return fail(err)
     if args.max_steps is not None and args.max_steps < 1:
         return fail(f"--max-steps must be a positive number of optimizer steps, got {args.max_steps}")
+    if args.grad_accum_steps is not None and args.grad_accum_steps < 1:
+        return fail(f"--grad-accum-steps must be a positive number of micro-batches per step, got "
+                    f"{args.grad_accum_steps}")
     if args.out is not None and not args.out.strip():  # "" must not quietly mean the default folder
         return fail("--out is empty; give a folder, or omit --out for runs/pretrain-<profile>")
     if args.data is not None and not args.data.strip():  # nor "." (Path(""))
@@ -1603,7 +1606,7 @@ def _cmd_pretrain(args) -> int:
     out = Path(args.out).expanduser() if args.out else _default_run_dir("pretrain", profile)
     cfg = recipe(profile)
     changes = {"out_dir": str(out), "data": args.data, "dtype": args.dtype, "compile": args.compile,
-               "max_steps": args.max_steps, "device": args.device}
+               "max_steps": args.max_steps, "device": args.device, "grad_accum_steps": args.grad_accum_steps}
     notes = []
     if args.max_steps is not None and cfg.warmup_steps > args.max_steps:
         changes["warmup_steps"] = args.max_steps // 10
@@ -1935,6 +1938,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, metavar="N",
                    help="optimizer steps in all, those before a --resume included; the schedule decays over them "
                         "(default: the recipe's)")
+    p.add_argument("--grad-accum-steps", type=int, metavar="N",
+                   help="micro-batches per optimizer step in each process (default: the recipe's); under torchrun "
+                        "with K processes, the recipe's divided by K keeps its global batch")
     p.add_argument("--device", help="cuda, mps or cpu (default $COURSE_DEVICE, else the best available)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or evaluations; only the summary")
     p.set_defaults(func=_cmd_pretrain)

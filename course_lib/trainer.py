@@ -320,7 +320,8 @@ def recipe(profile: str) -> TrainerConfig:
       per step on one GPU, 400 steps = 210 M tokens of TinyStories' training file
       (``"tinystories-train"``), max_lr 6e-4 as GPT-3. Expected time and final loss: to be
       measured (from the FLOPs, 1.8e17: about 8 minutes of steps on one H100 at 40 % MFU, plus
-      compilation and evaluations). With N GPUs pass ``grad_accum_steps=16 // N`` to keep the batch.
+      compilation and evaluations). With N GPUs pass ``grad_accum_steps=16 // N`` (``course pretrain
+      --grad-accum-steps``) to keep the batch.
 
     Raises:
         ValueError: an unknown profile.

@@ -116,6 +116,16 @@ def test_a_second_run_into_the_same_folder_is_refused(run, capsys):
     assert snapshot(out) == before
 
 
+def test_grad_accum_steps_sets_the_micro_batches_per_step(tmp_path):
+    out = tmp_path / "run"
+    r = pretrain(out, "--max-steps", "2", "--grad-accum-steps", "3")   # notebook 08's 8-GPU command needs it
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["grad_accum_steps"] == 3
+    assert config["global_batch_tokens"] == 3 * TINY.batch_size * TINY.context_length
+    assert read_log(out / "log.jsonl")[-1]["tokens"] == 2 * config["global_batch_tokens"]
+
+
 def test_resume_continues_a_shorter_run_without_repeating_steps(tmp_path, capsys):
     out = tmp_path / "run"
     r = pretrain(out, "--max-steps", "10")
@@ -209,6 +219,7 @@ def test_unknown_dtype_is_refused(tmp_path):
 
 @pytest.mark.parametrize("args, expect", [
     (["--max-steps", "0"], "--max-steps must be a positive number"),
+    (["--grad-accum-steps", "0"], "--grad-accum-steps must be a positive number"),
     (["--dtype", "fp16"], "--dtype fp16 needs a CUDA GPU"),
     (["--data", "no-such-corpus"], "neither a folder of shards nor a registered corpus"),
     (["--data", "gpt2-encoder"], "not a text corpus"),
